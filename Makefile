@@ -1,0 +1,45 @@
+# Two commands to start: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch is pinned and installed first, so that the package's
+# open range does not pull a multi-GB CUDA build. Override e.g. TORCH_SPEC="torch==2.13.0".
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format demo bench bench-peers clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: install
+	$(PY) -m ruff check bnnify tests benchmarks
+	$(PY) -m ruff format --check bnnify tests benchmarks
+
+format: install
+	$(PY) -m ruff format bnnify tests benchmarks
+	$(PY) -m ruff check --fix bnnify tests benchmarks
+
+test: install lint
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m bnnify.demo
+
+bench: install
+	$(PY) benchmarks/bench_core.py
+
+bench-peers: install
+	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
+	$(PY) -m pip install -q numpy
+	$(PY) benchmarks/bench_peers.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache demo_out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

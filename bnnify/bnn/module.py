@@ -1,0 +1,513 @@
+"""`BayesianModule`: turns any `nn.Module` into a Bayes-by-Backprop network, in place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Normal
+
+from bnnify.bnn import kl as _kl
+from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
+from bnnify.bnn.posteriors import GaussianPosterior, PosteriorFactory, get_posterior
+from bnnify.bnn.priors import Prior, get_prior
+from bnnify.bnn.registry import Spec, parse_spec
+from bnnify.bnn.reparametrize import Sampler, Slot, install_
+from bnnify.bnn.store import GaussianStore
+from bnnify.errors import (
+    ArgumentTypeError,
+    BnnifyError,
+    FormatError,
+    InvalidArgumentError,
+    UsageError,
+)
+
+__all__ = ["BayesianModule"]
+
+logger = logging.getLogger("bnnify")
+
+
+class BayesianModule(nn.Module):
+    """Reparametrizes, in place, the parameters of `module` with variational posteriors.
+
+    Afterwards the wrapped module's parameters are no longer `nn.Parameter`s: reading
+    one returns a reparameterized sample, and the trainable parameters are the
+    posteriors' variational parameters, so `optimizer(bnn.parameters())` trains the
+    posterior (build the optimizer after the `BayesianModule`). Each forward pass
+    draws one fresh sample of every weight; tied parameters stay tied. The training
+    flag is the wrapped module's; `eval()` does not stop sampling (use
+    `mean_weights()` for a deterministic pass).
+
+    Gaussian posteriors (the built-in ones) are stored flat: all `mu` and all `rho`
+    of one dtype and device in two tensors (`variational.<i>.mu`, `.rho`), so that
+    sampling, the KL divergence and the optimizer run a few large kernels.
+
+    Args:
+        module: The module to convert, modified in place.
+        variational_posterior: Posterior name or `(name, kwargs)`; default Gaussian.
+        prior: Prior name or `(name, kwargs)`; default Gaussian N(0, 1).
+        dtype: Dtype of the KL result (default: that of the first parameter).
+        device: Device of the KL result (default: that of the first parameter).
+        verbose: Log each parameter as it is reparametrized (logger "bnnify").
+        include: Glob patterns over parameter names; only matches become Bayesian.
+        exclude: Glob patterns over parameter names that stay deterministic.
+        local_reparameterization: Sample the pre-activations of `nn.Linear` layers
+            given a 2-D input instead of their weights (Kingma et al., 2015).
+        debug: Alias of `verbose` (the name used by torchbayesian 0.2.1).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> bnn = BayesianModule(net, prior=("gaussian", {"sigma": 0.5}))
+        >>> bnn(torch.randn(4, 3)).shape
+        torch.Size([4, 1])
+        >>> bool(bnn.kl_divergence() > 0)
+        True
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        variational_posterior: Spec | None = None,
+        prior: Spec | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | int | None = None,
+        verbose: bool = False,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        local_reparameterization: bool = False,
+        debug: bool | None = None,
+    ):
+        super().__init__()
+        _check_module(module)
+        self.posterior_spec = parse_spec(variational_posterior, "gaussian", "posterior")
+        self.prior_spec = parse_spec(prior, "gaussian", "prior")
+        packed = _packable(PosteriorFactory[self.posterior_spec[0]])
+        entries = select(collect_parameters(module), include, exclude)
+        first = entries[0].param
+        lrt = linear_pairs(module, entries) if packed else {}
+        self.module = module
+        self.variational = nn.ModuleList()
+        self.posteriors = nn.ModuleDict()
+        self.priors = nn.ModuleList()
+        self._slots: list[Slot] = []
+        self._standalone_closed: list[bool] | None = None
+        self._prior_closed: dict[type, bool] = {}
+        lrt_ends = self._allocate(entries, lrt) if packed else []
+        self._sampler = Sampler(self.variational, self.posteriors, lrt_ends)
+        self._sampler.local = bool(local_reparameterization)
+        self.register_buffer(
+            "_kl_meta",
+            torch.empty(0, dtype=dtype or first.dtype, device=device or first.device),
+            persistent=False,
+        )
+        del first
+        with _verbose_logging(verbose or bool(debug)):
+            self._build(entries)
+        for layer, (weight, bias) in lrt.items():
+            layer.__dict__["_bnnify_lrt"] = (weight.slot, None if bias is None else bias.slot)
+        self._store_slots = [
+            [(i, s) for i, s in enumerate(self._slots) if s.store == k]
+            for k in range(len(self.variational))
+        ]
+        self._segments = [self._merged_segments(k) for k in range(len(self.variational))]
+        self.training = module.training
+
+    def _allocate(self, entries: list[Entry], lrt: dict) -> list[int]:
+        """Creates the flat stores and orders their slots, local-trick Linears first."""
+        eligible = {id(e) for pair in lrt.values() for e in pair if e is not None}
+        groups: dict[tuple, list[Entry]] = {}
+        for entry in entries:
+            groups.setdefault((entry.param.dtype, entry.param.device), []).append(entry)
+        lrt_ends = []
+        for (dtype, device), group in groups.items():
+            group.sort(key=lambda e: id(e) not in eligible)
+            shapes = [e.param.shape for e in group]
+            store = GaussianStore([e.name for e in group], shapes, dtype, device)
+            for index, entry in enumerate(group):
+                entry.store, entry.index = len(self.variational), index
+            self.variational.append(store)
+            lrt_ends.append(sum(id(e) in eligible for e in group))
+        entries.sort(key=lambda e: (e.store, e.index))
+        return lrt_ends
+
+    def _build(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            param, entry.param = entry.param.detach(), None
+            try:
+                posterior = get_posterior(self.posterior_spec, param)
+                prior = get_prior(self.prior_spec, param)
+            except BnnifyError as error:
+                message = f"parameter {entry.name!r}: {error.message}"
+                raise type(error)(message, hint=error.hint) from None
+            slot = Slot(entry.name, entry.aliases, param.shape, self._sampler)
+            if entry.store is not None:
+                self.variational[entry.store].fill_(entry.index, posterior.mu, posterior.rho)
+                slot.store, slot.index = entry.store, entry.index
+            else:
+                slot.index = entry.name.replace(".", ":")
+                self.posteriors[slot.index] = posterior
+            self.priors.append(prior)
+            for owner, attr in entry.owners:
+                install_(owner, attr, slot)
+            entry.slot = slot
+            self._slots.append(slot)
+            logger.info(
+                "reparametrized %s shape=%s elements=%d dtype=%s posterior=%s prior=%s",
+                entry.name,
+                tuple(param.shape),
+                param.numel(),
+                str(param.dtype).removeprefix("torch."),
+                self.posterior_spec[0],
+                self.prior_spec[0],
+            )
+            del param, posterior
+
+    def _slot_segments(self, k: int) -> list[tuple[str, _kl.Segment]]:
+        store = self.variational[k]
+        segments = []
+        for i, slot in self._store_slots[k]:
+            start, end = store.span(slot.index)
+            segments.append((slot.name, _kl.Segment(start, end, self.priors[i], start)))
+        return segments
+
+    def _merged_segments(self, k: int) -> list[_kl.Segment]:
+        """KL segments of store `k`; neighbours under equal scalar priors are merged."""
+        merged: list[_kl.Segment] = []
+        for _, seg in self._slot_segments(k):
+            last = merged[-1] if merged else None
+            if last and last.end == seg.start and _same_scalar_prior(last.prior, seg.prior):
+                merged[-1] = _kl.Segment(last.start, seg.end, last.prior, last.base)
+            else:
+                merged.append(seg)
+        return merged
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the wrapped module with one fresh sample of every reparametrized weight."""
+        draw = self._sampler.begin()
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self._sampler.end(draw)
+
+    @contextmanager
+    def mean_weights(self) -> Iterator[None]:
+        """Context in which forward passes use the posterior means (deterministic)."""
+        previous, self._sampler.mode = self._sampler.mode, "mean"
+        try:
+            yield
+        finally:
+            self._sampler.mode = previous
+
+    @contextmanager
+    def frozen_sample(self) -> Iterator[None]:
+        """Context in which every forward pass reuses one weight sample.
+
+        The noise is drawn once on entry; each pass recomputes the weights from it,
+        so gradients reach the current `mu` and `rho` and several backward passes work.
+        """
+        previous, self._sampler.frozen = self._sampler.frozen, self._sampler.freeze()
+        try:
+            yield
+        finally:
+            self._sampler.frozen = previous
+
+    @contextmanager
+    def local_reparameterization(self, enabled: bool = True) -> Iterator[None]:
+        """Context switching the local reparameterization trick on (or off)."""
+        previous, self._sampler.local = self._sampler.local, bool(enabled)
+        try:
+            yield
+        finally:
+            self._sampler.local = previous
+
+    def sample_parameters(self, *, mean: bool = False) -> dict[str, Tensor]:
+        """One draw of every reparametrized parameter, by name (tied aliases included)."""
+        context = self.mean_weights() if mean else nullcontext()
+        with context:
+            draw = self._sampler.begin()
+            try:
+                return {alias: slot.value() for slot in self._slots for alias in slot.aliases}
+            finally:
+                self._sampler.end(draw)
+
+    # ---------------------------------------------------------------------- KL
+
+    def kl_divergence(
+        self, *, reduction: str = "sum", approx_num_samples: int | None = None
+    ) -> Tensor:
+        """KL(posterior || prior) over every element of every reparametrized parameter.
+
+        Closed form where one is known for the (posterior, prior) pair, otherwise a
+        Monte Carlo estimate with `approx_num_samples` samples. Scalar prior
+        parameters are broadcast: no prior tensor of the model's size is built.
+
+        Args:
+            reduction: "sum" (the ELBO's term) or "mean" (sum / number of elements).
+            approx_num_samples: Samples per element for a Monte Carlo estimate.
+
+        Returns:
+            A 0-dim tensor with the dtype and device of the `_kl_meta` buffer.
+
+        Raises:
+            ValueError: For an unknown reduction, an invalid sample count, or a pair
+                with no closed form when `approx_num_samples` is None.
+        """
+        reduction = _check_reduction(reduction)
+        samples = _check_samples(approx_num_samples)
+        total = torch.zeros((), dtype=torch.float64, device=self._kl_meta.device)
+        for value in self._kl_terms(samples, per_parameter=False).values():
+            total = total + value
+        if reduction == "mean":
+            total = total / self.num_variational_elements
+        return total.to(self._kl_meta.dtype)
+
+    @torch.no_grad()
+    def kl_by_parameter(self, *, approx_num_samples: int | None = None) -> dict[str, Tensor]:
+        """Summed KL of each reparametrized parameter (0-dim float64 on the CPU)."""
+        samples = _check_samples(approx_num_samples)
+        terms = self._kl_terms(samples, per_parameter=True)
+        return {name: value.cpu() for name, value in terms.items()}
+
+    def _kl_terms(self, samples: int | None, per_parameter: bool) -> dict[str, Tensor]:
+        self._check_closed_forms(samples)
+        device = self._kl_meta.device
+        terms: dict[str, Tensor] = {}
+        for k in range(len(self.variational)):
+            if per_parameter:
+                segments = self._slot_segments(k)
+            else:
+                segments = [(f"variational.{k}[{s.start}]", s) for s in self._segments[k]]
+            for name, segment in segments:
+                terms[name] = self._segment_kl(k, segment, samples).to(device)
+        for slot, posterior, prior in self._standalone():
+            value = _kl.distribution_kl(posterior.distribution, prior.distribution, samples)
+            terms[slot.name] = value.to(device, torch.float64)
+        return terms
+
+    def _segment_kl(self, k: int, segment: _kl.Segment, samples: int | None) -> Tensor:
+        store = self.variational[k]
+        prior = segment.prior
+        if samples is None and _kl.has_gaussian_closed_form(prior):
+            return _kl.store_kl(store.mu, store.rho, [segment], None)
+        if samples is not None and _has_flat_log_prob(prior):
+            return _kl.store_kl(store.mu, store.rho, [segment], samples)
+        # The prior has no fused kernel: per parameter, through torch.distributions.
+        total = torch.zeros((), dtype=torch.float64, device=store.mu.device)
+        for i, slot in self._store_slots[k]:
+            start, end = store.span(slot.index)
+            if segment.start <= start < segment.end:
+                q = Normal(
+                    store.view(store.mu, slot.index), store.sigma(start, end).view(slot.shape)
+                )
+                value = _kl.distribution_kl(q, self.priors[i].distribution, samples)
+                total = total + value.to(torch.float64)
+        return total
+
+    def _check_closed_forms(self, samples: int | None) -> None:
+        """Raises if a closed form is missing without samples; warns if MC replaces one."""
+        pairs = []
+        for k, store in enumerate(self.variational):
+            for segment in self._segments[k]:
+                closed = self._store_closed_form(store, segment.prior)
+                pairs.append((GaussianPosterior.__name__, type(segment.prior).__name__, closed))
+        if self._standalone_closed is None:
+            self._standalone_closed = [
+                _kl.pair_has_closed_form(q.distribution, p.distribution)
+                for _, q, p in self._standalone()
+            ]
+        for (_, q, p), closed in zip(self._standalone(), self._standalone_closed, strict=True):
+            pairs.append((type(q).__name__, type(p).__name__, closed))
+        if samples is None:
+            missing = sorted({f"{q} vs {p}" for q, p, closed in pairs if not closed})
+            if missing:
+                raise InvalidArgumentError(
+                    f"no closed-form KL divergence is known for {', '.join(missing)}",
+                    hint="Pass approx_num_samples=N (e.g. 16) for a Monte Carlo estimate.",
+                )
+        else:
+            closed_pairs = sorted({f"{q} vs {p}" for q, p, closed in pairs if closed})
+            if closed_pairs:
+                _kl.monte_carlo_warning(", ".join(closed_pairs))
+
+    def _store_closed_form(self, store: GaussianStore, prior: Prior) -> bool:
+        if _kl.has_gaussian_closed_form(prior):
+            return True
+        # Checked once per prior class: building a prior's distribution may be costly.
+        key = type(prior)
+        if key not in self._prior_closed:
+            self._prior_closed[key] = _kl.pair_has_closed_form(_probe(store), prior.distribution)
+        return self._prior_closed[key]
+
+    def _standalone(self) -> Iterator[tuple[Slot, nn.Module, Prior]]:
+        for i, slot in enumerate(self._slots):
+            if slot.store is None:
+                yield slot, self.posteriors[slot.index], self.priors[i]
+
+    # ------------------------------------------------------------ introspection
+
+    @property
+    def num_variational_elements(self) -> int:
+        """Number of reparametrized weight elements (the denominator of "mean")."""
+        return sum(slot.shape.numel() for slot in self._slots)
+
+    def reparametrized_names(self) -> list[str]:
+        """Names of the reparametrized parameters, in storage order."""
+        return [slot.name for slot in self._slots]
+
+    def variational_state(self) -> dict[str, Tensor]:
+        """Per-parameter variational tensors, `"<name>.mu"`, `"<name>.rho"`, ... (views)."""
+        state: dict[str, Tensor] = {}
+        for slot in self._slots:
+            if slot.store is None:
+                for key, tensor in self.posteriors[slot.index].state_dict().items():
+                    state[f"{slot.name}.{key}"] = tensor
+            else:
+                store = self.variational[slot.store]
+                state[f"{slot.name}.mu"] = store.view(store.mu.detach(), slot.index)
+                state[f"{slot.name}.rho"] = store.view(store.rho.detach(), slot.index)
+        return state
+
+    @torch.no_grad()
+    def load_variational_state(
+        self, state: Mapping[str, Tensor], *, strict: bool = True
+    ) -> tuple[list[str], list[str]]:
+        """Copies per-parameter variational tensors in place (see `variational_state`).
+
+        Returns:
+            The `(missing, unexpected)` keys.
+
+        Raises:
+            FormatError: On a shape mismatch, or with `strict` on missing or
+                unexpected keys.
+        """
+        own = self.variational_state()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise FormatError(
+                f"variational state does not match: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}",
+                hint="Load a checkpoint made from the same model and spec.",
+            )
+        for key, target in own.items():
+            if key in state:
+                if tuple(state[key].shape) != tuple(target.shape):
+                    raise FormatError(
+                        f"{key!r} has shape {tuple(state[key].shape)}, "
+                        f"expected {tuple(target.shape)}"
+                    )
+                target.copy_(state[key])
+        return missing, unexpected
+
+    def posterior_distribution(self, name: str) -> Distribution:
+        """The posterior of parameter `name` as a distribution (views of the storage)."""
+        for slot in self._slots:
+            if name in slot.aliases:
+                if slot.store is None:
+                    return self.posteriors[slot.index].distribution
+                store = self.variational[slot.store]
+                start, end = store.span(slot.index)
+                sigma = store.sigma(start, end).view(slot.shape)
+                return Normal(store.view(store.mu, slot.index), sigma)
+        raise InvalidArgumentError(
+            f"{name!r} is not a reparametrized parameter",
+            hint=f"Reparametrized: {', '.join(self.reparametrized_names()[:10])}.",
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"posterior={self.posterior_spec[0]!r}, prior={self.prior_spec[0]!r}, "
+            f"parameters={len(self._slots)}, elements={self.num_variational_elements}"
+        )
+
+
+def _check_module(module: Any) -> None:
+    if not isinstance(module, nn.Module):
+        raise ArgumentTypeError(
+            f"BayesianModule needs an nn.Module, got {type(module).__name__}",
+            hint="Pass the model itself, e.g. BayesianModule(net).",
+        )
+    if isinstance(module, BayesianModule):
+        raise UsageError("the module is already a BayesianModule", hint="Wrap a module once.")
+    if isinstance(module, torch.jit.ScriptModule):
+        raise UsageError(
+            "a TorchScript module cannot be reparametrized in place",
+            hint="Convert TorchScript files with `bnnify convert` or bnnify.io.load_model.",
+        )
+
+
+def _packable(cls: type) -> bool:
+    """Gaussian posteriors that only change the initialization go to flat storage."""
+    return (
+        issubclass(cls, GaussianPosterior)
+        and cls.sample_parameters is GaussianPosterior.sample_parameters
+        and cls.distribution is GaussianPosterior.distribution
+    )
+
+
+def _probe(store: GaussianStore) -> Distribution:
+    return Normal(store.mu[:1].detach(), torch.ones_like(store.mu[:1]).detach())
+
+
+def _has_flat_log_prob(prior: Prior) -> bool:
+    return type(prior).flat_log_prob is not Prior.flat_log_prob
+
+
+def _same_scalar_prior(a: Prior, b: Prior) -> bool:
+    if type(a) is not type(b):
+        return False
+    buffers_a, buffers_b = dict(a.named_buffers()), dict(b.named_buffers())
+    if buffers_a.keys() != buffers_b.keys():
+        return False
+    return all(
+        t.numel() == 1 and buffers_b[k].numel() == 1 and torch.equal(t, buffers_b[k])
+        for k, t in buffers_a.items()
+    )
+
+
+def _check_reduction(reduction: Any) -> str:
+    value = reduction.lower() if isinstance(reduction, str) else reduction
+    if value not in ("sum", "mean"):
+        raise InvalidArgumentError(
+            f"invalid reduction {reduction!r}", hint="Choose 'sum' or 'mean'."
+        )
+    return value
+
+
+def _check_samples(samples: Any) -> int | None:
+    if samples is None:
+        return None
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InvalidArgumentError(
+            f"approx_num_samples must be a positive integer, got {samples!r}"
+        )
+    return samples
+
+
+@contextmanager
+def _verbose_logging(enabled: bool) -> Iterator[None]:
+    """Shows INFO records of the "bnnify" logger on stderr when nothing else would."""
+    if not enabled:
+        yield
+        return
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    handler = None
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("bnnify: %(message)s"))
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+        if handler is not None:
+            logger.removeHandler(handler)

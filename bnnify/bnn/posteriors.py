@@ -1,0 +1,232 @@
+"""Variational posteriors q(w) over one parameter tensor, and `PosteriorFactory`."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Normal
+
+from bnnify.bnn.registry import Factory, Spec, parse_spec
+from bnnify.errors import InvalidArgumentError
+
+__all__ = [
+    "GaussianPosterior",
+    "NormalPosterior",
+    "PosteriorFactory",
+    "PretrainedGaussianPosterior",
+    "PretrainedNormalPosterior",
+    "VariationalPosterior",
+    "accepted_kwargs",
+    "get_posterior",
+    "inverse_softplus",
+]
+
+
+class VariationalPosterior(nn.Module):
+    """Base class of variational posteriors over the elements of one parameter.
+
+    A subclass holds its variational parameters as `nn.Parameter`s, is built by
+    the classmethod `from_param(param, **kwargs)`, and exposes `distribution`
+    (with the parameter's shape; used for the KL divergence) and
+    `sample_parameters()` (a reparameterized sample, differentiable with respect
+    to the variational parameters). Calling the module returns a sample.
+    """
+
+    @classmethod
+    def from_param(cls, param: Tensor, **kwargs: Any) -> VariationalPosterior:
+        """Builds the posterior that replaces `param`."""
+        raise NotImplementedError(f"{cls.__name__} must define the classmethod `from_param`")
+
+    @property
+    def distribution(self) -> Distribution:
+        """The posterior as a `torch.distributions.Distribution`."""
+        raise NotImplementedError(f"{type(self).__name__} must define `distribution`")
+
+    def sample_parameters(self) -> Tensor:
+        """A reparameterized sample with the parameter's shape and dtype."""
+        return self.distribution.rsample()
+
+    @property
+    def mean(self) -> Tensor:
+        """The posterior mean, used for deterministic forward passes."""
+        return self.distribution.mean
+
+    def forward(self) -> Tensor:
+        return self.sample_parameters()
+
+
+def inverse_softplus(sigma: Tensor) -> Tensor:
+    """The `rho` with `softplus(rho) = sigma`, stable for small and large `sigma`."""
+    sigma32 = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
+    return (sigma32 + torch.log(-torch.expm1(-sigma32))).to(sigma.dtype)
+
+
+PosteriorFactory: Factory[VariationalPosterior] = Factory("posterior", VariationalPosterior)
+
+
+@PosteriorFactory.register("gaussian")
+@PosteriorFactory.register("normal")
+class GaussianPosterior(VariationalPosterior):
+    """Diagonal Gaussian posterior N(mu, sigma^2) with sigma = softplus(rho).
+
+    `from_param` discards the parameter's values: `mu ~ N(0, mu_std^2)` and a
+    constant `rho` (or the `rho` giving the initial `sigma`).
+
+    Args:
+        mu: Initial mean.
+        rho: Initial pre-softplus scale.
+
+    Example:
+        >>> q = GaussianPosterior.from_param(torch.zeros(2, 3), sigma=0.1)
+        >>> q.sample_parameters().shape, round(q.sigma.mean().item(), 6)
+        (torch.Size([2, 3]), 0.1)
+    """
+
+    def __init__(self, mu: Tensor, rho: Tensor):
+        super().__init__()
+        self.mu = nn.Parameter(mu.detach().clone())
+        self.rho = nn.Parameter(rho.detach().clone())
+
+    @classmethod
+    def from_param(
+        cls,
+        param: Tensor,
+        *,
+        mu_std: float = 0.1,
+        rho: float = -3.0,
+        sigma: float | None = None,
+    ) -> GaussianPosterior:
+        _check_number(cls, "mu_std", mu_std, minimum=0.0)
+        mu = torch.randn_like(param, dtype=_compute_dtype(param)).mul_(mu_std).to(param.dtype)
+        return cls(mu, _initial_rho(cls, param, rho=rho, sigma=sigma))
+
+    @property
+    def sigma(self) -> Tensor:
+        return F.softplus(self.rho)
+
+    @property
+    def distribution(self) -> Distribution:
+        return Normal(self.mu, self.sigma)
+
+    def sample_parameters(self) -> Tensor:
+        return torch.addcmul(self.mu, self.sigma, torch.randn_like(self.mu))
+
+    @property
+    def mean(self) -> Tensor:
+        return self.mu
+
+
+NormalPosterior = GaussianPosterior
+
+
+@PosteriorFactory.register("pretrained_gaussian")
+@PosteriorFactory.register("pretrained_normal")
+class PretrainedGaussianPosterior(GaussianPosterior):
+    """Gaussian posterior that starts at a trained model: `mu = w`.
+
+    The initial spread is, by priority: `delta` (sigma = delta * |w|, the MOPED
+    recipe of Krishnan et al., 2020), then `sigma` (a constant), then `rho`
+    (default -3, sigma ~ 0.049). `min_sigma` floors the spread, so that weights at
+    zero keep some uncertainty.
+
+    Example:
+        >>> w = torch.tensor([1.0, -2.0, 0.0])
+        >>> q = PretrainedGaussianPosterior.from_param(w, delta=0.1, min_sigma=1e-3)
+        >>> torch.equal(q.mu, w), [round(s, 4) for s in q.sigma.tolist()]
+        (True, [0.1, 0.2, 0.001])
+    """
+
+    @classmethod
+    def from_param(
+        cls,
+        param: Tensor,
+        *,
+        rho: float = -3.0,
+        sigma: float | None = None,
+        delta: float | None = None,
+        min_sigma: float = 1e-6,
+    ) -> PretrainedGaussianPosterior:
+        _check_number(cls, "min_sigma", min_sigma, minimum=0.0, strict=True)
+        if not torch.isfinite(param).all():
+            raise InvalidArgumentError(
+                f"{cls.__name__}: the weights contain NaN or infinite values",
+                hint="A pretrained posterior needs finite weights; check the input model.",
+            )
+        if delta is not None:
+            _check_number(cls, "delta", delta, minimum=0.0, strict=True)
+            spread = param.detach().to(_compute_dtype(param)).abs().mul_(delta)
+            rho_tensor = inverse_softplus(spread.clamp_(min=min_sigma)).to(param.dtype)
+        else:
+            rho_tensor = _initial_rho(cls, param, rho=rho, sigma=sigma, min_sigma=min_sigma)
+        return cls(param.detach(), rho_tensor)
+
+
+PretrainedNormalPosterior = PretrainedGaussianPosterior
+
+
+def _compute_dtype(param: Tensor) -> torch.dtype:
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def _initial_rho(
+    cls: type, param: Tensor, *, rho: float, sigma: float | None, min_sigma: float = 0.0
+) -> Tensor:
+    if sigma is not None:
+        _check_number(cls, "sigma", sigma, minimum=0.0, strict=True)
+        rho = float(
+            inverse_softplus(torch.tensor(max(float(sigma), min_sigma), dtype=torch.float64))
+        )
+    else:
+        _check_number(cls, "rho", rho)
+        if min_sigma > 0 and F.softplus(torch.tensor(float(rho), dtype=torch.float64)) < min_sigma:
+            rho = float(inverse_softplus(torch.tensor(min_sigma, dtype=torch.float64)))
+    return torch.full_like(param, float(rho), dtype=param.dtype)
+
+
+def _check_number(
+    cls: type, name: str, value: Any, *, minimum: float | None = None, strict: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise InvalidArgumentError(
+            f"{cls.__name__}: {name} must be a finite number{bound}, got {value!r}",
+            hint=f"Pass a valid {name} in the posterior's keyword arguments.",
+        )
+
+
+def accepted_kwargs(method: Any) -> list[str]:
+    """Keyword arguments a `from_param` accepts (for error messages and `bnnify list`)."""
+    params = inspect.signature(method).parameters.values()
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty)]
+
+
+def get_posterior(posterior: Spec | None, param: Tensor) -> VariationalPosterior:
+    """Builds a registered posterior for `param` from a name or `(name, kwargs)` spec.
+
+    Args:
+        posterior: The spec; None means the default Gaussian posterior.
+        param: The parameter the posterior replaces.
+
+    Raises:
+        KeyError: (`UnknownNameError`) For an unregistered name.
+        ValueError: (`InvalidArgumentError`) For invalid keyword arguments.
+    """
+    if isinstance(posterior, Tensor):
+        posterior, param = param, posterior
+    name, kwargs = parse_spec(posterior, "gaussian", "posterior")
+    cls = PosteriorFactory[name]
+    try:
+        return cls.from_param(param, **kwargs)
+    except TypeError as error:
+        raise InvalidArgumentError(
+            f"invalid arguments {kwargs!r} for posterior {name!r}: {error}",
+            hint=f"{name!r} accepts: {', '.join(accepted_kwargs(cls.from_param)) or 'nothing'}.",
+        ) from None

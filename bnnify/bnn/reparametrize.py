@@ -1,0 +1,286 @@
+"""In-place reparametrization: a parameter attribute becomes a sampled tensor.
+
+Like `torch.nn.utils.parametrize`, the module's class is swapped for a subclass
+with a property per reparametrized name. We do not register through `parametrize`
+itself: it keeps each original tensor as an `nn.Parameter` (memory, and a stale
+trainable tensor in `parameters()`), and its multi-tensor `right_inverse` registers
+one parameter per tensor, which cannot be views of a flat store.
+
+The property reads the current *draw*. Inside `BayesianModule.forward` one draw
+serves the whole pass: each flat store is sampled by one kernel on first use, and
+every read of a parameter, tied parameters included, sees the same sample. Outside
+a forward pass each read samples that parameter alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnnify.bnn.posteriors import VariationalPosterior
+from bnnify.bnn.store import GaussianStore
+from bnnify.errors import UsageError
+
+__all__ = ["Draw", "Sampler", "Slot", "install_", "is_reparametrized"]
+
+_CLASSES: dict[tuple[type, frozenset[str]], type] = {}
+
+
+class Slot:
+    """One reparametrized parameter: where its posterior lives and who uses it.
+
+    Attributes:
+        name: The parameter's name in the wrapped module (first of its aliases).
+        aliases: Every name under which the (tied) parameter appears.
+        owners: `(module, attribute)` pairs that read it.
+        store: Index of its flat `GaussianStore`, or None for a standalone posterior.
+        index: Its slot in the store, or its key among the standalone posteriors.
+    """
+
+    __slots__ = ("aliases", "index", "name", "owners", "sampler", "shape", "store")
+
+    def __init__(self, name: str, aliases: list[str], shape: torch.Size, sampler: Sampler):
+        self.name = name
+        self.aliases = aliases
+        self.shape = shape
+        self.sampler = sampler
+        self.owners: list[tuple[nn.Module, str]] = []
+        self.store: int | None = None
+        self.index: Any = None
+
+    def value(self) -> Tensor:
+        draw = self.sampler.draw
+        if draw is None:
+            return self.sampler.lone_value(self)
+        return draw.value(self)
+
+
+def _property(name: str) -> property:
+    def getter(module: nn.Module) -> Tensor:
+        return module.__dict__["_bnnify_slots"][name].value()
+
+    def setter(module: nn.Module, value: Any) -> None:
+        raise AttributeError(
+            f"{name!r} of {type(module).__bases__[0].__name__} is reparametrized by bnnify "
+            "and cannot be assigned; change its posterior's variational parameters instead"
+        )
+
+    return property(getter, setter, doc=f"Reparametrized {name!r}: a sample of its posterior.")
+
+
+def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
+    cls = _bayesian_class(base, frozenset(names))
+    return cls.__new__(cls)
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
+    names = tuple(sorted(self._bnnify_names))
+    return _rebuild, (self._bnnify_base, names), self.__dict__
+
+
+def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
+    lrt = self.__dict__.get("_bnnify_lrt")
+    if lrt is not None:
+        output = lrt[0].sampler.local_linear(self, input, lrt)
+        if output is not None:
+            return output
+    return F.linear(input, self.weight, self.bias)
+
+
+def _bayesian_class(base: type, names: frozenset[str]) -> type:
+    key = (base, names)
+    if key not in _CLASSES:
+        namespace: dict[str, Any] = {name: _property(name) for name in sorted(names)}
+        namespace.update(
+            _bnnify_base=base,
+            _bnnify_names=names,
+            __reduce_ex__=_reduce_ex,
+            __module__=base.__module__,
+            __qualname__=base.__qualname__,
+        )
+        if base is nn.Linear:
+            namespace["forward"] = _linear_forward
+        _CLASSES[key] = type(base.__name__, (base,), namespace)
+    return _CLASSES[key]
+
+
+def install_(module: nn.Module, name: str, slot: Slot) -> None:
+    """Replaces parameter `name` of `module`, in place, by a property reading `slot`."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise UsageError(
+            f"cannot reparametrize {name!r} of a TorchScript module in place",
+            hint="Load TorchScript files with bnnify.io, which converts them tensor-wise.",
+        )
+    del module._parameters[name]
+    base = getattr(type(module), "_bnnify_base", type(module))
+    names = frozenset(getattr(type(module), "_bnnify_names", frozenset()) | {name})
+    slots = module.__dict__.setdefault("_bnnify_slots", {})
+    slots[name] = slot
+    module.__class__ = _bayesian_class(base, names)
+    slot.owners.append((module, name))
+
+
+def is_reparametrized(module: nn.Module, name: str | None = None) -> bool:
+    """Whether `module` has reparametrized attributes (or the attribute `name`)."""
+    names = getattr(type(module), "_bnnify_names", frozenset())
+    return bool(names) if name is None else name in names
+
+
+class Sampler:
+    """Resolves slot values: the current draw, the sampling mode, frozen noise.
+
+    Args:
+        stores: The flat Gaussian stores (an `nn.ModuleList` of `GaussianStore`).
+        posteriors: Standalone posteriors by key (an `nn.ModuleDict`).
+        lrt_ends: Per store, the end of its leading range of slots eligible for the
+            local reparameterization trick.
+    """
+
+    def __init__(self, stores: nn.ModuleList, posteriors: nn.ModuleDict, lrt_ends: list[int]):
+        self.stores = stores
+        self.posteriors = posteriors
+        self.lrt_ends = lrt_ends
+        self.mode = "sample"
+        self.local = False
+        self.frozen: dict[str, Any] | None = None
+        self.draw: Draw | None = None
+
+    def store_of(self, slot: Slot) -> GaussianStore:
+        return self.stores[slot.store]
+
+    def begin(self) -> Draw | None:
+        """Opens a draw unless one is open; returns it if it was opened here."""
+        if self.draw is not None:
+            return None
+        self.draw = Draw(self)
+        return self.draw
+
+    def end(self, draw: Draw | None) -> None:
+        if draw is not None and self.draw is draw:
+            self.draw = None
+
+    def lone_value(self, slot: Slot) -> Tensor:
+        """A value for one slot read outside any forward pass."""
+        if slot.store is None:
+            return self._posterior_value(slot)
+        store = self.store_of(slot)
+        if self.mode == "mean":
+            return store.view(store.mu, slot.index)
+        start, end = store.span(slot.index)
+        eps = None if self.frozen is None else self.frozen["eps"][slot.store][start:end]
+        return store.sample(start, end, eps).view(slot.shape)
+
+    def _posterior_value(self, slot: Slot) -> Tensor:
+        posterior: VariationalPosterior = self.posteriors[slot.index]
+        if self.mode == "mean":
+            return posterior.mean
+        if self.frozen is None:
+            return posterior.sample_parameters()
+        device = _device(posterior)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.frozen["seeds"][slot.index])
+            return posterior.sample_parameters()
+
+    def freeze(self) -> dict[str, Any]:
+        """Draws the noise that a frozen sample reuses in every forward pass."""
+        eps = [store.noise() for store in self.stores]
+        seeds = {key: int(torch.randint(0, 2**62, ())) for key in self.posteriors}
+        return {"eps": eps, "seeds": seeds}
+
+    def local_linear(self, module: nn.Linear, input: Tensor, lrt: tuple) -> Tensor | None:
+        """The output of `module` by local reparameterization, or None to sample weights."""
+        draw = self.draw
+        if draw is None or not self.local or self.mode != "sample" or self.frozen is not None:
+            return None
+        if input.dim() > 2:
+            return None
+        return draw.local_linear(module, input, lrt)
+
+
+def _device(posterior: nn.Module) -> torch.device:
+    for tensor in posterior.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class Draw:
+    """The weights of one forward pass: each store sampled at most once, lazily."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.values: dict[int, Tensor] = {}
+        self.flat: dict[int, list[Tensor]] = {}
+        self.sigma: dict[int, Tensor] = {}
+        self.local_used: set[int] = set()
+
+    def value(self, slot: Slot) -> Tensor:
+        key = id(slot)
+        value = self.values.get(key)
+        if value is None:
+            value = self._compute(slot)
+            self.values[key] = value
+        return value
+
+    def _compute(self, slot: Slot) -> Tensor:
+        sampler = self.sampler
+        if slot.store is None:
+            return sampler.lone_value(slot)
+        store = sampler.store_of(slot)
+        first = 0
+        if sampler.local and sampler.mode == "sample" and sampler.frozen is None:
+            first = self._first_sampled(slot.store)
+            if slot.index < first:
+                # A local-trick Linear called on a non-2-D input: sample its weights alone.
+                return sampler.lone_value(slot)
+        parts = self.flat.get(slot.store)
+        if parts is None:
+            parts = store.split(self._flat(slot.store, store, first), first)
+            self.flat[slot.store] = parts
+        return parts[slot.index - first]
+
+    def _first_sampled(self, store_index: int) -> int:
+        return self.sampler.lrt_ends[store_index]
+
+    def _flat(self, store_index: int, store: GaussianStore, first: int) -> Tensor:
+        sampler = self.sampler
+        if sampler.mode == "mean":
+            return store.mu
+        start = store.offsets[first]
+        eps = None if sampler.frozen is None else sampler.frozen["eps"][store_index]
+        return store.sample(start, store.numel, eps)
+
+    def local_linear(self, module: nn.Linear, input: Tensor, lrt: tuple) -> Tensor:
+        weight_slot, bias_slot = lrt
+        key = id(weight_slot)
+        if key in self.values:
+            return F.linear(input, self.values[key], module.bias)
+        if key in self.local_used:
+            raise UsageError(
+                f"Linear layer {weight_slot.name.rsplit('.', 1)[0]!r} was called twice in one "
+                "forward pass; the local reparameterization trick needs one call per pass",
+                hint="Turn local_reparameterization off for models that reuse a layer.",
+            )
+        self.local_used.add(key)
+        store = self.sampler.store_of(weight_slot)
+        sigma = self.sigma.get(weight_slot.store)
+        if sigma is None:
+            end = store.offsets[self.sampler.lrt_ends[weight_slot.store]]
+            sigma = store.sigma(0, end)
+            self.sigma[weight_slot.store] = sigma
+        mean = F.linear(
+            input,
+            store.view(store.mu, weight_slot.index),
+            None if bias_slot is None else store.view(store.mu, bias_slot.index),
+        )
+        var = F.linear(
+            input.square(),
+            store.view(sigma, weight_slot.index).square(),
+            None if bias_slot is None else store.view(sigma, bias_slot.index).square(),
+        )
+        # The floor keeps the gradient of sqrt finite where an input row is all zeros.
+        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+        return torch.addcmul(mean, std, torch.randn_like(mean))

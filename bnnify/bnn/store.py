@@ -1,0 +1,135 @@
+"""Flat storage of many Gaussian posteriors, sampled by one fused kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnnify.errors import FormatError
+
+__all__ = ["GaussianStore", "gaussian_sample"]
+
+
+class _GaussianSample(torch.autograd.Function):
+    """w = mu + softplus(rho) * eps, saving only rho and eps for the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, rho: Tensor, eps: Tensor) -> Tensor:
+        ctx.save_for_backward(rho, eps)
+        return torch.addcmul(mu, F.softplus(rho), eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        rho, eps = ctx.saved_tensors
+        # d softplus(rho) / d rho = sigmoid(rho)
+        grad_rho = torch.sigmoid(rho).mul_(eps).mul_(grad)
+        return grad, grad_rho, None
+
+
+def gaussian_sample(mu: Tensor, rho: Tensor, eps: Tensor) -> Tensor:
+    """Reparameterized sample `mu + softplus(rho) * eps`, differentiable in mu and rho."""
+    if torch.compiler.is_compiling():
+        return mu + F.softplus(rho) * eps
+    return _GaussianSample.apply(mu, rho, eps)
+
+
+class GaussianStore(nn.Module):
+    """The means and scales of many Gaussian posteriors in two flat parameters.
+
+    Slot `i` holds the parameter `names[i]` of shape `shapes[i]` at elements
+    `offsets[i]:offsets[i] + numels[i]` of the flat `mu` and `rho`. Sampling, the KL
+    divergence and the optimizer then run a few large kernels instead of a Python
+    loop per tensor. All slots share one dtype and device.
+
+    Args:
+        names: Parameter names, one per slot.
+        shapes: Parameter shapes, one per slot.
+        dtype: Dtype of the storage.
+        device: Device of the storage.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        shapes: Sequence[torch.Size],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        super().__init__()
+        self.names = list(names)
+        self.shapes = [torch.Size(shape) for shape in shapes]
+        self.numels = [shape.numel() for shape in self.shapes]
+        self.offsets = [0]
+        for numel in self.numels:
+            self.offsets.append(self.offsets[-1] + numel)
+        total = self.offsets[-1]
+        self.mu = nn.Parameter(torch.empty(total, dtype=dtype, device=device))
+        self.rho = nn.Parameter(torch.empty(total, dtype=dtype, device=device))
+
+    @property
+    def numel(self) -> int:
+        return self.offsets[-1]
+
+    def span(self, index: int) -> tuple[int, int]:
+        """Flat element range `[start, end)` of slot `index`."""
+        return self.offsets[index], self.offsets[index + 1]
+
+    @torch.no_grad()
+    def fill_(self, index: int, mu: Tensor, rho: Tensor) -> None:
+        """Copies the initial `mu` and `rho` of slot `index` in place."""
+        start, end = self.span(index)
+        self.mu[start:end].copy_(mu.reshape(-1))
+        self.rho[start:end].copy_(rho.reshape(-1))
+
+    def view(self, flat: Tensor, index: int) -> Tensor:
+        """Slot `index` of a flat tensor laid out like this store, in its shape."""
+        start, end = self.span(index)
+        return flat[start:end].view(self.shapes[index])
+
+    def split(self, flat: Tensor, first: int = 0) -> list[Tensor]:
+        """Slots `first:` of `flat` (which starts at slot `first`), in their shapes."""
+        parts = torch.split_with_sizes(flat, self.numels[first:])
+        return [part.view(shape) for part, shape in zip(parts, self.shapes[first:], strict=True)]
+
+    def noise(self, start: int = 0, end: int | None = None) -> Tensor:
+        """Standard normal noise for elements `[start, end)`."""
+        end = self.numel if end is None else end
+        return torch.randn(end - start, dtype=self.mu.dtype, device=self.mu.device)
+
+    def sample(self, start: int = 0, end: int | None = None, eps: Tensor | None = None) -> Tensor:
+        """A reparameterized sample of elements `[start, end)`, flat."""
+        end = self.numel if end is None else end
+        if eps is None:
+            eps = self.noise(start, end)
+        if start == 0 and end == self.numel:
+            return gaussian_sample(self.mu, self.rho, eps)
+        return gaussian_sample(self.mu[start:end], self.rho[start:end], eps)
+
+    def sigma(self, start: int = 0, end: int | None = None) -> Tensor:
+        """softplus(rho) of elements `[start, end)`, flat."""
+        end = self.numel if end is None else end
+        rho = self.rho if start == 0 and end == self.numel else self.rho[start:end]
+        return F.softplus(rho)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"names": list(self.names), "shapes": [list(shape) for shape in self.shapes]}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or "names" not in state or "shapes" not in state:
+            raise FormatError(f"malformed flat-store layout in state_dict: {state!r}")
+        shapes = [torch.Size(shape) for shape in state["shapes"]]
+        if list(state["names"]) != self.names or shapes != self.shapes:
+            diff = sorted(set(state["names"]).symmetric_difference(self.names))
+            raise FormatError(
+                "the state_dict was saved from a BayesianModule with other reparametrized "
+                f"parameters (differing: {diff[:5] or 'shapes or order'})",
+                hint="Build the BayesianModule with the same architecture, posterior, prior "
+                "and include/exclude patterns as the one that was saved.",
+            )
+
+    def extra_repr(self) -> str:
+        return f"slots={len(self.names)}, numel={self.numel}, dtype={self.mu.dtype}"
