@@ -14,7 +14,7 @@ from torch.distributions import Distribution, Normal
 from bnnify.bnn import kl as _kl
 from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
 from bnnify.bnn.posteriors import GaussianPosterior, PosteriorFactory, get_posterior
-from bnnify.bnn.priors import Prior, get_prior
+from bnnify.bnn.priors import GaussianPrior, Prior, get_prior
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
 from bnnify.bnn.store import GaussianStore
@@ -173,7 +173,8 @@ class BayesianModule(nn.Module):
         segments = []
         for i, slot in self._store_slots[k]:
             start, end = store.span(slot.index)
-            segments.append((slot.name, _kl.Segment(start, end, self.priors[i], start)))
+            prior = self.priors[i]
+            segments.append((slot.name, _kl.Segment(start, end, prior, start, _scalars(prior))))
         return segments
 
     def _merged_segments(self, k: int) -> list[_kl.Segment]:
@@ -182,7 +183,7 @@ class BayesianModule(nn.Module):
         for _, seg in self._slot_segments(k):
             last = merged[-1] if merged else None
             if last and last.end == seg.start and _same_scalar_prior(last.prior, seg.prior):
-                merged[-1] = _kl.Segment(last.start, seg.end, last.prior, last.base)
+                merged[-1] = _kl.Segment(last.start, seg.end, last.prior, last.base, last.gaussian)
             else:
                 merged.append(seg)
         return merged
@@ -296,7 +297,7 @@ class BayesianModule(nn.Module):
         store = self.variational[k]
         prior = segment.prior
         if samples is None and _kl.has_gaussian_closed_form(prior):
-            return _kl.store_kl(store.mu, store.rho, [segment], None)
+            return _kl.store_kl(store.mu, store.rho, [segment], None, store.cached_sigma())
         if samples is not None and _has_flat_log_prob(prior):
             return _kl.store_kl(store.mu, store.rho, [segment], samples)
         # The prior has no fused kernel: per parameter, through torch.distributions.
@@ -459,6 +460,18 @@ def _probe(store: GaussianStore) -> Distribution:
 
 def _has_flat_log_prob(prior: Prior) -> bool:
     return type(prior).flat_log_prob is not Prior.flat_log_prob
+
+
+def _scalars(prior: Prior) -> tuple[float, float] | None:
+    """`(mu, sigma)` of a Gaussian prior with scalar parameters, else None."""
+    if (
+        not isinstance(prior, GaussianPrior)
+        or type(prior).gaussian_kl is not GaussianPrior.gaussian_kl
+    ):
+        return None
+    if prior.mu.numel() != 1 or prior.sigma.numel() != 1:
+        return None
+    return float(prior.mu), float(prior.sigma)
 
 
 def _same_scalar_prior(a: Prior, b: Prior) -> bool:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -11,30 +14,85 @@ from torch import Tensor, nn
 
 from bnnify.errors import FormatError
 
-__all__ = ["GaussianStore", "gaussian_sample"]
+__all__ = ["GaussianStore", "gaussian_sample", "standard_normal"]
+
+# Large CPU noise tensors are filled in this many independently seeded pieces, in
+# parallel: torch's CPU generator is sequential, and noise dominates a CPU step.
+_NOISE_PIECES = 4
+_NOISE_MIN = 1 << 20
+_pool: ThreadPoolExecutor | None = None
+_CHUNK = 1 << 18
+
+
+def _reset_pool() -> None:
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool)
+
+
+def standard_normal(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`numel` standard normal numbers, drawn from torch's global generator's seed.
+
+    On the CPU, large requests are split into pieces with their own generators,
+    seeded from the global generator, and filled by a thread pool. The result is
+    reproducible under `torch.manual_seed` and independent of the thread count.
+    """
+    global _pool
+    out = torch.empty(numel, dtype=dtype, device=device)
+    threads = min(torch.get_num_threads(), _NOISE_PIECES)
+    if out.device.type != "cpu" or numel < _NOISE_MIN or torch.compiler.is_compiling():
+        return out.normal_()
+    seeds = torch.randint(0, 2**62, (_NOISE_PIECES,)).tolist()
+    size = math.ceil(numel / _NOISE_PIECES)
+
+    def fill(i: int) -> None:
+        generator = torch.Generator().manual_seed(seeds[i])
+        out[i * size : (i + 1) * size].normal_(generator=generator)
+
+    if threads < 2:
+        for i in range(_NOISE_PIECES):
+            fill(i)
+        return out
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_NOISE_PIECES, thread_name_prefix="bnnify-noise")
+    list(_pool.map(fill, range(_NOISE_PIECES)))
+    return out
 
 
 class _GaussianSample(torch.autograd.Function):
     """w = mu + softplus(rho) * eps, saving only rho and eps for the backward pass."""
 
     @staticmethod
-    def forward(ctx: Any, mu: Tensor, rho: Tensor, eps: Tensor) -> Tensor:
+    def forward(ctx: Any, mu: Tensor, rho: Tensor, eps: Tensor, store: Any) -> Tensor:
         ctx.save_for_backward(rho, eps)
-        return torch.addcmul(mu, F.softplus(rho), eps)
+        sigma = F.softplus(rho)
+        if store is not None:
+            store.remember_sigma(rho, sigma)
+        return torch.addcmul(mu, sigma, eps)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         rho, eps = ctx.saved_tensors
-        # d softplus(rho) / d rho = sigmoid(rho)
-        grad_rho = torch.sigmoid(rho).mul_(eps).mul_(grad)
-        return grad, grad_rho, None
+        grad_rho = torch.empty_like(rho)
+        # d softplus(rho) / d rho = sigmoid(rho); chunks keep the three passes in cache.
+        for a in range(0, rho.numel(), _CHUNK):
+            b = min(a + _CHUNK, rho.numel())
+            torch.sigmoid(rho[a:b], out=grad_rho[a:b]).mul_(eps[a:b]).mul_(grad[a:b])
+        return grad, grad_rho, None, None
 
 
-def gaussian_sample(mu: Tensor, rho: Tensor, eps: Tensor) -> Tensor:
-    """Reparameterized sample `mu + softplus(rho) * eps`, differentiable in mu and rho."""
+def gaussian_sample(mu: Tensor, rho: Tensor, eps: Tensor, store: Any = None) -> Tensor:
+    """Reparameterized sample `mu + softplus(rho) * eps`, differentiable in mu and rho.
+
+    With `store`, the sigma computed on the way is offered to `store.remember_sigma`
+    so that a KL divergence computed before the next update reuses it.
+    """
     if torch.compiler.is_compiling():
         return mu + F.softplus(rho) * eps
-    return _GaussianSample.apply(mu, rho, eps)
+    return _GaussianSample.apply(mu, rho, eps, store)
 
 
 class GaussianStore(nn.Module):
@@ -69,6 +127,7 @@ class GaussianStore(nn.Module):
         total = self.offsets[-1]
         self.mu = nn.Parameter(torch.empty(total, dtype=dtype, device=device))
         self.rho = nn.Parameter(torch.empty(total, dtype=dtype, device=device))
+        self._sigma_cache: tuple[int, int, Tensor] | None = None
 
     @property
     def numel(self) -> int:
@@ -98,7 +157,7 @@ class GaussianStore(nn.Module):
     def noise(self, start: int = 0, end: int | None = None) -> Tensor:
         """Standard normal noise for elements `[start, end)`."""
         end = self.numel if end is None else end
-        return torch.randn(end - start, dtype=self.mu.dtype, device=self.mu.device)
+        return standard_normal(end - start, self.mu.dtype, self.mu.device)
 
     def sample(self, start: int = 0, end: int | None = None, eps: Tensor | None = None) -> Tensor:
         """A reparameterized sample of elements `[start, end)`, flat."""
@@ -106,8 +165,29 @@ class GaussianStore(nn.Module):
         if eps is None:
             eps = self.noise(start, end)
         if start == 0 and end == self.numel:
-            return gaussian_sample(self.mu, self.rho, eps)
+            return gaussian_sample(self.mu, self.rho, eps, self)
         return gaussian_sample(self.mu[start:end], self.rho[start:end], eps)
+
+    def remember_sigma(self, rho: Tensor, sigma: Tensor) -> None:
+        """Keeps softplus(rho) for reuse while `rho` is unchanged."""
+        if rho is self.rho:
+            self._sigma_cache = (rho._version, rho.data_ptr(), sigma)
+
+    def cached_sigma(self) -> Tensor | None:
+        """softplus(rho) of the whole store if computed since `rho` last changed."""
+        cache = self._sigma_cache
+        if cache is None:
+            return None
+        version, pointer, sigma = cache
+        if version != self.rho._version or pointer != self.rho.data_ptr():
+            self._sigma_cache = None
+            return None
+        return sigma
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_sigma_cache"] = None
+        return state
 
     def sigma(self, start: int = 0, end: int | None = None) -> Tensor:
         """softplus(rho) of elements `[start, end)`, flat."""
