@@ -21,14 +21,20 @@ from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
 from bnnify.bnn.priors import Prior
+from bnnify.errors import InvalidArgumentError
 
 __all__ = [
     "CHUNK",
+    "DEFAULT_MC_SAMPLES",
     "Segment",
+    "default_samples",
     "distribution_kl",
+    "gaussian_scalars",
+    "has_flat_log_prob",
     "has_gaussian_closed_form",
     "monte_carlo_warning",
     "pair_has_closed_form",
+    "parameter_kl",
     "store_kl",
 ]
 
@@ -116,6 +122,66 @@ class _GaussianKL(torch.autograd.Function):
                     grad_mu[a:b] = out_mu
                     grad_rho[a:b] = out_rho
         return grad_mu, grad_rho, None, None
+
+
+def gaussian_scalars(prior: Prior) -> tuple[float, float] | None:
+    """`(mu, sigma)` of a Gaussian prior with scalar parameters (fused kernel), else None."""
+    from bnnify.bnn.priors import GaussianPrior
+
+    if (
+        not isinstance(prior, GaussianPrior)
+        or type(prior).gaussian_kl is not GaussianPrior.gaussian_kl
+    ):
+        return None
+    if prior.mu.numel() != 1 or prior.sigma.numel() != 1 or prior.mu.is_meta:
+        return None
+    return float(prior.mu), float(prior.sigma)
+
+
+def has_flat_log_prob(prior: Prior) -> bool:
+    """Whether `prior` evaluates its log-density on flat chunks (fused Monte Carlo KL)."""
+    return type(prior).flat_log_prob is not Prior.flat_log_prob
+
+
+def parameter_kl(posterior: Any, prior: Prior, num_samples: int | None) -> Tensor:
+    """KL(posterior || prior) of one parameter, summed (float64, differentiable).
+
+    Uses the fused kernels for Gaussian posteriors and `torch.distributions`
+    otherwise.
+
+    Raises:
+        ValueError: (`InvalidArgumentError`) If no closed form is known for the pair
+            and `num_samples` is None.
+    """
+    from bnnify.bnn.posteriors import is_flat
+
+    if is_flat(type(posterior)):
+        mu, rho = posterior.mu.reshape(-1), posterior.rho.reshape(-1)
+        segment = Segment(0, mu.numel(), prior, 0, gaussian_scalars(prior))
+        fused = has_gaussian_closed_form(prior) if num_samples is None else has_flat_log_prob(prior)
+        if fused:
+            return store_kl(mu, rho, [segment], num_samples)
+    q, p = posterior.distribution, prior.distribution
+    if num_samples is None and not pair_has_closed_form(q, p):
+        raise InvalidArgumentError(
+            f"no closed-form KL divergence is known for {type(posterior).__name__} "
+            f"vs {type(prior).__name__}",
+            hint="Pass approx_num_samples=N (e.g. 16) for a Monte Carlo estimate.",
+        )
+    return distribution_kl(q, p, num_samples).to(torch.float64)
+
+
+DEFAULT_MC_SAMPLES = 16
+
+
+def default_samples(posterior: Any, prior: Prior) -> int | None:
+    """None where a closed form exists for the pair, else `DEFAULT_MC_SAMPLES`."""
+    from bnnify.bnn.posteriors import is_flat
+
+    if is_flat(type(posterior)) and has_gaussian_closed_form(prior):
+        return None
+    probe_q, probe_p = posterior.distribution, prior.distribution
+    return None if pair_has_closed_form(probe_q, probe_p) else DEFAULT_MC_SAMPLES
 
 
 def has_gaussian_closed_form(prior: Prior) -> bool:

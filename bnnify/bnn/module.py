@@ -13,8 +13,8 @@ from torch.distributions import Distribution, Normal
 
 from bnnify.bnn import kl as _kl
 from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
-from bnnify.bnn.posteriors import GaussianPosterior, PosteriorFactory, get_posterior
-from bnnify.bnn.priors import GaussianPrior, Prior, get_prior
+from bnnify.bnn.posteriors import GaussianPosterior, PosteriorFactory, get_posterior, is_flat
+from bnnify.bnn.priors import Prior, get_prior
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
 from bnnify.bnn.store import GaussianStore
@@ -87,7 +87,7 @@ class BayesianModule(nn.Module):
         _check_module(module)
         self.posterior_spec = parse_spec(variational_posterior, "gaussian", "posterior")
         self.prior_spec = parse_spec(prior, "gaussian", "prior")
-        packed = _packable(PosteriorFactory[self.posterior_spec[0]])
+        packed = is_flat(PosteriorFactory[self.posterior_spec[0]])
         entries = select(collect_parameters(module), include, exclude)
         first = entries[0].param
         lrt = linear_pairs(module, entries) if packed else {}
@@ -116,6 +116,8 @@ class BayesianModule(nn.Module):
             for k in range(len(self.variational))
         ]
         self._segments = [self._merged_segments(k) for k in range(len(self.variational))]
+        # Loading a state_dict changes the priors' values, which the segments read.
+        self.register_load_state_dict_post_hook(_refresh_segments)
         self.training = module.training
 
     def _allocate(self, entries: list[Entry], lrt: dict) -> list[int]:
@@ -153,8 +155,6 @@ class BayesianModule(nn.Module):
                 slot.index = entry.name.replace(".", ":")
                 self.posteriors[slot.index] = posterior
             self.priors.append(prior)
-            for owner, attr in entry.owners:
-                install_(owner, attr, slot)
             entry.slot = slot
             self._slots.append(slot)
             logger.info(
@@ -167,6 +167,10 @@ class BayesianModule(nn.Module):
                 self.prior_spec[0],
             )
             del param, posterior
+        # Only once every posterior and prior is built: a bad spec leaves the module untouched.
+        for entry in entries:
+            for owner, attr in entry.owners:
+                install_(owner, attr, entry.slot)
 
     def _slot_segments(self, k: int) -> list[tuple[str, _kl.Segment]]:
         store = self.variational[k]
@@ -174,7 +178,9 @@ class BayesianModule(nn.Module):
         for i, slot in self._store_slots[k]:
             start, end = store.span(slot.index)
             prior = self.priors[i]
-            segments.append((slot.name, _kl.Segment(start, end, prior, start, _scalars(prior))))
+            segments.append(
+                (slot.name, _kl.Segment(start, end, prior, start, _kl.gaussian_scalars(prior)))
+            )
         return segments
 
     def _merged_segments(self, k: int) -> list[_kl.Segment]:
@@ -239,6 +245,39 @@ class BayesianModule(nn.Module):
             finally:
                 self._sampler.end(draw)
 
+    @torch.no_grad()
+    def predict_samples(self, *inputs: Tensor, num_samples: int) -> Tensor:
+        """`num_samples` outputs for the same inputs, stacked on a new first dimension.
+
+        When every reparametrized parameter belongs to an `nn.Linear` layer fed a 2-D
+        input, the samples come from one forward pass over the inputs repeated along
+        dimension 0, by the local reparameterization trick: each row gets independent
+        noise, so each output has exactly the distribution of a weight-sampled pass
+        (the model must treat rows independently, as in eval mode). Otherwise one
+        forward pass per sample.
+        """
+        if num_samples < 1:
+            raise InvalidArgumentError(f"num_samples must be >= 1, got {num_samples!r}")
+        if self._batchable():
+            repeated = [x.repeat(num_samples, *([1] * (x.dim() - 1))) for x in inputs]
+            previous, self._sampler.local = self._sampler.local, True
+            draw = self._sampler.begin()
+            try:
+                output = self.module(*repeated)
+            finally:
+                self._sampler.end(draw)
+                self._sampler.local = previous
+            if draw is not None and not draw.values and not draw.flat:
+                return output.reshape(num_samples, -1, *output.shape[1:])
+        return torch.stack([self(*inputs) for _ in range(num_samples)])
+
+    def _batchable(self) -> bool:
+        sampler = self._sampler
+        if sampler.mode != "sample" or sampler.frozen is not None or len(self.posteriors):
+            return False
+        counts = [len(slots) for slots in self._store_slots]
+        return counts == sampler.lrt_ends
+
     # ---------------------------------------------------------------------- KL
 
     def kl_divergence(
@@ -298,7 +337,7 @@ class BayesianModule(nn.Module):
         prior = segment.prior
         if samples is None and _kl.has_gaussian_closed_form(prior):
             return _kl.store_kl(store.mu, store.rho, [segment], None, store.cached_sigma())
-        if samples is not None and _has_flat_log_prob(prior):
+        if samples is not None and _kl.has_flat_log_prob(prior):
             return _kl.store_kl(store.mu, store.rho, [segment], samples)
         # The prior has no fused kernel: per parameter, through torch.distributions.
         total = torch.zeros((), dtype=torch.float64, device=store.mu.device)
@@ -364,9 +403,14 @@ class BayesianModule(nn.Module):
         return [slot.name for slot in self._slots]
 
     def variational_state(self) -> dict[str, Tensor]:
-        """Per-parameter variational tensors, `"<name>.mu"`, `"<name>.rho"`, ... (views)."""
+        """Per-parameter tensors of posteriors and priors (views, no copies).
+
+        Keys are `"<name>.mu"`, `"<name>.rho"` for Gaussian posteriors (the names of
+        the posterior's own state otherwise) and `"<name>.prior.<buffer>"` for prior
+        tensors that are not scalars (such as the mean of an empirical prior).
+        """
         state: dict[str, Tensor] = {}
-        for slot in self._slots:
+        for i, slot in enumerate(self._slots):
             if slot.store is None:
                 for key, tensor in self.posteriors[slot.index].state_dict().items():
                     state[f"{slot.name}.{key}"] = tensor
@@ -374,6 +418,9 @@ class BayesianModule(nn.Module):
                 store = self.variational[slot.store]
                 state[f"{slot.name}.mu"] = store.view(store.mu.detach(), slot.index)
                 state[f"{slot.name}.rho"] = store.view(store.rho.detach(), slot.index)
+            for key, tensor in self.priors[i].named_buffers():
+                if tensor.dim() > 0:
+                    state[f"{slot.name}.prior.{key}"] = tensor
         return state
 
     @torch.no_grad()
@@ -430,6 +477,10 @@ class BayesianModule(nn.Module):
         )
 
 
+def _refresh_segments(module: BayesianModule, incompatible_keys: Any) -> None:
+    module._segments = [module._merged_segments(k) for k in range(len(module.variational))]
+
+
 def _check_module(module: Any) -> None:
     if not isinstance(module, nn.Module):
         raise ArgumentTypeError(
@@ -445,33 +496,8 @@ def _check_module(module: Any) -> None:
         )
 
 
-def _packable(cls: type) -> bool:
-    """Gaussian posteriors that only change the initialization go to flat storage."""
-    return (
-        issubclass(cls, GaussianPosterior)
-        and cls.sample_parameters is GaussianPosterior.sample_parameters
-        and cls.distribution is GaussianPosterior.distribution
-    )
-
-
 def _probe(store: GaussianStore) -> Distribution:
     return Normal(store.mu[:1].detach(), torch.ones_like(store.mu[:1]).detach())
-
-
-def _has_flat_log_prob(prior: Prior) -> bool:
-    return type(prior).flat_log_prob is not Prior.flat_log_prob
-
-
-def _scalars(prior: Prior) -> tuple[float, float] | None:
-    """`(mu, sigma)` of a Gaussian prior with scalar parameters, else None."""
-    if (
-        not isinstance(prior, GaussianPrior)
-        or type(prior).gaussian_kl is not GaussianPrior.gaussian_kl
-    ):
-        return None
-    if prior.mu.numel() != 1 or prior.sigma.numel() != 1:
-        return None
-    return float(prior.mu), float(prior.sigma)
 
 
 def _same_scalar_prior(a: Prior, b: Prior) -> bool:

@@ -24,6 +24,8 @@ __all__ = [
     "accepted_kwargs",
     "get_posterior",
     "inverse_softplus",
+    "is_flat",
+    "restore_posterior",
 ]
 
 
@@ -129,10 +131,10 @@ NormalPosterior = GaussianPosterior
 class PretrainedGaussianPosterior(GaussianPosterior):
     """Gaussian posterior that starts at a trained model: `mu = w`.
 
-    The initial spread is, by priority: `delta` (sigma = delta * |w|, the MOPED
-    recipe of Krishnan et al., 2020), then `sigma` (a constant), then `rho`
-    (default -3, sigma ~ 0.049). `min_sigma` floors the spread, so that weights at
-    zero keep some uncertainty.
+    The initial spread is one of: `delta` (sigma = delta * |w|, the MOPED recipe of
+    Krishnan et al., 2020), `sigma` (a constant), or `rho` (sigma = softplus(rho);
+    the default, -3, gives sigma ~ 0.049). `min_sigma` floors the spread, so that
+    weights at zero keep some uncertainty.
 
     Example:
         >>> w = torch.tensor([1.0, -2.0, 0.0])
@@ -146,13 +148,22 @@ class PretrainedGaussianPosterior(GaussianPosterior):
         cls,
         param: Tensor,
         *,
-        rho: float = -3.0,
+        rho: float | None = None,
         sigma: float | None = None,
         delta: float | None = None,
         min_sigma: float = 1e-6,
     ) -> PretrainedGaussianPosterior:
+        given = {
+            k: v for k, v in (("rho", rho), ("sigma", sigma), ("delta", delta)) if v is not None
+        }
+        if len(given) > 1:
+            raise InvalidArgumentError(
+                f"{cls.__name__}: give one of rho, sigma and delta, got {given!r}",
+                hint="delta: spread relative to |w|; sigma: constant spread; rho: its softplus "
+                "inverse (default -3).",
+            )
         _check_number(cls, "min_sigma", min_sigma, minimum=0.0, strict=True)
-        if not torch.isfinite(param).all():
+        if not param.is_meta and not torch.isfinite(param).all():
             raise InvalidArgumentError(
                 f"{cls.__name__}: the weights contain NaN or infinite values",
                 hint="A pretrained posterior needs finite weights; check the input model.",
@@ -162,11 +173,25 @@ class PretrainedGaussianPosterior(GaussianPosterior):
             spread = param.detach().to(_compute_dtype(param)).abs().mul_(delta)
             rho_tensor = inverse_softplus(spread.clamp_(min=min_sigma)).to(param.dtype)
         else:
+            rho = -3.0 if rho is None else rho
             rho_tensor = _initial_rho(cls, param, rho=rho, sigma=sigma, min_sigma=min_sigma)
         return cls(param.detach(), rho_tensor)
 
 
 PretrainedNormalPosterior = PretrainedGaussianPosterior
+
+
+def is_flat(cls: type) -> bool:
+    """Whether posteriors of `cls` can live in flat Gaussian storage.
+
+    True for Gaussian posteriors that change only the initialization (`from_param`).
+    """
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, GaussianPosterior)
+        and cls.sample_parameters is GaussianPosterior.sample_parameters
+        and cls.distribution is GaussianPosterior.distribution
+    )
 
 
 def _compute_dtype(param: Tensor) -> torch.dtype:
@@ -206,6 +231,23 @@ def accepted_kwargs(method: Any) -> list[str]:
     """Keyword arguments a `from_param` accepts (for error messages and `bnnify list`)."""
     params = inspect.signature(method).parameters.values()
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty)]
+
+
+def restore_posterior(
+    posterior: Spec | None, state: dict[str, Tensor], like: Tensor
+) -> VariationalPosterior:
+    """Rebuilds a posterior for a parameter shaped like `like` from its saved `state`.
+
+    Gaussian posteriors are rebuilt directly from `mu` and `rho`; others are built
+    by `from_param` and then loaded with `state`.
+    """
+    name, _ = parse_spec(posterior, "gaussian", "posterior")
+    cls = PosteriorFactory[name]
+    if is_flat(cls):
+        return cls(state["mu"], state["rho"])
+    built = get_posterior(posterior, torch.zeros_like(like))
+    built.load_state_dict(state)
+    return built
 
 
 def get_posterior(posterior: Spec | None, param: Tensor) -> VariationalPosterior:

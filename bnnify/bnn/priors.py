@@ -82,9 +82,15 @@ class Prior(nn.Module):
 
     def _tensor(self, value: Any, name: str, *, positive: bool = False) -> Tensor:
         """Converts a float or tensor argument to a buffer-ready tensor, validating it."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+            raise InvalidArgumentError(
+                f"{type(self).__name__}: {name} must be a number or a tensor, got {value!r}"
+            )
         tensor = torch.as_tensor(value, **self._factory).detach().clone()
         if not tensor.is_floating_point():
             tensor = tensor.to(torch.get_default_dtype())
+        if tensor.is_meta:
+            return tensor
         if not torch.isfinite(tensor).all():
             raise InvalidArgumentError(
                 f"{type(self).__name__}: {name} must be finite, got {_show(value)}"
@@ -301,7 +307,8 @@ class ScaleMixturePrior(Prior):
     @property
     def distribution(self) -> Distribution:
         mixture = Categorical(probs=torch.stack([self.pi, 1 - self.pi]), validate_args=False)
-        scales = torch.stack([self.sigma1, self.sigma2])
+        # Components on the last dimension, as MixtureSameFamily expects; tensor scales broadcast.
+        scales = torch.stack(torch.broadcast_tensors(self.sigma1, self.sigma2), dim=-1)
         components = Normal(torch.zeros_like(scales), scales, validate_args=False)
         return MixtureSameFamily(mixture, components, validate_args=False).expand(self.shape)
 
