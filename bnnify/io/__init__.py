@@ -1,0 +1,3 @@
+"""Reading and writing bnnify's files: conversion specs, checkpoints and models."""
+
+__all__ = []
