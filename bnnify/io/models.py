@@ -1,0 +1,473 @@
+"""Saved models in every supported format, recognized by their content, with lazy tensor access."""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+from torch.export.graph_signature import InputKind
+
+from bnnify.errors import (
+    FormatError,
+    InputError,
+    InvalidArgumentError,
+    UnknownNameError,
+    UnsafeInputError,
+    UsageError,
+    closest,
+)
+from bnnify.io.formats import (
+    ModelFormat,
+    check_export_archive,
+    detect_format,
+    read_index,
+    refused_global,
+    resolve_model_path,
+    sha256_file,
+    shard_path,
+)
+
+__all__ = [
+    "LoadedModel",
+    "ModelFormat",
+    "TensorMeta",
+    "detect_format",
+    "load_model",
+    "sha256_file",
+]
+
+logger = logging.getLogger("bnnify")
+
+_RESAVE = (
+    "Better, re-save it without pickled objects: torch.save(model.state_dict(), path), "
+    "torch.jit.save(torch.jit.script(model), path) or "
+    "torch.export.save(torch.export.export(model, args), path)."
+)
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, dtype, shape and role of one tensor of a model file.
+
+    `kind` is "parameter" or "buffer" where the file says so (TorchScript, torch.export,
+    a trusted pickled module), else "unknown" (state dicts and safetensors files).
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    kind: str
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+class LoadedModel:
+    """The tensors of a model file, by name, and its module when the format has one.
+
+    Built by `load_model`. Safetensors files and sharded checkpoints are memory-mapped
+    and read one tensor at a time; the other formats are loaded whole (zip state dicts
+    are memory-mapped by `torch.load`). Also a context manager that calls `close()`.
+
+    Attributes:
+        path: The path given to `load_model`.
+        format: The format found in the file's content.
+        sha256: The checkpoint's digest (see `sha256_file`).
+        module: The `torch.jit.ScriptModule`, `torch.export.ExportedProgram` or trusted
+            `nn.Module` the file holds; None for state dicts and safetensors.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        format: ModelFormat,
+        sha256: str,
+        module: object | None,
+        metas: dict[str, TensorMeta],
+        fetch: Callable[[str], Tensor],
+        close: Callable[[], None] | None = None,
+    ):
+        self.path = path
+        self.format = format
+        self.sha256 = sha256
+        self.module = module
+        self._metas = metas
+        self._fetch: Callable[[str], Tensor] | None = fetch
+        self._close = close
+
+    def names(self) -> list[str]:
+        """Tensor names in the order of the file (tied parameters once)."""
+        return list(self._metas)
+
+    def meta(self, name: str) -> TensorMeta:
+        """Dtype, shape and kind of tensor `name`, without reading its data.
+
+        Raises:
+            UnknownNameError: If the model has no tensor `name`.
+        """
+        meta = self._metas.get(name)
+        if meta is None:
+            raise UnknownNameError(
+                f"{self.path} has no tensor named {name!r} ({len(self._metas)} tensors)."
+                + closest(name, self._metas),
+                hint="List the names with LoadedModel.names() (`bnnify inspect`).",
+            )
+        return meta
+
+    def tensor(self, name: str) -> Tensor:
+        """Tensor `name` (detached), read from the file now for lazily loaded formats.
+
+        Raises:
+            UnknownNameError: If the model has no tensor `name`.
+            UsageError: If the model was closed.
+        """
+        self.meta(name)
+        if self._fetch is None:
+            raise UsageError(
+                f"{self.path} was closed", hint="Read tensors before close() or the with block."
+            )
+        return self._fetch(name).detach()
+
+    def close(self) -> None:
+        """Releases the open files and memory maps; `tensor()` fails afterwards."""
+        self._fetch = None
+        if self._close is not None:
+            self._close, close = None, self._close
+            close()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._metas
+
+    def __len__(self) -> int:
+        return len(self._metas)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({str(self.path)!r}, format={self.format.value!r}, tensors={len(self)})"
+
+
+def load_model(path: str | Path, *, device: str = "cpu", trust_pickle: bool = False) -> LoadedModel:
+    """Loads a model file of any supported format, detected from its content.
+
+    What each format may run while loading:
+
+    - TorchScript archives carry TorchScript code, compiled by `torch.jit.load`; it runs
+      no arbitrary Python while loading, but the module does hold code.
+    - torch.export programs: `torch.export.load` has no `weights_only` switch. It reads a
+      JSON graph and raw tensor bytes, but unpickles tensor subclasses, custom and
+      opaque objects with full pickle, retries its sample inputs with
+      `weights_only=False` when they fail to load safely, and loads AOTInductor native
+      libraries. Unless `trust_pickle`, bnnify checks the archive first: every pickle
+      in it must load with `weights_only=True`, and it must hold no custom objects and
+      no compiled code; otherwise `UnsafeInputError`.
+    - `torch.save` files load with `weights_only=True`; one needing more (a pickled whole
+      `nn.Module`, arbitrary objects) raises `UnsafeInputError` unless `trust_pickle`,
+      which reloads it with `weights_only=False` (this can run arbitrary code).
+    - safetensors files and sharded checkpoints hold data only.
+
+    Args:
+        path: A file, a sharded checkpoint's directory or index file, or a directory
+            holding one `model.safetensors`.
+        device: Where tensors are placed (`tensor()` moves those of an export program).
+        trust_pickle: Allow full unpickling of files that need it (trusted files only).
+
+    Returns:
+        The loaded model; close it (or use `with`) to release memory maps.
+
+    Raises:
+        InputError: If `path` does not exist or a trusted pickle fails to load.
+        FormatError: If the content is not a supported format or is inconsistent.
+        UnsafeInputError: If loading needs arbitrary code and `trust_pickle` is False.
+        InvalidArgumentError: If `device` is not a device name.
+    """
+    file = resolve_model_path(path)
+    fmt = detect_format(file)
+    device = _device(device)
+    digest = sha256_file(path)
+    loader = {
+        ModelFormat.TORCHSCRIPT: _load_torchscript,
+        ModelFormat.EXPORT: _load_export,
+        ModelFormat.STATE_DICT: _load_pickle,
+        ModelFormat.SAFETENSORS: _load_safetensors,
+        ModelFormat.SHARDED: _load_sharded,
+    }[fmt]
+    fmt, module, metas, fetch, close = loader(file, device, trust_pickle)
+    logger.info("loaded %s: %s, %d tensors, sha256 %s", path, fmt.value, len(metas), digest)
+    return LoadedModel(Path(path), fmt, digest, module, metas, fetch, close)
+
+
+def _device(device: str | torch.device) -> str:
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError) as error:
+        raise InvalidArgumentError(
+            f"invalid device {device!r}: {error}", hint="Use e.g. 'cpu', 'cuda' or 'cuda:1'."
+        ) from None
+
+
+# -------------------------------------------------------------------- loaders
+
+_Loaded = tuple[ModelFormat, Any, dict[str, TensorMeta], Callable[[str], Tensor], Any]
+
+
+def _load_torchscript(file: Path, device: str, trust_pickle: bool) -> _Loaded:
+    try:
+        module = torch.jit.load(str(file), map_location=device)
+    except RuntimeError as error:
+        raise FormatError(
+            f"'{file}' is a corrupt TorchScript archive: {_first_line(error)}"
+        ) from error
+    return _from_module(module, ModelFormat.TORCHSCRIPT)
+
+
+def _load_export(file: Path, device: str, trust_pickle: bool) -> _Loaded:
+    with open(file, "rb") as stream:
+        if not trust_pickle:
+            check_export_archive(stream, file)
+            stream.seek(0)
+        try:
+            # A stream, not a path: torch warns about paths not ending in ".pt2".
+            program = torch.export.load(stream)
+        except Exception as error:  # deserializing can fail in any layer of torch
+            raise FormatError(
+                f"'{file}' is a corrupt torch.export program: {_first_line(error)}",
+                hint="Re-save it with torch.export.save from the installed torch.",
+            ) from error
+    kinds = {
+        InputKind.PARAMETER: "parameter",
+        InputKind.BUFFER: "buffer",
+        InputKind.CONSTANT_TENSOR: "buffer",
+    }
+    entries = []
+    for spec in program.graph_signature.input_specs:
+        source = program.state_dict if spec.target in program.state_dict else program.constants
+        tensor = source.get(spec.target)
+        if spec.kind in kinds and isinstance(tensor, Tensor):
+            entries.append((spec.target, tensor, kinds[spec.kind]))
+    tensors, metas = _eager(entries)
+    return ModelFormat.EXPORT, program, metas, lambda name: tensors[name].to(device), None
+
+
+def _load_pickle(file: Path, device: str, trust_pickle: bool) -> _Loaded:
+    content = _torch_load(file, device, trust_pickle)
+    if isinstance(content, dict):
+        content = _unnest(content, file)
+    if isinstance(content, nn.Module):
+        assert trust_pickle, "weights_only=True never returns a module"
+        return _from_module(content, ModelFormat.PICKLED_MODULE)
+    if not isinstance(content, dict):
+        raise FormatError(
+            f"'{file}' holds a {type(content).__name__}, not a state dict",
+            hint="Save the weights with torch.save(model.state_dict(), path).",
+        )
+    entries = []
+    for name, value in content.items():
+        if isinstance(name, str) and isinstance(value, Tensor):
+            entries.append((name, value, "unknown"))
+        else:
+            logger.debug("ignoring the non-tensor entry %r (%s)", name, type(value).__name__)
+    if not entries:
+        raise FormatError(
+            f"'{file}' holds a dict with no tensors",
+            hint="Save the weights with torch.save(model.state_dict(), path).",
+        )
+    tensors, metas = _eager(entries, dedup=False)
+    return ModelFormat.STATE_DICT, None, metas, tensors.__getitem__, None
+
+
+def _torch_load(file: Path, device: str, trust_pickle: bool) -> Any:
+    try:
+        with _torch_source(file) as source:
+            mmap = isinstance(source, Path) and zipfile.is_zipfile(file)
+            return torch.load(source, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        unsafe = error
+    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise FormatError(f"'{file}' is a corrupt torch.save file: {_first_line(error)}") from error
+    if not trust_pickle:
+        found = refused_global(unsafe)
+        what = (
+            f"a pickled Python object (it refers to {found}), not plain weights"
+            if found
+            else f"a pickle that the safe weights-only unpickler cannot read ({_reason(unsafe)})"
+        )
+        raise UnsafeInputError(
+            f"'{file}' is {what}: unpickling it fully can run arbitrary code",
+            hint="If you trust this file, pass --trust-pickle (trust_pickle=True). " + _RESAVE,
+        )
+    logger.warning("unpickling %s with weights_only=False (trusted): this runs its code", file)
+    try:
+        with _torch_source(file) as source:
+            return torch.load(source, map_location=device, weights_only=False)
+    except Exception as error:  # a trusted pickle can fail in any imported code
+        raise InputError(
+            f"'{file}' could not be unpickled: {_first_line(error)}",
+            hint="The classes it pickles must be importable: run bnnify from the project "
+            "that defines them. " + _RESAVE,
+        ) from error
+
+
+@contextmanager
+def _torch_source(file: Path) -> Iterator[Path | BinaryIO]:
+    """The path for `torch.load` (memory-mappable), or a stream where it misreads the path.
+
+    `torch.load` hands paths ending in ".safetensors" to safetensors.
+    """
+    if file.name.endswith(".safetensors"):
+        with open(file, "rb") as stream:
+            yield stream
+    else:
+        yield file
+
+
+def _unnest(content: dict, file: Path) -> Any:
+    """The state dict (or trusted module) inside a checkpoint dict."""
+    if any(isinstance(value, Tensor) for value in content.values()):
+        return content
+    found = [
+        key
+        for key in _NESTED_KEYS
+        if isinstance(content.get(key), nn.Module)
+        or (
+            isinstance(content.get(key), dict)
+            and any(isinstance(v, Tensor) for v in content[key].values())
+        )
+    ]
+    if len(found) != 1:
+        keys = [str(key) for key in content][:20]
+        raise FormatError(
+            f"'{file}' holds a dict without tensors and {len(found)} nested state dicts "
+            f"under {list(_NESTED_KEYS)}; its top-level keys are {keys}",
+            hint="Save the weights themselves: torch.save(model.state_dict(), path).",
+        )
+    logger.debug("using the state dict under %r of %s", found[0], file)
+    return content[found[0]]
+
+
+def _load_safetensors(file: Path, device: str, trust_pickle: bool) -> _Loaded:
+    with ExitStack() as stack:
+        handle = _safe_open(file, device, stack)
+        metas = {name: _slice_meta(handle, name) for name in _offset_keys(handle)}
+        close = stack.pop_all().close
+    return ModelFormat.SAFETENSORS, None, metas, handle.get_tensor, close
+
+
+def _load_sharded(file: Path, device: str, trust_pickle: bool) -> _Loaded:
+    weight_map = read_index(file)
+    shards = sorted(set(weight_map.values()))
+    paths = {shard: shard_path(file, shard) for shard in shards}
+    handles = {}
+    metas = {}
+    with ExitStack() as stack:
+        for shard in shards:
+            handles[shard] = handle = _safe_open(paths[shard], device, stack)
+            held = set(handle.keys())
+            lacking = [n for n, s in weight_map.items() if s == shard and n not in held]
+            if lacking:
+                raise FormatError(
+                    f"'{file}' maps {len(lacking)} tensors to shard {shard!r}, which lacks "
+                    f"them: {lacking[:5]}",
+                    hint="The index and the shards come from different checkpoints: "
+                    "download them again.",
+                )
+            for name in _offset_keys(handle):
+                if weight_map.get(name) == shard:
+                    metas[name] = _slice_meta(handle, name)
+                else:
+                    logger.debug("ignoring %r of shard %s: not in the index", name, shard)
+        close = stack.pop_all().close
+    return ModelFormat.SHARDED, None, metas, lambda n: handles[weight_map[n]].get_tensor(n), close
+
+
+def _safe_open(file: Path, device: str, stack: ExitStack) -> Any:
+    try:
+        return stack.enter_context(safe_open(str(file), "pt", device=device))
+    except (SafetensorError, OSError) as error:
+        raise FormatError(f"'{file}' is a corrupt safetensors file: {error}") from error
+
+
+def _offset_keys(handle: Any) -> list[str]:
+    # offset_keys() (safetensors >= 0.4.3) follows the file's data; keys() is sorted.
+    return list(getattr(handle, "offset_keys", handle.keys)())
+
+
+def _slice_meta(handle: Any, name: str) -> TensorMeta:
+    view = handle.get_slice(name)
+    shape = tuple(view.get_shape())
+    # An empty slice has the dtype without reading data; 0-dim tensors cannot be sliced.
+    dtype = (view[:0] if shape else handle.get_tensor(name)).dtype
+    return TensorMeta(name, dtype, shape, "unknown")
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _from_module(module: nn.Module, fmt: ModelFormat) -> _Loaded:
+    entries = [(n, t, "parameter") for n, t in module.named_parameters()]
+    entries += [(n, t, "buffer") for n, t in module.named_buffers()]
+    tensors, metas = _eager(entries)
+    return fmt, module, metas, tensors.__getitem__, None
+
+
+def _eager(
+    entries: list[tuple[str, Tensor, str]], dedup: bool = True
+) -> tuple[dict[str, Tensor], dict[str, TensorMeta]]:
+    """Detached tensors and their metadata; with `dedup`, aliases of a tensor once."""
+    tensors: dict[str, Tensor] = {}
+    metas: dict[str, TensorMeta] = {}
+    seen: set[tuple] = set()
+    for name, tensor, kind in entries:
+        key = _alias_key(tensor)
+        if dedup and key in seen:
+            logger.debug("%s is tied to an earlier tensor: listed once", name)
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach()
+        metas[name] = TensorMeta(name, tensor.dtype, tuple(tensor.shape), kind)
+    return tensors, metas
+
+
+def _alias_key(tensor: Tensor) -> tuple:
+    """Equal for two views of the same memory with the same layout (tied weights)."""
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return (id(tensor),)
+    return (
+        storage.data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+    )
+
+
+def _reason(error: BaseException) -> str:
+    """The weights-only unpickler's own reason, without torch's advice around it."""
+    text = str(error)
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    return _first_line(reason if found and reason.strip() else text)
+
+
+def _first_line(error: BaseException | str) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else "no message"
+    return line if isinstance(error, str) else f"{type(error).__name__}: {line}"
