@@ -30,7 +30,10 @@ test: install lint
 	$(PY) -m pytest
 
 demo: install
-	$(PY) -m bnnify.demo
+	$(PY) -m bnnify.demo demo_out/model.pt
+	$(VENV)/bin/bnnify convert demo_out/model.pt --spec sample_configs/pretrained_moped.yaml \
+		-o demo_out/model.bnn.safetensors --report demo_out/model.kl.safetensors --force
+	$(VENV)/bin/bnnify kl demo_out/model.bnn.safetensors
 
 bench: install
 	$(PY) benchmarks/bench_core.py

@@ -1,0 +1,58 @@
+"""The `bnnify` application: wiring of the commands, version, exit codes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+import bnnify
+from bnnify.cli import convert, inspect_cmd, kl, list_cmd
+
+__all__ = ["app", "main"]
+
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 runtime failure (unreadable or inconsistent input, failed "
+    "run); 2 usage or spec error (bad option, spec or name, output exists without --force); "
+    "3 input refused as unsafe (pickled code without --trust-pickle); 130 interrupted."
+)
+
+app = typer.Typer(
+    name="bnnify",
+    help="Turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bnnify {bnnify.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop)."""
+
+
+app.command("convert", epilog=EXIT_CODES)(convert.convert)
+app.command("kl", epilog=EXIT_CODES)(kl.kl)
+app.command("inspect", epilog=EXIT_CODES)(inspect_cmd.inspect)
+app.command("list", epilog=EXIT_CODES)(list_cmd.list_registered)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from bnnify.io.atomic import install_sigterm_handler
+
+    install_sigterm_handler()
+    app()
