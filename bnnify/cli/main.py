@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 import bnnify
-from bnnify.cli import convert, inspect_cmd, kl, list_cmd
+from bnnify.cli import convert, fit, inspect_cmd, kl, list_cmd, predict
 
 __all__ = ["app", "main"]
 
@@ -48,6 +48,8 @@ app.command("convert", epilog=EXIT_CODES)(convert.convert)
 app.command("kl", epilog=EXIT_CODES)(kl.kl)
 app.command("inspect", epilog=EXIT_CODES)(inspect_cmd.inspect)
 app.command("list", epilog=EXIT_CODES)(list_cmd.list_registered)
+app.command("fit", epilog=EXIT_CODES)(fit.fit)
+app.command("predict", epilog=EXIT_CODES)(predict.predict)
 
 
 def main() -> None:

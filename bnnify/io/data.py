@@ -1,0 +1,245 @@
+"""Datasets for `bnnify fit` and `bnnify predict`: safetensors, .npy/.npz and CSV files.
+
+`.npy`/`.npz` files are parsed here (numeric arrays only, never pickled objects),
+so numpy is not needed at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bnnify.errors import InputError
+from bnnify.io.safetensors_io import is_safetensors, load_file
+
+__all__ = ["Dataset", "load_dataset", "load_tensor_file"]
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_DTYPES = {
+    "f2": torch.float16,
+    "f4": torch.float32,
+    "f8": torch.float64,
+    "i1": torch.int8,
+    "i2": torch.int16,
+    "i4": torch.int32,
+    "i8": torch.int64,
+    "u1": torch.uint8,
+    "b1": torch.bool,
+}
+
+
+@dataclass
+class Dataset:
+    """Inputs `x` (first dimension: examples) and optional targets `y`."""
+
+    x: Tensor
+    y: Tensor | None
+    source: str
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def _read_npy(raw: bytes, name: str) -> Tensor:
+    if not raw.startswith(_NPY_MAGIC) or len(raw) < 10:
+        raise InputError(f"{name}: not a .npy array")
+    major = raw[6]
+    size_bytes = 2 if major == 1 else 4
+    length = int.from_bytes(raw[8 : 8 + size_bytes], "little")
+    start = 8 + size_bytes
+    try:
+        header = ast.literal_eval(raw[start : start + length].decode("latin1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        raise InputError(f"{name}: malformed .npy header") from None
+    if not isinstance(descr, str) or descr[1:] not in _NPY_DTYPES or descr[0] == ">":
+        raise InputError(
+            f"{name}: unsupported .npy dtype {descr!r}",
+            hint="Save numeric little-endian arrays (float, int or bool), not objects.",
+        )
+    dtype = _NPY_DTYPES[descr[1:]]
+    count = math.prod(shape)
+    data = bytearray(raw[start + length :])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) < count * itemsize:
+        raise InputError(f"{name}: truncated .npy data")
+    tensor = (
+        torch.frombuffer(data, dtype=dtype, count=count) if count else torch.empty(0, dtype=dtype)
+    )
+    if fortran:
+        return tensor.reshape(shape[::-1]).permute(*reversed(range(len(shape)))).contiguous()
+    return tensor.reshape(shape)
+
+
+def _read_csv(path: Path) -> tuple[list[str] | None, Tensor]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text (CSV) file") from None
+    rows = [row for row in csv.reader(io.StringIO(text)) if row and any(c.strip() for c in row)]
+    if not rows:
+        raise InputError(f"{path}: empty CSV file")
+    header = None
+    if any(not _is_number(cell) for cell in rows[0]):
+        header, rows = [c.strip() for c in rows[0]], rows[1:]
+    width = len(rows[0]) if rows else 0
+    values = []
+    for number, row in enumerate(rows, start=2 if header else 1):
+        if len(row) != width:
+            raise InputError(f"{path}: line {number} has {len(row)} columns, expected {width}")
+        try:
+            values.append([float(cell) for cell in row])
+        except ValueError:
+            raise InputError(f"{path}: line {number} has a non-numeric value: {row!r}") from None
+    if not values:
+        raise InputError(f"{path}: no data rows")
+    return header, torch.tensor(values, dtype=torch.float64)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def load_tensor_file(path: str | Path, keys: tuple[str, ...] = ("x", "y")) -> dict[str, Tensor]:
+    """Tensors of a safetensors, `.npy` or `.npz` file (a `.npy` holds one array: `keys[0]`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {str(path)!r} does not exist")
+    if is_safetensors(path):
+        return load_file(path)
+    raw = path.read_bytes()
+    if raw.startswith(_NPY_MAGIC):
+        return {keys[0]: _read_npy(raw, str(path))}
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            arrays = {}
+            for member in archive.namelist():
+                if member.endswith(".npy"):
+                    arrays[member[:-4]] = _read_npy(archive.read(member), f"{path}:{member}")
+        if arrays:
+            return arrays
+    raise InputError(
+        f"{path}: not a safetensors, .npy, .npz or CSV file",
+        hint="Save the data with safetensors (tensors 'x' and 'y'), numpy or as CSV.",
+    )
+
+
+def _split_csv(path: Path, target: str | None, with_target: bool) -> tuple[Tensor, Tensor | None]:
+    header, table = _read_csv(path)
+    if not with_target:
+        return table, None
+    column = table.shape[1] - 1
+    if target is not None:
+        if header is not None and target in header:
+            column = header.index(target)
+        else:
+            try:
+                column = int(target)
+            except ValueError:
+                choices = f"columns: {', '.join(header)}" if header else "no header row"
+                raise InputError(f"{path}: no column {target!r} ({choices})") from None
+            if not -table.shape[1] <= column < table.shape[1]:
+                raise InputError(f"{path}: column index {target} out of range")
+            column %= table.shape[1]
+    if table.shape[1] < 2:
+        raise InputError(f"{path}: needs at least one feature column besides the target")
+    keep = [i for i in range(table.shape[1]) if i != column]
+    return table[:, keep], table[:, column]
+
+
+def _check_finite(tensor: Tensor, what: str, source: str) -> None:
+    if tensor.is_floating_point():
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten()
+            raise InputError(
+                f"{source}: {what} has {int(bad.sum())} NaN or infinite value(s), first in "
+                f"example {int(rows[0])}",
+                hint="Clean or impute the data before fitting.",
+            )
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    x_key: str = "x",
+    y_key: str = "y",
+    target: str | None = None,
+    with_target: bool = True,
+    targets_path: str | Path | None = None,
+) -> Dataset:
+    """Loads inputs (and targets) for fitting or prediction, validating them.
+
+    Args:
+        path: A safetensors file (tensors `x_key`, `y_key`), `.npy` (inputs only),
+            `.npz` (arrays `x_key`, `y_key`) or CSV (last column the target, or
+            `target`: a header name or column index).
+        x_key: Name of the input tensor.
+        y_key: Name of the target tensor.
+        target: CSV target column.
+        with_target: Whether targets are expected in `path`.
+        targets_path: A separate file holding the targets (first array, or `y_key`).
+
+    Raises:
+        InputError: For a missing or unreadable file, missing tensors, NaN or infinite
+            values, or inputs and targets of different lengths.
+    """
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise InputError(f"data file {name!r} does not exist")
+    if path.suffix.lower() in (".csv", ".txt") and not is_safetensors(path):
+        x, y = _split_csv(path, target, with_target and targets_path is None)
+    else:
+        tensors = load_tensor_file(path, (x_key, y_key))
+        if x_key not in tensors:
+            raise InputError(
+                f"{name}: no tensor {x_key!r} (found: {', '.join(tensors)})",
+                hint="Name the inputs with --x-key.",
+            )
+        x = tensors[x_key]
+        y = tensors.get(y_key) if with_target and targets_path is None else None
+        if with_target and targets_path is None and y is None:
+            raise InputError(
+                f"{name}: no tensor {y_key!r} (found: {', '.join(tensors)})",
+                hint="Name the targets with --y-key.",
+            )
+    if targets_path is not None:
+        y = _load_targets(Path(targets_path), y_key)
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise InputError(f"{name}: no examples in the inputs (shape {tuple(x.shape)})")
+    if x.dim() == 1:
+        x = x.unsqueeze(1)
+    _check_finite(x, "the inputs", name)
+    if y is not None:
+        _check_finite(y, "the targets", name)
+        if y.shape[0] != x.shape[0]:
+            raise InputError(
+                f"{name}: {x.shape[0]} input examples but {y.shape[0]} targets",
+                hint="Inputs and targets must have the same first dimension.",
+            )
+    return Dataset(x=x, y=y, source=name)
+
+
+def _load_targets(path: Path, y_key: str) -> Tensor:
+    if path.suffix.lower() in (".csv", ".txt") and not is_safetensors(path):
+        _, table = _read_csv(path)
+        return table[:, 0] if table.shape[1] == 1 else table
+    tensors = load_tensor_file(path, (y_key,))
+    if y_key in tensors:
+        return tensors[y_key]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise InputError(f"{path}: no tensor {y_key!r} (found: {', '.join(tensors)})")

@@ -1,0 +1,298 @@
+"""Variational fine-tuning of a checkpoint on data: maximise the ELBO with Adam.
+
+Per example, the loss is
+
+    E_q[-log p(y | x, w)]  +  kl_weight * beta(t) * KL(q || p) / N
+
+with N the number of training examples (so the sum over one epoch is the negative
+ELBO of the data set, divided by N), the expectation estimated with `mc_samples`
+weight samples, and beta(t) a linear warm-up from 0 to 1 over `warmup_epochs`.
+Under `torchrun` each process trains on its share of every batch with its own
+noise, gradients averaged by DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import bnnify
+from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood, Likelihood
+from bnnify.bnn.metrics import (
+    classification_summary,
+    expected_calibration_error,
+    gaussian_mixture_log_likelihood,
+)
+from bnnify.io.checkpoint import Checkpoint, write_tensors
+from bnnify.io.data import Dataset
+from bnnify.io.runner import Runner
+from bnnify.io.safetensors_io import TensorInfo
+
+__all__ = ["FitSettings", "evaluate", "fit", "make_likelihood", "save_fitted", "settings_json"]
+
+
+@dataclass
+class FitSettings:
+    """Settings of `bnnify fit` (recorded in the fitted checkpoint)."""
+
+    task: str
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 128
+    mc_samples: int = 1
+    kl_weight: float = 1.0
+    warmup_epochs: int = 0
+    clip: float | None = 10.0
+    seed: int = 0
+    val_samples: int = 16
+
+
+def make_likelihood(task: str, checkpoint: Checkpoint, resume: bool) -> Likelihood:
+    """The likelihood of `task`; with `resume`, the noise scale fitted before."""
+    if task == "classification":
+        return CategoricalLikelihood()
+    likelihood = GaussianLikelihood()
+    tensors = checkpoint.fit_tensors()
+    if resume and "bnnify.fit.log_noise" in tensors:
+        with torch.no_grad():
+            likelihood.log_noise.copy_(tensors["bnnify.fit.log_noise"])
+    return likelihood
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LOCAL_RANK") else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _Objective(nn.Module):
+    """Runner and likelihood in one module, so that DDP sees every trained parameter."""
+
+    def __init__(self, runner: Runner, likelihood: Likelihood):
+        super().__init__()
+        self.runner = runner
+        self.likelihood = likelihood
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.runner(x)
+
+
+@torch.no_grad()
+def _init_noise(runner: Runner, likelihood: Likelihood, data: Dataset, batch: int) -> None:
+    """Starts the noise scale at the RMSE of the mean-weights model on the data."""
+    if not isinstance(likelihood, GaussianLikelihood):
+        return
+    errors = []
+    for start in range(0, len(data), batch):
+        x, y = data.x[start : start + batch], data.y[start : start + batch]
+        out = runner.mean_forward(x)
+        errors.append((out.reshape(len(x), -1) - y.reshape(len(y), -1).to(out.dtype)).square())
+    rmse = float(torch.cat(errors).mean().sqrt())
+    likelihood.log_noise.fill_(math.log(max(rmse, 1e-3)))
+
+
+def fit(
+    runner: Runner,
+    likelihood: Likelihood,
+    train: Dataset,
+    settings: FitSettings,
+    *,
+    val: Dataset | None = None,
+    start_epoch: int = 0,
+    init_noise: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Fits the posterior of `runner` (and the likelihood's noise) to `train`.
+
+    Returns:
+        One record per epoch: loss, nll, kl, elbo (all per example), beta, and the
+        validation metrics when `val` is given.
+    """
+    rank, world = _distributed()
+    device = runner.bnn._kl_meta.device
+    train = Dataset(train.x.to(device), train.y.to(device), train.source)
+    torch.manual_seed(settings.seed * 1000 + rank)
+    if init_noise:
+        _init_noise(runner, likelihood, train, settings.batch_size)
+    likelihood.to(device)
+    objective: nn.Module = _Objective(runner, likelihood)
+    _freeze_deterministic(runner)
+    trained = [p for p in objective.parameters() if p.requires_grad]
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(objective)
+    optimizer = torch.optim.Adam(trained, lr=settings.lr)
+    n = len(train)
+    steps = math.ceil(n / settings.batch_size)
+    warmup = settings.warmup_epochs * steps
+    order_generator = torch.Generator().manual_seed(settings.seed)
+    history = []
+    for epoch in range(start_epoch, start_epoch + settings.epochs):
+        order = torch.randperm(n, generator=order_generator).to(device)
+        totals = {"nll": 0.0, "loss": 0.0}
+        beta = 1.0
+        for step in range(steps):
+            index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            index = index[rank::world]
+            done = (epoch - start_epoch) * steps + step
+            beta = min(1.0, (done + 1) / warmup) if warmup else 1.0
+            nll, loss = _step(
+                objective, runner, likelihood, train, index, n, beta, settings, optimizer, trained
+            )
+            totals["nll"] += nll * len(index)
+            totals["loss"] += loss * len(index)
+        record = _epoch_record(runner, likelihood, totals, n / world, beta, epoch, n)
+        if val is not None:
+            record["val"] = evaluate(
+                runner, likelihood, val, settings.val_samples, settings.batch_size
+            )
+        history.append(record)
+        if on_epoch is not None and rank == 0:
+            on_epoch(record)
+    return history
+
+
+def _step(
+    objective: nn.Module,
+    runner: Runner,
+    likelihood: Likelihood,
+    data: Dataset,
+    index: Tensor,
+    n: int,
+    beta: float,
+    settings: FitSettings,
+    optimizer: torch.optim.Optimizer,
+    trained: list[Tensor],
+) -> tuple[float, float]:
+    x, y = data.x[index], data.y[index]
+    optimizer.zero_grad(set_to_none=True)
+    nll = sum(likelihood.nll(objective(x), y).mean() for _ in range(settings.mc_samples))
+    nll = nll / settings.mc_samples
+    kl = runner.bnn.kl_divergence().to(nll.dtype)
+    loss = nll + settings.kl_weight * beta * kl / n
+    loss.backward()
+    if settings.clip:
+        torch.nn.utils.clip_grad_norm_(trained, settings.clip)
+    optimizer.step()
+    return float(nll.detach()), float(loss.detach())
+
+
+@torch.no_grad()
+def _epoch_record(
+    runner: Runner,
+    likelihood: Likelihood,
+    totals: dict,
+    count: float,
+    beta: float,
+    epoch: int,
+    n: int,
+) -> dict[str, Any]:
+    kl = float(runner.bnn.kl_divergence())
+    nll = totals["nll"] / count
+    record = {
+        "epoch": epoch + 1,
+        "loss": totals["loss"] / count,
+        "nll": nll,
+        "kl": kl,
+        "elbo": -(nll + kl / n),
+        "beta": beta,
+    }
+    if isinstance(likelihood, GaussianLikelihood):
+        record["noise"] = float(likelihood.noise)
+    return record
+
+
+def _freeze_deterministic(runner: Runner) -> None:
+    """Kept-deterministic parameters stay as converted: only the posterior is fitted."""
+    trained = {id(p) for store in runner.bnn.variational for p in store.parameters()}
+    trained |= {id(p) for p in runner.bnn.posteriors.parameters()}
+    for param in runner.bnn.parameters():
+        if id(param) not in trained:
+            param.requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate(
+    runner: Runner, likelihood: Likelihood, data: Dataset, samples: int, batch_size: int
+) -> dict[str, float]:
+    """Test metrics of the Bayesian model (`samples` weight samples) on `data`."""
+    device = runner.bnn._kl_meta.device
+    outputs = []
+    for start in range(0, len(data), batch_size):
+        x = data.x[start : start + batch_size].to(device)
+        outputs.append(runner.predict_samples(x, samples).cpu())
+    draws = torch.cat(outputs, 1)
+    y = data.y
+    if isinstance(likelihood, GaussianLikelihood):
+        mean = draws.mean(0).reshape(len(y), -1)
+        rmse = float((mean - y.reshape(len(y), -1).to(mean.dtype)).square().mean().sqrt())
+        ll = gaussian_mixture_log_likelihood(draws, float(likelihood.noise), y)
+        return {"rmse": rmse, "log_likelihood": float(ll.mean())}
+    summary = classification_summary(draws)
+    probs = summary["probs"]
+    labels = y.long()
+    nll = -probs[torch.arange(len(labels)), labels].clamp_min(1e-300).log().mean()
+    return {
+        "accuracy": float((summary["predicted"] == labels).double().mean()),
+        "log_likelihood": float(-nll),
+        "ece": expected_calibration_error(probs, labels),
+    }
+
+
+def save_fitted(
+    path: Path,
+    temp: Path,
+    checkpoint: Checkpoint,
+    runner: Runner,
+    likelihood: Likelihood,
+    info: dict[str, Any],
+) -> None:
+    """Writes the fitted checkpoint to `temp` (renamed onto `path` by the caller)."""
+    tensors: dict[str, Tensor] = {}
+    for key, value in runner.bnn.variational_state().items():
+        tensors[_file_key(checkpoint, key)] = value.detach().cpu().contiguous()
+    tensors.update({k: v.contiguous() for k, v in checkpoint.deterministic_state().items()})
+    if isinstance(likelihood, GaussianLikelihood):
+        tensors["bnnify.fit.log_noise"] = likelihood.log_noise.detach().cpu().clone()
+    metadata = {k: v for k, v in checkpoint.metadata.items() if k != "total_size"}
+    metadata["bnnify.version"] = bnnify.__version__
+    metadata["torch.version"] = torch.__version__
+    metadata["bnnify.fit"] = _json(info)
+    infos = [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    write_tensors(path, infos, tensors.__getitem__, metadata, lambda final: temp)
+
+
+def _file_key(checkpoint: Checkpoint, state_key: str) -> str:
+    """The checkpoint's tensor key for a `variational_state()` key."""
+    for name, record in checkpoint.parameters.items():
+        prefix = f"{name}."
+        if state_key.startswith(prefix):
+            rest = state_key[len(prefix) :]
+            if rest.startswith("prior."):
+                return record.prior_tensors.get(rest[6:], state_key)
+            return record.tensors.get(rest, state_key)
+    return state_key
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def settings_json(settings: FitSettings) -> dict[str, Any]:
+    """The settings as a JSON-able dict (recorded in the checkpoint's `bnnify.fit`)."""
+    return asdict(settings)

@@ -1,0 +1,207 @@
+"""Runs a model file with the weights of a variational checkpoint (for fit and predict).
+
+An `nn.Module` (an export program's module, an `arch` module, a trusted pickle) is
+reparametrized in place by `BayesianModule`. A TorchScript module cannot be: each
+pass assigns freshly sampled weights to it as new leaf parameters, and a custom
+autograd function carries the gradient of the loss with respect to those weights
+back to `mu` and `rho` (the chain rule of the reparameterization trick).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnnify.bnn import BayesianModule
+from bnnify.errors import InputError, UsageError
+from bnnify.io.arch import build_arch, load_strict
+from bnnify.io.checkpoint import Checkpoint
+from bnnify.io.models import LoadedModel, ModelFormat, load_model
+
+__all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
+
+
+class Runner(nn.Module):
+    """A model file with Bayesian weights: `forward` draws one weight sample.
+
+    Attributes:
+        bnn: The `BayesianModule` holding the variational parameters (train these).
+    """
+
+    bnn: BayesianModule
+
+    def mean_forward(self, x: Tensor) -> Tensor:
+        """The model with every weight at its posterior mean."""
+        with self.bnn.mean_weights():
+            return self(x)
+
+    @torch.no_grad()
+    def predict_samples(self, x: Tensor, num_samples: int) -> Tensor:
+        """`num_samples` outputs for `x`, stacked on a new first dimension."""
+        return torch.stack([self(x) for _ in range(num_samples)])
+
+
+class ModuleRunner(Runner):
+    """An `nn.Module` reparametrized in place."""
+
+    def __init__(self, module: nn.Module, checkpoint: Checkpoint, device: str):
+        super().__init__()
+        self.bnn = checkpoint.to_bayesian(module, device=device)
+        _eval(self.bnn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bnn(x)
+
+    @torch.no_grad()
+    def predict_samples(self, x: Tensor, num_samples: int) -> Tensor:
+        return self.bnn.predict_samples(x, num_samples=num_samples)
+
+
+class _ScriptCall(torch.autograd.Function):
+    """Output of a TorchScript module whose parameters are given as inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, runner: ScriptRunner, x: Tensor, *weights: Tensor) -> Tensor:
+        leaves = runner.assign(weights)
+        with torch.enable_grad():
+            output = runner.script(x)
+        ctx.leaves, ctx.output = leaves, output
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        grads = torch.autograd.grad(ctx.output, ctx.leaves, grad, allow_unused=True)
+        ctx.leaves = ctx.output = None
+        return (None, None, *grads)
+
+
+class ScriptRunner(Runner):
+    """A TorchScript module run with weights drawn from the checkpoint's posterior."""
+
+    def __init__(self, script: torch.jit.ScriptModule, checkpoint: Checkpoint, device: str):
+        super().__init__()
+        self.bnn = checkpoint.to_bayesian(device=device)
+        self.bnn.eval()
+        # Not a submodule: its parameters are replaced on every pass and must stay out
+        # of parameters() (the optimizer and DDP see only the variational ones).
+        object.__setattr__(self, "script", script.to(device).eval())
+        self._load(checkpoint.deterministic_state(device))
+        self.names = self.bnn.reparametrized_names()
+        self._aliases = _aliases(self.script, self.names)
+
+    def _load(self, tensors: dict[str, Tensor]) -> None:
+        """Copies the deterministic tensors (buffers, excluded parameters) into the script."""
+        targets = {**dict(self.script.named_parameters()), **dict(self.script.named_buffers())}
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                target = targets.get(name)
+                if target is None:
+                    raise InputError(f"the TorchScript model has no tensor {name!r}")
+                target.copy_(tensor)
+
+    def assign(self, weights: tuple[Tensor, ...]) -> list[nn.Parameter]:
+        """Installs `weights` as new leaf parameters (tied names share one)."""
+        leaves = []
+        for name, weight in zip(self.names, weights, strict=True):
+            leaf = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+            for owner, attr in self._aliases[name]:
+                setattr(owner, attr, leaf)
+            leaves.append(leaf)
+        return leaves
+
+    def forward(self, x: Tensor) -> Tensor:
+        values = self.bnn.sample_parameters()
+        weights = [values[name] for name in self.names]
+        if not torch.is_grad_enabled() or not any(w.requires_grad for w in weights):
+            self.assign(tuple(weights))
+            return self.script(x)
+        return _ScriptCall.apply(self, x, *weights)
+
+
+@torch.no_grad()
+def check_input(runner: Runner, x: Tensor) -> Tensor:
+    """Runs the mean model on two examples; a failure becomes an `InputError`."""
+    device = runner.bnn._kl_meta.device
+    try:
+        return runner.mean_forward(x[:2].to(device))
+    except Exception as error:  # the model's own code: any failure means bad input
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"the model cannot run on inputs of shape {tuple(x.shape[1:])} per example "
+            f"({type(error).__name__}: {first})",
+            hint="Check the data against the model's input. A torch.export program only "
+            "takes the shapes it was exported for: export with a dynamic batch dimension.",
+        ) from None
+
+
+def _eval(module: nn.Module) -> None:
+    """Evaluation mode: normalization statistics stay those of the trained model."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        # torch.export modules are fixed in the mode they were exported in.
+        module.training = False
+
+
+def _aliases(script: nn.Module, names: list[str]) -> dict[str, list[tuple[Any, str]]]:
+    """For each parameter name, every (submodule, attribute) holding the same tensor."""
+    by_pointer: dict[int, list[tuple[Any, str]]] = {}
+    for _, module in script.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            by_pointer.setdefault(param.data_ptr(), []).append((module, attr))
+    found = {}
+    params = dict(script.named_parameters())
+    for name in names:
+        if name not in params:
+            raise InputError(
+                f"the TorchScript model has no parameter {name!r} recorded in the checkpoint",
+                hint="Pass the model file the checkpoint was converted from.",
+            )
+        found[name] = by_pointer[params[name].data_ptr()]
+    return found
+
+
+def _check_source(loaded: LoadedModel, checkpoint: Checkpoint) -> None:
+    recorded = checkpoint.source.get("sha256")
+    if recorded and recorded != loaded.sha256:
+        raise InputError(
+            f"{loaded.path} does not match the checkpoint: it was converted from "
+            f"{checkpoint.source.get('name')!r} (sha256 {recorded[:12]}...), this file has "
+            f"sha256 {loaded.sha256[:12]}...",
+            hint="Pass the same model file that `bnnify convert` read.",
+        )
+
+
+def open_runner(model: LoadedModel, checkpoint: Checkpoint, *, device: str = "cpu") -> Runner:
+    """A runner for `model` with the posterior of `checkpoint`.
+
+    Raises:
+        InputError: If the model file is not the one the checkpoint came from.
+        UsageError: If the model has no architecture (a plain state dict converted
+            without `arch`).
+    """
+    _check_source(model, checkpoint)
+    if model.format is ModelFormat.TORCHSCRIPT:
+        return ScriptRunner(model.module, checkpoint, device)
+    if model.format is ModelFormat.EXPORT:
+        return ModuleRunner(model.module.module(), checkpoint, device)
+    if model.format is ModelFormat.PICKLED_MODULE:
+        return ModuleRunner(model.module, checkpoint, device)
+    if checkpoint.spec.arch is None:
+        raise UsageError(
+            f"{model.path.name} is a {model.format.value} without an architecture, so it "
+            "cannot be run",
+            hint="Convert it with `arch:` in the spec, or save the model as TorchScript or "
+            "torch.export.",
+        )
+    module = build_arch(checkpoint.spec.arch, checkpoint.spec.arch_kwargs)
+    load_strict(module, {n: model.tensor(n) for n in model.names()}, checkpoint.spec.arch)
+    return ModuleRunner(module, checkpoint, device)
+
+
+def open_model(path: Any, checkpoint: Checkpoint, *, trust_pickle: bool, device: str) -> Runner:
+    """Loads the model file at `path` and opens a runner on it."""
+    loaded = load_model(path, device="cpu", trust_pickle=trust_pickle)
+    return open_runner(loaded, checkpoint, device=device)
