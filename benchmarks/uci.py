@@ -99,7 +99,7 @@ def run_split(name: str, split: int, settings: dict, workdir: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     x_tr, y_tr, x_te, y_te = load_split(name, split)
     x_tr, x_te, _, _ = standardise(x_tr, x_te)
-    y_trs, y_tes, y_mean, y_std = standardise(y_tr, y_te)
+    y_trs, y_tes, _, y_std = standardise(y_tr, y_te)
     scale = float(y_std)
     net = train_network(x_tr, y_trs, settings["det_epochs"], seed=split)
     with torch.no_grad():

@@ -190,7 +190,7 @@ def _split(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
 
     n = len(data)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    cut = n - max(1, int(round(fraction * n)))
+    cut = n - max(1, round(fraction * n))
     train, val = order[:cut], order[cut:]
     return (
         Dataset(data.x[train], data.y[train], data.source),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -17,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError
+from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, InvalidArgumentError
 
 __all__ = ["Output", "command", "human_bytes", "parse_size"]
 
@@ -150,12 +151,16 @@ def parse_size(text: str) -> int:
     number = raw.rstrip("KMGTIB")
     unit = raw[len(number) :]
     try:
-        value = float(number)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a size such as 2GB or 500MiB") from None
-    if unit not in _UNITS or value <= 0:
-        raise typer.BadParameter(f"{text!r} is not a size such as 2GB or 500MiB")
-    return int(value * _UNITS[unit])
+        size = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        size = 0.0
+    if not (math.isfinite(size) and size >= 1):
+        # A usage error (exit 2): typer.BadParameter raised here would be an internal error.
+        raise InvalidArgumentError(
+            f"--shard-size: {text!r} is not a size such as 2GB or 500MiB",
+            hint="Units: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB (powers of 1024).",
+        )
+    return int(size)
 
 
 def human_bytes(count: float) -> str:

@@ -181,7 +181,7 @@ class Checkpoint:
             self.fit: dict[str, Any] | None = (
                 json.loads(self.metadata["bnnify.fit"]) if "bnnify.fit" in self.metadata else None
             )
-        except (KeyError, ValueError, TypeError) as error:
+        except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise FormatError(f"{self.path}: malformed bnnify metadata ({error})") from None
         self._handles: dict[Path, Any] = {}
 

@@ -245,7 +245,10 @@ class _TensorwiseSource:
 
 def _sigma_mean(posterior: Any) -> float:
     if hasattr(posterior, "rho"):
-        return float(F.softplus(posterior.rho.detach().double()).mean())
+        # By chunks: float64 copies of a whole rho and of its softplus would take 4x its size.
+        rho = posterior.rho.detach().reshape(-1)
+        total = sum(float(F.softplus(c.double()).sum()) for c in rho.split(1 << 20))
+        return total / rho.numel() if rho.numel() else math.nan
     return float(posterior.distribution.stddev.detach().double().mean())
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from bnnify.errors import FormatError
+from bnnify.errors import FormatError, InputError
 from bnnify.io.safetensors_io import load_file, read_header, save_file
 
 __all__ = ["REPORT_FORMAT", "KLReport", "is_report", "read_report", "write_report"]
@@ -93,7 +93,7 @@ def is_report(path: str | Path) -> bool:
     """Whether `path` is a bnnify KL report (by its header)."""
     try:
         metadata, _ = read_header(path)
-    except (FormatError, OSError):
+    except (InputError, OSError):  # FormatError is an InputError
         return False
     return metadata.get("bnnify.format") == REPORT_FORMAT
 
