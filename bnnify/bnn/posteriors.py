@@ -89,10 +89,11 @@ class GaussianPosterior(VariationalPosterior):
         (torch.Size([2, 3]), 0.1)
     """
 
-    def __init__(self, mu: Tensor, rho: Tensor):
+    def __init__(self, mu: Tensor, rho: Tensor, *, copy: bool = True):
         super().__init__()
-        self.mu = nn.Parameter(mu.detach().clone())
-        self.rho = nn.Parameter(rho.detach().clone())
+        # copy=False adopts tensors made for this posterior (saves two copies).
+        self.mu = nn.Parameter(mu.detach().clone() if copy else mu.detach())
+        self.rho = nn.Parameter(rho.detach().clone() if copy else rho.detach())
 
     @classmethod
     def from_param(
@@ -105,7 +106,7 @@ class GaussianPosterior(VariationalPosterior):
     ) -> GaussianPosterior:
         _check_number(cls, "mu_std", mu_std, minimum=0.0)
         mu = torch.randn_like(param, dtype=_compute_dtype(param)).mul_(mu_std).to(param.dtype)
-        return cls(mu, _initial_rho(cls, param, rho=rho, sigma=sigma))
+        return cls(mu, _initial_rho(cls, param, rho=rho, sigma=sigma), copy=False)
 
     @property
     def sigma(self) -> Tensor:
@@ -172,10 +173,11 @@ class PretrainedGaussianPosterior(GaussianPosterior):
             _check_number(cls, "delta", delta, minimum=0.0, strict=True)
             spread = param.detach().to(_compute_dtype(param)).abs().mul_(delta)
             rho_tensor = inverse_softplus(spread.clamp_(min=min_sigma)).to(param.dtype)
+            del spread
         else:
             rho = -3.0 if rho is None else rho
             rho_tensor = _initial_rho(cls, param, rho=rho, sigma=sigma, min_sigma=min_sigma)
-        return cls(param.detach(), rho_tensor)
+        return cls(param.detach().clone(), rho_tensor, copy=False)
 
 
 PretrainedNormalPosterior = PretrainedGaussianPosterior

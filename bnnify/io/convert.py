@@ -407,11 +407,7 @@ def _module_plan(model: LoadedModel, spec: ConversionSpec, mc_samples: int | Non
                 list(slot.aliases),
             )
         )
-        sigma = (
-            _sigma_mean(bnn.posterior_distribution(slot.name))
-            if False
-            else float(bnn.posterior_distribution(slot.name).stddev.detach().double().mean())
-        )
+        sigma = float(bnn.posterior_distribution(slot.name).stddev.detach().double().mean())
         summaries.append(
             ParameterSummary(
                 slot.name, list(slot.shape), dtype_name(first.dtype), sigma, float(kls[slot.name])
