@@ -1,0 +1,393 @@
+"""Tests of bnnify.io.convert: every format in, checkpoints equal to the library's, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from model_files import build_cnn, plain_state, shared_files
+from torch import nn
+
+from bnnify.bnn import BayesianModule, get_posterior, get_prior
+from bnnify.demo import build_model
+from bnnify.errors import FormatError, OutputExistsError, SpecError, UsageError
+from bnnify.io import safetensors_io
+from bnnify.io.checkpoint import Checkpoint
+from bnnify.io.convert import convert, output_paths
+from bnnify.io.models import load_model
+from bnnify.io.report import read_report
+from bnnify.io.safetensors_io import read_header
+from bnnify.io.seeding import seeded
+from bnnify.io.spec import read_spec, resolve_spec
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_configs"
+POSTERIORS = ["gaussian", "pretrained_gaussian"]
+PRIORS = ["gaussian", "laplace", "scale_mixture", "empirical_gaussian"]
+CLOSED_FORM_PRIORS = ["gaussian", "laplace", "empirical_gaussian"]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    return shared_files(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def demo_state(tmp_path_factory):
+    """A state dict of the demo architecture (BatchNorm statistics off their defaults)."""
+    folder = tmp_path_factory.mktemp("demo_state")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = build_model().train()
+        net(torch.randn(16, 8))
+    net.eval()
+    torch.save(net.state_dict(), folder / "demo.state.pt")
+    safetensors_io.save_file(plain_state(net), folder / "demo.safetensors")
+    return net, folder / "demo.state.pt", folder / "demo.safetensors"
+
+
+def run(path, folder: Path, spec=None, *, trust_pickle=False, name="out", **kwargs):
+    """Converts `path` into `folder/<name>.bnn.safetensors` and `folder/<name>.kl.safetensors`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / f"{name}.bnn.safetensors"
+    report = folder / f"{name}.kl.safetensors"
+    with load_model(path, trust_pickle=trust_pickle) as model:
+        result = convert(
+            model, spec or resolve_spec(None), checkpoint=checkpoint, report=report, **kwargs
+        )
+    return result, checkpoint, report
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def float_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters() if p.is_floating_point()}
+
+
+# ------------------------------------------------------------------ every format
+
+
+@pytest.mark.parametrize("posterior", POSTERIORS)
+@pytest.mark.parametrize("model", ["mlp", "cnn", "lstm"])
+def test_every_format_gives_the_same_variational_tensors(models, tmp_path, model, posterior):
+    spec = resolve_spec(None, posterior=posterior)
+    formats = ["torchscript", "export", "state_dict", "safetensors", "sharded"]
+    if posterior == "pretrained_gaussian" and (model, "pickled") in models.files:
+        # The module path seeds once for the whole module: only deterministic
+        # initialisations are comparable with the per-tensor path.
+        formats.append("pickled")
+    states, deterministic = {}, {}
+    params = float_parameters(models.modules[model])
+    for fmt in formats:
+        result, path, _ = run(
+            models.path(model, fmt), tmp_path / fmt, spec, trust_pickle=fmt == "pickled"
+        )
+        assert sorted(p.name for p in result.parameters) == sorted(params)
+        assert result.elements == sum(p.numel() for p in params.values())
+        with Checkpoint(path) as ckpt:
+            states[fmt] = ckpt.variational_state()
+            deterministic[fmt] = ckpt.deterministic_state()
+    for fmt in formats[1:]:
+        assert_same_tensors(states[fmt], states["torchscript"])
+        assert_same_tensors(deterministic[fmt], deterministic["torchscript"])
+    # The buffers (BatchNorm statistics) are kept as they were.
+    for name, buffer in models.modules[model].named_buffers():
+        assert torch.equal(deterministic["state_dict"][name], buffer)
+    if posterior == "pretrained_gaussian":
+        for name, weight in params.items():
+            assert torch.equal(states["torchscript"][f"{name}.mu"], weight)
+
+
+def test_sharded_input_gives_sharded_output_equal_to_a_single_file(models, tmp_path):
+    index = models.path("cnn", "sharded")
+    single, single_path, _ = run(models.path("cnn", "safetensors"), tmp_path / "single")
+    result, target, report = run(index, tmp_path / "sharded", shard_bytes=300)
+    shards = sorted((tmp_path / "sharded").glob("out.bnn-*-of-*.safetensors"))
+    index_out = tmp_path / "sharded" / "out.bnn.safetensors.index.json"
+    assert len(shards) > 1
+    assert result.outputs == [*shards, index_out, report]
+    assert not target.exists()
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == sorted(
+        p.name for p in result.outputs
+    )
+    with Checkpoint(index_out) as ckpt, Checkpoint(single_path) as one:
+        assert_same_tensors(ckpt.variational_state(), one.variational_state())
+        assert_same_tensors(ckpt.deterministic_state(), one.deterministic_state())
+        assert ckpt.source["format"] == "sharded_safetensors"
+        # docs/format.md: every shard header carries the metadata, the index its total size.
+        for shard in shards:
+            metadata, _ = read_header(shard)
+            assert metadata["bnnify.parameters"] == ckpt.metadata["bnnify.parameters"]
+        content = json.loads(index_out.read_text())
+        assert int(content["metadata"]["total_size"]) == sum(
+            info.nbytes for shard in shards for info in read_header(shard)[1].values()
+        )
+        assert set(content["weight_map"].values()) == {s.name for s in shards}
+    assert result.kl_sum == pytest.approx(single.kl_sum, rel=1e-12)
+
+
+# ------------------------------------------------------------- reproducibility
+
+
+@pytest.mark.parametrize("posterior", POSTERIORS)
+def test_the_same_input_and_seed_give_byte_identical_files(models, tmp_path, posterior):
+    spec = resolve_spec(None, posterior=posterior, prior="scale_mixture", seed=7)
+    first = run(models.path("cnn", "state_dict"), tmp_path / "a", spec)
+    second = run(models.path("cnn", "state_dict"), tmp_path / "b", spec)
+    for a, b in zip(first[1:], second[1:], strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    other = run(
+        models.path("cnn", "state_dict"),
+        tmp_path / "c",
+        resolve_spec(None, posterior=posterior, prior="scale_mixture", seed=8),
+    )
+    with Checkpoint(first[1]) as a, Checkpoint(other[1]) as c:
+        same_mu = torch.equal(a.tensor("0.weight.mu"), c.tensor("0.weight.mu"))
+    # A random initialisation depends on the seed; the pretrained one does not.
+    assert same_mu == (posterior == "pretrained_gaussian")
+    # Monte Carlo KL depends on the seed for both.
+    assert first[0].kl_sum != other[0].kl_sum
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("posterior", POSTERIORS)
+def test_arch_conversion_equals_the_library_bit_for_bit(demo_state, tmp_path, posterior, prior):
+    net, state_path, safetensors_path = demo_state
+    spec = resolve_spec(SAMPLES / "state_dict_arch.yaml", posterior=posterior, prior=prior)
+    assert spec.arch == "bnnify.demo:build_model"
+    module = build_model()
+    module.load_state_dict(net.state_dict())
+    with seeded(spec.seed, "", spec.device):
+        bnn = BayesianModule(module, spec.posterior, spec.prior)
+    expected = bnn.variational_state()
+    for path in (state_path, safetensors_path):
+        result, checkpoint, report = run(path, tmp_path / path.suffix[1:], spec)
+        with Checkpoint(checkpoint) as ckpt:
+            assert_same_tensors(ckpt.variational_state(), expected)
+            assert_same_tensors(ckpt.deterministic_state(), dict(bnn.module.state_dict()))
+            assert {r.kind for r in ckpt.deterministic.values()} == {"buffer"}
+        kls = bnn.kl_by_parameter(approx_num_samples=result.samples)
+        if result.samples is None:
+            assert [p.kl for p in result.parameters] == [
+                float(kls[p.name]) for p in result.parameters
+            ]
+        assert read_report(report).names == bnn.reparametrized_names()
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("posterior", POSTERIORS)
+def test_tensorwise_conversion_equals_the_library_bit_for_bit(
+    demo_state, tmp_path, posterior, prior
+):
+    net, state_path, _ = demo_state
+    spec = resolve_spec(None, posterior=posterior, prior=prior, seed=5)
+    _, checkpoint, _ = run(state_path, tmp_path, spec)
+    expected = {}
+    for name, weight in float_parameters(net).items():
+        with seeded(spec.seed, name):
+            posterior_module = get_posterior(spec.posterior, weight.detach())
+            prior_module = get_prior(spec.prior, weight.detach())
+        expected.update({f"{name}.{k}": t for k, t in posterior_module.state_dict().items()})
+        expected.update(
+            {f"{name}.prior.{k}": t for k, t in prior_module.named_buffers() if t.dim() > 0}
+        )
+    with Checkpoint(checkpoint) as ckpt:
+        state = ckpt.variational_state()
+        assert_same_tensors(state, expected)
+        assert sorted(ckpt.deterministic) == sorted(dict(net.named_buffers()))
+    if posterior == "pretrained_gaussian":
+        # A deterministic initialisation: the module path gives the very same tensors.
+        module = build_model()
+        module.load_state_dict(net.state_dict())
+        assert_same_tensors(
+            state, BayesianModule(module, spec.posterior, spec.prior).variational_state()
+        )
+
+
+@pytest.mark.parametrize("dtype", [None, "float64"])
+@pytest.mark.parametrize("prior", CLOSED_FORM_PRIORS)
+def test_to_bayesian_kl_matches_the_report(models, tmp_path, prior, dtype):
+    spec = resolve_spec(None, posterior="gaussian", prior=prior, dtype=dtype)
+    result, checkpoint, report = run(models.path("cnn", "torchscript"), tmp_path, spec)
+    total = read_report(report).total
+    assert total == pytest.approx(result.kl_sum, rel=1e-12)
+    rel = 1e-10 if dtype == "float64" else 1e-5
+    float_type = torch.float64 if dtype else torch.float32
+    with Checkpoint(checkpoint) as ckpt:
+        with_arch = ckpt.to_bayesian(build_cnn().to(float_type))
+        for bnn in (with_arch, ckpt.to_bayesian()):
+            with torch.no_grad():
+                kl = bnn.kl_divergence()
+            assert kl.dtype == float_type
+            assert float(kl) == pytest.approx(total, rel=rel)
+            assert bnn.num_variational_elements == result.elements
+    # The architecture runs with sampled weights, and with the BatchNorm statistics kept.
+    assert torch.equal(
+        with_arch.module[1].running_var, models.modules["cnn"][1].running_var.to(float_type)
+    )
+    with torch.no_grad():
+        assert with_arch(models.examples["cnn"].to(float_type)).shape == (2, 2)
+
+
+def test_dtype_converts_floating_tensors_only(models, tmp_path):
+    spec = resolve_spec(None, dtype="float64")
+    result, checkpoint, _ = run(models.path("cnn", "state_dict"), tmp_path, spec)
+    assert {p.dtype for p in result.parameters} == {"float64"}
+    with Checkpoint(checkpoint) as ckpt:
+        assert {t.dtype for t in ckpt.variational_state().values()} == {torch.float64}
+        kept = ckpt.deterministic_state()
+        assert kept["1.running_mean"].dtype == torch.float64
+        assert kept["1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_a_partial_spec_keeps_the_rest_deterministic(models, tmp_path):
+    spec = read_spec(SAMPLES / "partial.yaml")
+    result, checkpoint, _ = run(models.path("cnn", "torchscript"), tmp_path, spec)
+    weights = [n for n in float_parameters(models.modules["cnn"]) if n.endswith(".weight")]
+    assert [p.name for p in result.parameters] == weights
+    with Checkpoint(checkpoint) as ckpt:
+        assert sorted(ckpt.parameters) == sorted(weights)
+        assert ckpt.deterministic["0.bias"].kind == "parameter"
+        assert ckpt.deterministic["1.running_var"].kind == "buffer"
+        assert torch.equal(ckpt.tensor("0.bias"), models.modules["cnn"][0].bias)
+
+
+def test_monte_carlo_is_recorded(models, tmp_path):
+    result, _, report = run(
+        models.path("mlp", "safetensors"), tmp_path, resolve_spec(None), mc_samples=4
+    )
+    assert (result.method, result.samples) == ("monte_carlo", 4)
+    assert (read_report(report).method, read_report(report).samples) == ("monte_carlo", 4)
+    result, _, _ = run(
+        models.path("mlp", "safetensors"),
+        tmp_path,
+        resolve_spec(None, prior="scale_mixture"),
+        name="mixture",
+    )
+    assert (result.method, result.samples) == ("monte_carlo", 16)
+
+
+# ------------------------------------------------------------------ tied weights
+
+
+class TiedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, index):
+        return self.head(torch.relu(self.body(self.emb(index))))
+
+
+def test_tied_weights_of_a_state_dict_are_reparametrized_once(tmp_path):
+    net = TiedNet()
+    torch.save(net.state_dict(), tmp_path / "tied.pt")
+    result, checkpoint, report = run(tmp_path / "tied.pt", tmp_path / "out")
+    assert [p.name for p in result.parameters] == ["emb.weight", "body.weight", "body.bias"]
+    assert result.deterministic == []
+    with Checkpoint(checkpoint) as ckpt:
+        assert ckpt.parameters["emb.weight"].aliases == ["emb.weight", "head.weight"]
+        assert not any(key.startswith("head.") for key in ckpt.files)
+        bnn = ckpt.to_bayesian(TiedNet())
+        assert bnn.reparametrized_names() == ["body.weight", "body.bias", "emb.weight"]
+        assert bnn.module.head.weight is not None
+        with torch.no_grad(), bnn.mean_weights():
+            assert torch.equal(bnn.module.head.weight, bnn.module.emb.weight)
+            assert torch.equal(bnn.module.emb.weight, net.emb.weight)
+            assert bnn(torch.tensor([1, 2])).shape == (2, 6)
+            kl = float(bnn.kl_divergence())
+    expected = read_report(report)
+    assert int(expected.numels.sum()) == 6 * 4 + 4 * 4 + 4
+    assert kl == pytest.approx(expected.total, rel=1e-5)
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def test_arch_is_refused_for_program_files(models, tmp_path):
+    spec = read_spec(SAMPLES / "state_dict_arch.yaml")
+    for fmt in ("torchscript", "export"):
+        with pytest.raises(SpecError, match="arch applies to state dicts"):
+            run(models.path("mlp", fmt), tmp_path, spec)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_state_dict_not_matching_the_arch_is_refused(models, tmp_path):
+    spec = read_spec(SAMPLES / "state_dict_arch.yaml")
+    with pytest.raises(FormatError) as error:
+        run(models.path("mlp", "state_dict"), tmp_path, spec)
+    message = str(error.value)
+    assert "missing: 1.bias" in message and "unexpected: 2.bias, 2.weight" in message
+    assert "0.weight: file (8, 4) vs arch (32, 8)" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_include_matching_nothing_is_refused(models, tmp_path):
+    spec = resolve_spec(None, include=["nothing*"])
+    with pytest.raises(UsageError, match="no tensor to reparametrize") as error:
+        run(models.path("mlp", "safetensors"), tmp_path, spec)
+    assert "0.weight" in error.value.hint
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_outputs_are_kept_without_force(models, tmp_path):
+    _, checkpoint, report = run(models.path("mlp", "safetensors"), tmp_path)
+    before = checkpoint.read_bytes(), report.read_bytes()
+    spec = resolve_spec(None, posterior="gaussian")
+    with pytest.raises(OutputExistsError):
+        run(models.path("mlp", "safetensors"), tmp_path, spec)
+    assert (checkpoint.read_bytes(), report.read_bytes()) == before
+    run(models.path("mlp", "safetensors"), tmp_path, spec, force=True)
+    assert checkpoint.read_bytes() != before[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.name, report.name]
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 300])
+def test_an_interrupted_conversion_leaves_no_file(models, tmp_path, monkeypatch, shard_bytes):
+    calls = []
+    original = safetensors_io.SafetensorsWriter.write
+
+    def write(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        original(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        run(models.path("cnn", "safetensors"), tmp_path, shard_bytes=shard_bytes)
+    assert len(calls) == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_output_paths():
+    assert output_paths(Path("m/model.pt"), None, None) == (
+        Path("model.bnn.safetensors"),
+        Path("model.kl.safetensors"),
+    )
+    index = Path("m/model.safetensors.index.json")
+    assert output_paths(index, None, None)[0] == Path("model.bnn.safetensors")
+    assert output_paths(Path("a.pt"), Path("x/c.bnn"), Path("x/r.kl")) == (
+        Path("x/c.bnn"),
+        Path("x/r.kl"),
+    )
+
+
+def test_the_summary_adds_up(models, tmp_path):
+    result, _, _ = run(models.path("lstm", "export"), tmp_path)
+    assert result.kl_sum == pytest.approx(math.fsum(p.kl for p in result.parameters))
+    assert result.kl_mean == pytest.approx(result.kl_sum / result.elements)
+    assert all(p.kl > 0 and p.sigma_mean > 0 for p in result.parameters)
+    assert result.source["format"] == "export"
