@@ -112,6 +112,8 @@ def fit(
         runner = open_runner(loaded, ckpt, device=device)
         likelihood = make_likelihood(chosen, ckpt, resume)
         _check_shapes(runner, likelihood, train)
+        if validation is not None:
+            _check_shapes(runner, likelihood, validation)
         settings = FitSettings(
             task=chosen,
             epochs=epochs,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood
 from bnnify.bnn.metrics import (
     classification_summary,
     expected_calibration_error,
@@ -91,6 +92,10 @@ def predict(
     )
     result = Prediction({k: v.contiguous() for k, v in tensors.items()}, summary)
     if data.y is not None:
+        # Labels out of range or targets of another width would fail in indexing or
+        # broadcast silently: refuse them with the likelihood's own message.
+        likelihood = GaussianLikelihood() if task == "regression" else CategoricalLikelihood()
+        likelihood.check(draws[0], data.y)
         result.metrics = _metrics(task, draws, mean_draw, data.y, noise, mean_weights)
     return result
 

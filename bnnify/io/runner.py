@@ -32,6 +32,13 @@ class Runner(nn.Module):
 
     bnn: BayesianModule
 
+    def cast_input(self, x: Tensor) -> Tensor:
+        """`x` in the model's floating dtype: CSV and numpy data come as float64."""
+        dtype = self.bnn._kl_meta.dtype
+        if x.is_floating_point() and x.dtype != dtype:
+            return x.to(dtype)
+        return x
+
     def mean_forward(self, x: Tensor) -> Tensor:
         """The model with every weight at its posterior mean."""
         with self.bnn.mean_weights():
@@ -52,11 +59,11 @@ class ModuleRunner(Runner):
         _eval(self.bnn)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bnn(x)
+        return self.bnn(self.cast_input(x))
 
     @torch.no_grad()
     def predict_samples(self, x: Tensor, num_samples: int) -> Tensor:
-        return self.bnn.predict_samples(x, num_samples=num_samples)
+        return self.bnn.predict_samples(self.cast_input(x), num_samples=num_samples)
 
 
 class _ScriptCall(torch.autograd.Function):
@@ -112,6 +119,7 @@ class ScriptRunner(Runner):
         return leaves
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.cast_input(x)
         values = self.bnn.sample_parameters()
         weights = [values[name] for name in self.names]
         if not torch.is_grad_enabled() or not any(w.requires_grad for w in weights):
@@ -123,14 +131,14 @@ class ScriptRunner(Runner):
 @torch.no_grad()
 def check_input(runner: Runner, x: Tensor) -> Tensor:
     """Runs the mean model on two examples; a failure becomes an `InputError`."""
-    device = runner.bnn._kl_meta.device
+    sample = runner.cast_input(x[:2].to(runner.bnn._kl_meta.device))
     try:
-        return runner.mean_forward(x[:2].to(device))
+        return runner.mean_forward(sample)
     except Exception as error:  # the model's own code: any failure means bad input
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(
-            f"the model cannot run on inputs of shape {tuple(x.shape[1:])} per example "
-            f"({type(error).__name__}: {first})",
+            f"the model cannot run on inputs of shape {tuple(x.shape[1:])} per example, "
+            f"dtype {str(sample.dtype).removeprefix('torch.')} ({type(error).__name__}: {first})",
             hint="Check the data against the model's input. A torch.export program only "
             "takes the shapes it was exported for: export with a dynamic batch dimension.",
         ) from None

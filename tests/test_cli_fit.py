@@ -1,0 +1,325 @@
+"""Tests of `bnnify fit` through the real entry point: JSON history, files, resume, errors."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from fit_files import (
+    argv,
+    cli,
+    convert_file,
+    run_bnnify,
+    save_script,
+    shared_fit_files,
+    single_thread,
+    toy_regression,
+)
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bnnify.demo import build_model, synthetic_regression
+from bnnify.io.checkpoint import Checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_configs"
+RECORD_KEYS = {"epoch", "loss", "nll", "kl", "elbo", "beta", "noise"}
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    return shared_fit_files(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written to the working directory
+    with single_thread():
+        yield
+
+
+def flat(text: str) -> str:
+    """Text with Rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def fit_args(files, out: Path, *extra) -> list:
+    """`bnnify fit` of the shared toy checkpoint: 2 epochs of 4 batches, to `out`."""
+    template = "fit {ckpt} -m {model} -d {data} --task regression -o {out} --epochs 2"
+    paths = {"ckpt": files.reg_ckpt, "model": files.reg_model, "data": files.reg_train}
+    return [*argv(template, out=out, **paths), "--batch-size", "128", *extra]
+
+
+def fit_json(*args) -> dict:
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# --------------------------------------------------------------- happy paths
+
+
+def test_json_history_settings_and_fitted_metadata(files, tmp_path):
+    out = tmp_path / "toy.fit.safetensors"
+    info = fit_json(*fit_args(files, out, "--epochs", "3", "--val-split", "0.25", "--lr", "0.01"))
+    assert info["output"] == str(out)
+    assert info["task"] == "regression"
+    assert (info["n_train"], info["n_val"]) == (384, 128)
+    assert info["settings"]["epochs"] == 3 and info["settings"]["lr"] == 0.01
+    history = info["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for record in history:
+        assert set(record) == RECORD_KEYS | {"val"}
+        assert set(record["val"]) == {"rmse", "log_likelihood"}
+        assert record["elbo"] == pytest.approx(-(record["nll"] + record["kl"] / 384))
+    assert info["final"] == history[-1]
+    model_sha = hashlib.sha256(files.reg_model.read_bytes()).hexdigest()
+    assert info["model"] == {"name": files.reg_model.name, "sha256": model_sha}
+
+    assert listing(tmp_path) == [out.name]
+    with Checkpoint(out) as fitted:
+        recorded = fitted.fit
+        assert recorded == {k: v for k, v in info.items() if k != "output"}
+        assert recorded["settings"]["seed"] == 0
+        assert recorded["final"]["val"] == history[-1]["val"]
+        log_noise = fitted.fit_tensors()["bnnify.fit.log_noise"]
+        assert math.exp(float(log_noise)) == pytest.approx(history[-1]["noise"], rel=1e-6)
+        with Checkpoint(files.reg_ckpt) as source:
+            assert set(fitted.keys()) == set(source.keys()) | {"bnnify.fit.log_noise"}
+            assert fitted.parameters.keys() == source.parameters.keys()
+            assert fitted.source == source.source
+
+
+def test_a_validation_file_and_human_output(files, tmp_path):
+    x, y = toy_regression(64, seed=9)
+    save_file({"x": x, "y": y}, str(tmp_path / "val.safetensors"))
+    out = tmp_path / "fit.safetensors"
+    result = cli(*fit_args(files, out, "--val", tmp_path / "val.safetensors", "--val-samples", "4"))
+    assert result.exit_code == 0, result.output
+    assert "Fitted 512 examples for 2 epochs" in result.stdout
+    assert "validation rmse" in result.stdout and f"wrote {out}" in flat(result.stdout)
+    assert "Fitting 6 Bayesian parameters" in result.stderr
+    with Checkpoint(out) as fitted:
+        assert fitted.fit["n_val"] == 64
+        assert all("val" in record for record in fitted.fit["history"])
+
+
+def test_kl_warmup_rises_linearly_to_one(files, tmp_path):
+    info = fit_json(
+        *fit_args(files, tmp_path / "w.safetensors", "--epochs", "5"), "--warmup-epochs", "3"
+    )
+    betas = [record["beta"] for record in info["history"]]
+    assert betas == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
+    assert "val" not in info["history"][0]
+
+
+def test_zero_kl_weight_makes_the_loss_the_nll(files, tmp_path):
+    info = fit_json(*fit_args(files, tmp_path / "z.safetensors", "--kl-weight", "0"))
+    for record in info["history"]:
+        assert record["loss"] == record["nll"]
+        assert record["kl"] > 0
+
+
+def test_same_seed_gives_byte_identical_checkpoints(files, tmp_path):
+    paths = [tmp_path / f"{name}.safetensors" for name in ("a", "b", "c")]
+    for path, seed in zip(paths, ("3", "3", "4"), strict=True):
+        result = cli(*fit_args(files, path, "--seed", seed, "--mc-samples", "2"))
+        assert result.exit_code == 0, result.output
+    assert filecmp.cmp(paths[0], paths[1], shallow=False)
+    assert not filecmp.cmp(paths[0], paths[2], shallow=False)
+
+
+def test_default_output_and_no_overwrite_without_force(files, tmp_path):
+    checkpoint = tmp_path / "toy.bnn.safetensors"
+    checkpoint.write_bytes(files.reg_ckpt.read_bytes())
+    args = ["fit", checkpoint, "-m", files.reg_model, "-d", files.reg_train, "--task", "regression"]
+    result = cli(*args, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    default = tmp_path / "toy.bnn.fit.safetensors"
+    assert listing(tmp_path) == sorted([checkpoint.name, default.name])
+    before = default.read_bytes()
+
+    again = cli(*args, "--epochs", "1", "--seed", "1")
+    assert again.exit_code == 2
+    assert "already exists" in flat(again.stderr) and "--force" in again.stderr
+    assert default.read_bytes() == before
+    assert listing(tmp_path) == sorted([checkpoint.name, default.name])
+
+    forced = cli(*args, "--epochs", "1", "--seed", "1", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert default.read_bytes() != before
+    assert listing(tmp_path) == sorted([checkpoint.name, default.name])
+
+
+def test_resume_continues_history_noise_and_task(files, tmp_path):
+    first = tmp_path / "first.safetensors"
+    info = fit_json(*fit_args(files, first, "--lr", "0.01"))
+    noise = info["final"]["noise"]
+    # No --task: the resumed fit's; lr 0: a continued fit keeps the noise it was given.
+    template = "fit {first} -m {model} -d {data} -o resumed.safetensors --resume --epochs 3"
+    paths = {"first": first, "model": files.reg_model, "data": files.reg_train}
+    more = fit_json(*argv(template, **paths), "--lr", "0")
+    assert more["task"] == "regression"
+    assert [r["epoch"] for r in more["history"]] == [1, 2, 3, 4, 5]
+    assert more["history"][:2] == info["history"]
+    assert more["final"]["noise"] == pytest.approx(noise, rel=1e-6)
+    before, after = load_file(str(first)), load_file("resumed.safetensors")
+    assert before.keys() == after.keys()
+    for key, tensor in before.items():
+        assert torch.equal(tensor, after[key]), key  # lr 0: nothing moved
+    fresh = fit_json(*fit_args(files, tmp_path / "fresh.safetensors", "--lr", "0"))
+    assert fresh["final"]["noise"] != pytest.approx(noise, rel=1e-3)
+
+    wrong = cli(*argv(template, **paths), "--task", "classification", "-o", "x.safetensors")
+    assert wrong.exit_code == 2
+    assert "differs from the resumed fit's task 'regression'" in flat(wrong.stderr)
+
+
+def test_inspect_and_kl_accept_a_fitted_checkpoint(files, tmp_path):
+    out = tmp_path / "fit.safetensors"
+    info = fit_json(*fit_args(files, out))
+    inspected = cli("inspect", out, "--json")
+    assert inspected.exit_code == 0, inspected.output
+    data = json.loads(inspected.stdout)
+    assert data["fit"]["final"] == info["final"]
+    assert data["format"] == "bnnify.variational"
+    kl = cli("kl", out, "--json")
+    assert kl.exit_code == 0, kl.output
+    assert json.loads(kl.stdout)["kl"] == pytest.approx(info["final"]["kl"], rel=1e-5)
+
+
+def test_fit_and_predict_an_arch_state_dict():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = build_model()
+    torch.save(net.state_dict(), "demo.pt")
+    spec = SAMPLES / "state_dict_arch.yaml"
+    converted = cli(*argv("convert demo.pt --spec {spec} -o demo.bnn.safetensors", spec=spec))
+    assert converted.exit_code == 0, converted.output
+    x, y = synthetic_regression(96)
+    save_file({"x": x, "y": y}, "data.safetensors")
+    template = "fit demo.bnn.safetensors -m demo.pt -d data.safetensors --task regression"
+    info = fit_json(*argv(template), "--epochs", "2", "-o", "demo.fit.safetensors")
+    assert len(info["history"]) == 2
+    template = "predict demo.fit.safetensors -m demo.pt -i data.safetensors --samples 4 --json"
+    predicted = cli(*argv(template))
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.stdout)["summary"]["examples"] == 96
+
+
+def test_custom_keys_and_a_csv_file(files, tmp_path):
+    x, y = toy_regression(40, seed=2)
+    save_file({"inputs": x, "targets": y}, str(tmp_path / "d.safetensors"))
+    template = "fit {ckpt} -m {model} --task regression --epochs 1"
+    toy = argv(template, ckpt=files.reg_ckpt, model=files.reg_model)
+    keys = "-d d.safetensors --x-key inputs --y-key targets -o keys.safetensors"
+    result = cli(*toy, *argv(keys))
+    assert result.exit_code == 0, result.output
+    rows = "\n".join(f"{float(b)},{float(a)}" for a, b in zip(x[:, 0], y[:, 0], strict=True))
+    (tmp_path / "d.csv").write_text("target,feature\n" + rows + "\n")
+    info = fit_json(*toy, *argv("-d d.csv --target target -o csv.safetensors"))
+    assert info["n_train"] == 40
+    assert math.isfinite(info["final"]["nll"])
+
+
+# --------------------------------------------------------------------- errors
+
+
+def _poisoned(value: float, index: int, columns: int = 1) -> torch.Tensor:
+    tensor = torch.zeros(10, columns)
+    tensor[index] = value
+    return tensor
+
+
+GOOD = {"x": torch.zeros(10, 1), "y": torch.zeros(10, 1)}
+NO_TASK = "--task"
+
+# name -> (tensors replacing those of GOOD, options, exit code, message)
+BAD_DATA = {
+    "wrong shape": ({"x": torch.zeros(10, 3)}, [], 1, "inputs of shape (3,)"),
+    "nan inputs": ({"x": _poisoned(math.nan, 7)}, [], 1, "inputs has 1 NaN or infinite value"),
+    "inf targets": (
+        {"y": _poisoned(math.inf, 2)},
+        [],
+        1,
+        "NaN or infinite value(s), first in example 2",
+    ),
+    "lengths": ({"y": torch.zeros(9, 1)}, [], 1, "10 input examples but 9 targets"),
+    "missing key": ({"x": None, "inputs": GOOD["x"]}, [], 1, "no tensor 'x' (found: inputs, y)"),
+    "target width": ({"y": torch.zeros(10, 2)}, [], 1, "the targets have 2"),
+    "unknown task": ({}, [NO_TASK, "--task", "ranking"], 2, "'ranking' is not one of"),
+    "no task": ({}, [NO_TASK], 2, "choose the task with --task regression"),
+    "never fitted": ({}, ["--resume"], 2, "was never fitted: there is nothing to resume"),
+    "bad validation": ({}, ["--val", "val.safetensors"], 1, "inputs of shape (2,)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_and_options_exit_cleanly(files, tmp_path, case):
+    replaced, options, code, message = BAD_DATA[case]
+    options = list(options)
+    tensors = {k: v for k, v in {**GOOD, **replaced}.items() if v is not None}
+    save_file(tensors, "data.safetensors")
+    save_file({"x": torch.zeros(5, 2), "y": torch.zeros(5, 1)}, "val.safetensors")
+    args = fit_args(files, tmp_path / "out.safetensors", "-d", "data.safetensors")
+    if NO_TASK in options:
+        del args[args.index("--task") : args.index("--task") + 2]
+        options.remove(NO_TASK)
+    before = listing(tmp_path)
+    result = cli(*args, *options)
+    assert result.exit_code == code, result.output
+    assert message in flat(result.output)
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0, 1, 2, 3, 0, 1], "class indices must lie in [0, 2] for a model with 3 outputs"),
+        ([0.0, 1.5, 2.0, 0.0, 0.0, 1.0], "must be class indices (integers)"),
+    ],
+)
+def test_classification_labels_out_of_range_or_not_integers(files, tmp_path, labels, message):
+    save_file({"x": torch.randn(6, 2), "y": torch.tensor(labels)}, "labels.safetensors")
+    template = "fit {ckpt} -m {model} -d labels.safetensors --task classification -o out.st"
+    result = cli(*argv(template, ckpt=files.cls_ckpt, model=files.cls_model))
+    assert result.exit_code == 1
+    assert message in flat(result.stderr)
+    assert listing(tmp_path) == ["labels.safetensors"]
+
+
+def test_a_state_dict_without_arch_is_a_usage_error(files, tmp_path):
+    net = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    convert_file(tmp_path / "weights.pt", tmp_path / "weights.bnn.safetensors")
+    before = listing(tmp_path)
+    template = "fit weights.bnn.safetensors -m weights.pt -d {data} --task regression -o out.st"
+    result = cli(*argv(template, data=files.reg_train))
+    assert result.exit_code == 2
+    stderr = flat(result.stderr)
+    assert "weights.pt is a state_dict without an architecture, so it cannot be run" in stderr
+    assert "Hint:" in stderr and "arch:" in stderr and "TorchScript" in stderr
+    assert listing(tmp_path) == before
+
+
+def test_another_model_file_is_refused_in_a_real_process(files, tmp_path):
+    save_script(nn.Sequential(nn.Linear(1, 2), nn.Tanh(), nn.Linear(2, 1)), tmp_path / "other.pt")
+    template = "fit {ckpt} -m other.pt -d {data} --task regression -o out.safetensors --json"
+    process = run_bnnify(*argv(template, ckpt=files.reg_ckpt, data=files.reg_train), cwd=tmp_path)
+    assert process.returncode == 1, process.stderr
+    assert "Traceback" not in process.stderr + process.stdout
+    assert process.stdout == ""
+    message = flat(process.stderr)
+    assert "other.pt does not match the checkpoint" in message and "sha256" in message
+    assert "'toy.script.pt'" in message
+    assert listing(tmp_path) == ["other.pt"]

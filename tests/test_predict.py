@@ -1,0 +1,175 @@
+"""Tests of bnnify.io.predict: predictive summaries, samples, batches and metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fit_files import shared_fit_files, single_thread
+
+from bnnify.errors import InputError
+from bnnify.io.checkpoint import Checkpoint
+from bnnify.io.data import Dataset, load_dataset
+from bnnify.io.models import load_model
+from bnnify.io.predict import Prediction, noise_of, predict
+from bnnify.io.runner import open_runner
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    return shared_fit_files(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def toy(files):
+    """The briefly fitted toy regression: its runner and noise scale."""
+    with Checkpoint(files.reg_fitted) as ckpt:
+        runner = open_runner(load_model(files.reg_model), ckpt)
+        return runner, noise_of(ckpt.fit_tensors())
+
+
+@pytest.fixture(scope="module")
+def classifier(files):
+    with Checkpoint(files.cls_fitted) as ckpt:
+        return open_runner(load_model(files.cls_model), ckpt)
+
+
+def grid(n: int = 20) -> Dataset:
+    return Dataset(torch.linspace(-6, 6, n).unsqueeze(1), None, "grid")
+
+
+def test_noise_of_a_fitted_and_a_converted_checkpoint(files, toy):
+    assert toy[1] is not None and 0.01 < toy[1] < 1.0
+    with Checkpoint(files.reg_ckpt) as ckpt:
+        assert noise_of(ckpt.fit_tensors()) is None
+    assert noise_of({"bnnify.fit.log_noise": torch.tensor(math.log(0.3))}) == pytest.approx(0.3)
+
+
+def test_regression_outputs_decompose_the_spread(toy):
+    runner, noise = toy
+    result = predict(runner, grid(), task="regression", samples=16, noise=noise)
+    assert isinstance(result, Prediction)
+    tensors = result.tensors
+    assert set(tensors) == {"mean", "std", "epistemic_std", "aleatoric_std"}
+    for tensor in tensors.values():
+        assert tensor.shape == (20, 1) and tensor.is_contiguous()
+    squares = tensors["epistemic_std"] ** 2 + tensors["aleatoric_std"] ** 2
+    assert torch.allclose(tensors["std"] ** 2, squares)
+    assert torch.allclose(tensors["aleatoric_std"], torch.full((20, 1), noise))
+    assert (tensors["epistemic_std"] > 0).all()
+    assert result.summary == {
+        "mean_std": pytest.approx(float(tensors["std"].mean())),
+        "mean_epistemic_std": pytest.approx(float(tensors["epistemic_std"].mean())),
+        "aleatoric_std": noise,
+        "examples": 20,
+        "task": "regression",
+        "samples": 16,
+        "mean_weights": False,
+    }
+    assert result.metrics == {}
+
+
+def test_kept_samples_are_those_summarised(toy):
+    runner, noise = toy
+    result = predict(runner, grid(), task="regression", samples=5, noise=noise, keep_samples=True)
+    samples = result.tensors["samples"]
+    assert samples.shape == (5, 20, 1)
+    assert torch.allclose(result.tensors["mean"], samples.mean(0))
+    assert torch.allclose(result.tensors["epistemic_std"], samples.std(0, unbiased=False))
+
+
+def test_mean_weights_are_deterministic_and_leave_the_noise_only(toy):
+    runner, noise = toy
+    first = predict(runner, grid(), task="regression", noise=noise, mean_weights=True)
+    second = predict(runner, grid(), task="regression", noise=noise, mean_weights=True)
+    for key, tensor in first.tensors.items():
+        assert torch.equal(tensor, second.tensors[key])
+    assert torch.equal(first.tensors["epistemic_std"], torch.zeros(20, 1))
+    assert torch.allclose(first.tensors["std"], torch.full((20, 1), noise))
+    assert first.summary["samples"] == 1 and first.summary["mean_weights"] is True
+    with torch.no_grad():
+        assert torch.allclose(first.tensors["mean"], runner.mean_forward(grid().x))
+
+
+def test_batches_give_the_same_predictive_distribution(toy):
+    # Each batch draws its own weight samples, so the results agree in distribution:
+    # the means within 5 standard errors, the spreads within sampling error.
+    runner, noise = toy
+    samples = 400
+    torch.manual_seed(0)
+    whole = predict(runner, grid(), task="regression", samples=samples, noise=noise)
+    torch.manual_seed(0)
+    parts = predict(runner, grid(), task="regression", samples=samples, batch_size=7, noise=noise)
+    spread = whole.tensors["epistemic_std"]
+    error = math.sqrt(2 / samples) * spread
+    assert ((whole.tensors["mean"] - parts.tensors["mean"]).abs() <= 5 * error).all()
+    ratio = parts.tensors["epistemic_std"] / spread
+    assert ((ratio - 1).abs() < 5 / math.sqrt(samples)).all()
+    exact = [
+        predict(runner, grid(), task="regression", batch_size=b, noise=noise, mean_weights=True)
+        for b in (7, 20)
+    ]
+    assert torch.allclose(exact[0].tensors["mean"], exact[1].tensors["mean"], atol=1e-6)
+
+
+def test_classification_outputs_and_entropies(classifier, files):
+    test = load_dataset(files.cls_test, with_target=False)
+    result = predict(classifier, test, task="classification", samples=8)
+    tensors = result.tensors
+    assert set(tensors) == {
+        "probs",
+        "predicted",
+        "predictive_entropy",
+        "expected_entropy",
+        "mutual_information",
+    }
+    assert tensors["probs"].shape == (150, 3)
+    assert torch.allclose(tensors["probs"].sum(1), torch.ones(150, dtype=torch.float64))
+    assert torch.equal(tensors["predicted"], tensors["probs"].argmax(1))
+    total = tensors["expected_entropy"] + tensors["mutual_information"]
+    assert torch.allclose(tensors["predictive_entropy"], total)
+    assert sum(result.summary["class_counts"]) == 150
+    assert len(result.summary["class_counts"]) == 3
+
+
+def test_metrics_of_both_models_against_targets(classifier, toy, files):
+    test = load_dataset(files.cls_test)
+    result = predict(classifier, test, task="classification", samples=8)
+    assert set(result.metrics) == {"bayesian", "mean_weights"}
+    for metrics in result.metrics.values():
+        assert set(metrics) == {"accuracy", "log_likelihood", "ece", "nll"}
+        assert metrics["accuracy"] > 0.9
+        assert metrics["nll"] == pytest.approx(-metrics["log_likelihood"])
+    alone = predict(classifier, test, task="classification", mean_weights=True)
+    assert set(alone.metrics) == {"mean_weights"}
+    assert alone.metrics["mean_weights"] == result.metrics["mean_weights"]
+
+    runner, noise = toy
+    data = load_dataset(files.reg_train)
+    data = Dataset(data.x[:50], data.y[:50], data.source)
+    result = predict(runner, data, task="regression", samples=8, noise=noise)
+    for metrics in result.metrics.values():
+        assert set(metrics) == {"rmse", "log_likelihood"}
+        assert 0 < metrics["rmse"] < 1
+    without_noise = predict(runner, data, task="regression", samples=8)
+    assert set(without_noise.metrics["bayesian"]) == {"rmse"}
+
+
+def test_targets_that_do_not_fit_the_outputs_are_refused(classifier, toy):
+    x = torch.randn(6, 2)
+    labels = Dataset(x, torch.tensor([0, 1, 2, 3, 0, 1]), "labels")
+    with pytest.raises(InputError, match=r"class indices must lie in \[0, 2\]"):
+        predict(classifier, labels, task="classification", samples=2)
+    runner, noise = toy
+    wide = Dataset(torch.randn(6, 1), torch.randn(6, 3), "wide")
+    with pytest.raises(InputError, match=r"1 output\(s\) per example but the targets have 3"):
+        predict(runner, wide, task="regression", samples=2, noise=noise)
