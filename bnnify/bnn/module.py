@@ -262,6 +262,10 @@ class BayesianModule(nn.Module):
             repeated = [x.repeat(num_samples, *([1] * (x.dim() - 1))) for x in inputs]
             previous, self._sampler.local = self._sampler.local, True
             draw = self._sampler.begin()
+            if draw is not None:
+                draw.repeated = {
+                    id(r): (x, num_samples) for r, x in zip(repeated, inputs, strict=True)
+                }
             try:
                 output = self.module(*repeated)
             finally:

@@ -216,6 +216,8 @@ class Draw:
         self.flat: dict[int, list[Tensor]] = {}
         self.sigma: dict[int, Tensor] = {}
         self.local_used: set[int] = set()
+        # id(input repeated S times along dim 0) -> (the input, S): set by predict_samples.
+        self.repeated: dict[int, tuple[Tensor, int]] = {}
 
     def value(self, slot: Slot) -> Tensor:
         key = id(slot)
@@ -271,6 +273,11 @@ class Draw:
             end = store.offsets[self.sampler.lrt_ends[weight_slot.store]]
             sigma = store.sigma(0, end)
             self.sigma[weight_slot.store] = sigma
+        repeated = self.repeated.get(id(input))
+        copies = 1
+        if repeated is not None:
+            # The same rows repeated: their mean and variance are computed once.
+            input, copies = repeated
         mean = F.linear(
             input,
             store.view(store.mu, weight_slot.index),
@@ -283,4 +290,6 @@ class Draw:
         )
         # The floor keeps the gradient of sqrt finite where an input row is all zeros.
         std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+        if copies > 1:
+            mean, std = mean.repeat(copies, 1), std.repeat(copies, 1)
         return torch.addcmul(mean, std, torch.randn_like(mean))
