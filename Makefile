@@ -41,7 +41,7 @@ bench: install
 bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
 	$(PY) -m pip install -q numpy
-	$(PY) benchmarks/bench_peers.py
+	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache demo_out

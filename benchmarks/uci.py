@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None, help="bnnify fit epochs")
     parser.add_argument("--det-epochs", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="bnnify fit learning rate")
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--prior-sigma", type=float, default=1.0)
     parser.add_argument("--mc-samples", type=int, default=1)
@@ -244,8 +244,8 @@ def main() -> None:
     args = parser.parse_args()
     splits = args.splits or (3 if args.quick else 20)
     settings = {
-        "det_epochs": args.det_epochs or (100 if args.quick else 400),
-        "epochs": args.epochs or (100 if args.quick else 400),
+        "det_epochs": args.det_epochs or (200 if args.quick else 1000),
+        "epochs": args.epochs or (200 if args.quick else 1000),
         "lr": args.lr,
         "delta": args.delta,
         "prior_sigma": args.prior_sigma,

@@ -24,6 +24,7 @@ __all__ = [
     "median_ms",
     "mlp",
     "round_robin",
+    "transformer",
     "write_json",
 ]
 
@@ -67,6 +68,12 @@ class _Block(nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
 
 
+def transformer(blocks: int = 12, width: int = 1024, heads: int = 16) -> nn.Module:
+    """A stack of `blocks` TransformerEncoderLayer (d=width, 4x feed-forward), batch first."""
+    layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+
+
 def cnn(num_classes: int = 10) -> nn.Module:
     """A small ResNet-style CNN for 3x32x32 inputs (about 0.7M parameters)."""
     return nn.Sequential(
@@ -87,18 +94,28 @@ def median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def round_robin(
     functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
 ) -> dict[str, list[float]]:
-    """Times each function `repeats` times, interleaved, after `warmup` calls each."""
+    """Times each function `repeats` times, interleaved, after `warmup` calls each.
+
+    CUDA work is synchronized before and after each timed call.
+    """
     for _ in range(warmup):
         for function in functions.values():
             function()
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
+            _sync()
             start = time.perf_counter()
             function()
+            _sync()
             times[name].append(time.perf_counter() - start)
     return times
 
