@@ -14,19 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import BNNIFY, flat, invoke
 from model_files import FORMATS, save_pickled, save_state_dict, shared_files
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from bnnify.cli.main import app
 from bnnify.io import safetensors_io
 from bnnify.io.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_configs"
-BNNIFY = Path(sys.executable).parent / "bnnify"
-runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
@@ -38,19 +35,6 @@ def models(tmp_path_factory):
 def _in_tmp_path(tmp_path, monkeypatch):
     """Default outputs go to the working directory: make it the test's folder."""
     monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args, env=None):
-    result = runner.invoke(app, [str(a) for a in args], env=env)
-    assert "Traceback" not in result.output
-    if result.exception is not None:
-        assert isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
-def flat(text: str) -> str:
-    """Text with Rich's line wrapping undone."""
-    return " ".join(text.split())
 
 
 def listing(folder: Path) -> list[str]:

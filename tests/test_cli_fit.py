@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import flat
 from fit_files import (
     argv,
     cli,
@@ -42,11 +43,6 @@ def _one_thread(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written to the working directory
     with single_thread():
         yield
-
-
-def flat(text: str) -> str:
-    """Text with Rich's line wrapping undone."""
-    return " ".join(text.split())
 
 
 def listing(folder: Path) -> list[str]:

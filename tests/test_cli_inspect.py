@@ -8,15 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import invoke
 from model_files import shared_files
-from typer.testing import CliRunner
 
 import bnnify
-from bnnify.cli.main import app
 from bnnify.io.checkpoint import Checkpoint
 from bnnify.io.models import sha256_file
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +24,6 @@ def models(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    if result.exception is not None:
-        assert isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def convert(models, *flags):

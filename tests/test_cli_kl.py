@@ -6,21 +6,16 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import BNNIFY, flat, invoke
 from model_files import build_cnn, shared_files
-from typer.testing import CliRunner
 
-from bnnify.cli.main import app
 from bnnify.io.checkpoint import Checkpoint
 from bnnify.io.safetensors_io import load_file, read_header, save_file
-
-BNNIFY = Path(sys.executable).parent / "bnnify"
-runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
@@ -31,18 +26,6 @@ def models(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    if result.exception is not None:
-        assert isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def convert(models, *flags, model="cnn", name="c"):

@@ -6,20 +6,11 @@ import json
 import subprocess
 import sys
 
-from typer.testing import CliRunner
+from cli_helpers import invoke
 
 import bnnify
 from bnnify.bnn import PosteriorFactory, PriorFactory
 from bnnify.catalog import POSTERIORS, PRIORS
-from bnnify.cli.main import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output
-    return result
 
 
 def test_list_json_has_every_posterior_and_prior():

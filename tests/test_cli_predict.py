@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import flat
 from fit_files import (
     CENTERS,
     argv,
@@ -56,10 +57,6 @@ def inputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("inputs") / "grid.safetensors"
     save_file({"x": torch.linspace(-6, 6, 20).unsqueeze(1)}, str(path))
     return path
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def listing(folder: Path) -> list[str]:

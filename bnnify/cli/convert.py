@@ -17,6 +17,7 @@ from bnnify.cli.options import (
     PriorArgOpt,
     PriorOpt,
     QuietOpt,
+    TrustPickleOpt,
     VerboseOpt,
 )
 from bnnify.cli.output import Output, command, human_bytes, parse_size
@@ -72,13 +73,7 @@ def convert(
             "default for sharded inputs: their largest shard."
         ),
     ] = None,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            help="Load a pickled nn.Module. Unpickling runs arbitrary code: only "
-            "for files you trust."
-        ),
-    ] = False,
+    trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,

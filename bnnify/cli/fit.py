@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from bnnify.cli.options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt, VerboseOpt
+from bnnify.cli.options import (
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    TrustPickleOpt,
+    VerboseOpt,
+)
 from bnnify.cli.output import Output, command
 
 __all__ = ["Task", "fit"]
@@ -18,11 +26,6 @@ __all__ = ["Task", "fit"]
 class Task(str, Enum):
     regression = "regression"
     classification = "classification"
-
-
-ModelOpt = Annotated[
-    Path, typer.Option("--model", "-m", help="The model file the checkpoint was converted from.")
-]
 
 
 @command
@@ -75,9 +78,7 @@ def fit(
         bool, typer.Option(help="Continue a previous fit (its noise scale, history, task).")
     ] = False,
     device: DeviceOpt = None,
-    trust_pickle: Annotated[
-        bool, typer.Option(help="Load a pickled nn.Module model (runs its code).")
-    ] = False,
+    trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,

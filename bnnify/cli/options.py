@@ -12,9 +12,11 @@ __all__ = [
     "ForceOpt",
     "JsonOpt",
     "McSamplesOpt",
+    "ModelOpt",
     "PriorArgOpt",
     "PriorOpt",
     "QuietOpt",
+    "TrustPickleOpt",
     "VerboseOpt",
 ]
 
@@ -42,4 +44,13 @@ McSamplesOpt = Annotated[
         "else 16).",
     ),
 ]
-ModelPath = Annotated[Path, typer.Argument(help="Model file or sharded checkpoint folder.")]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Load a pickled nn.Module. Unpickling runs arbitrary code: only for files you trust.",
+    ),
+]
+ModelOpt = Annotated[
+    Path, typer.Option("--model", "-m", help="The model file the checkpoint was converted from.")
+]

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from bnnify.cli.fit import Task
-from bnnify.cli.options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from bnnify.cli.options import DeviceOpt, ForceOpt, JsonOpt, ModelOpt, QuietOpt, TrustPickleOpt
 from bnnify.cli.output import Output, command
 
 __all__ = ["predict"]
@@ -18,9 +18,7 @@ __all__ = ["predict"]
 @command
 def predict(
     checkpoint: Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")],
-    model: Annotated[
-        Path, typer.Option("--model", "-m", help="The model file the checkpoint came from.")
-    ],
+    model: ModelOpt,
     input: Annotated[
         Path, typer.Option("--input", "-i", help="Inputs: safetensors (x), .npy, .npz or CSV.")
     ],
@@ -46,9 +44,7 @@ def predict(
     y_key: Annotated[str, typer.Option(help="Target tensor name.")] = "y",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the weight samples.")] = 0,
     device: DeviceOpt = None,
-    trust_pickle: Annotated[
-        bool, typer.Option(help="Load a pickled nn.Module model (runs its code).")
-    ] = False,
+    trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
