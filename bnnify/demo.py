@@ -1,8 +1,10 @@
 """A small trained model for `make demo`, the sample specs and the tests.
 
 `python -m bnnify.demo OUT.pt` trains a 8-32-1 MLP on a synthetic regression task
-(seeded, a second on a laptop) and saves it as TorchScript, plus its state dict
-beside it (`OUT.state_dict.pt`) for the `arch` example spec.
+(seeded, a second on a laptop) and saves it as TorchScript, its state dict beside
+it (`OUT.state_dict.pt`, for the `arch` example spec) and the data
+(`train.safetensors`, `test.safetensors`: tensors `x` and `y`) for `bnnify fit`
+and `bnnify predict`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 __all__ = ["build_model", "main", "synthetic_regression", "train_demo_model"]
@@ -58,10 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.jit.save(torch.jit.script(model), str(args.output))
     state_path = args.output.with_suffix(".state_dict.pt")
     torch.save(model.state_dict(), state_path)
+    folder = args.output.parent
+    x, y = synthetic_regression(512, seed=0)
+    save_file({"x": x, "y": y}, str(folder / "train.safetensors"))
     x, y = synthetic_regression(256, seed=1)
+    save_file({"x": x, "y": y}, str(folder / "test.safetensors"))
     with torch.no_grad():
         rmse = nn.functional.mse_loss(model(x), y).sqrt().item()
-    print(f"trained demo model (test RMSE {rmse:.3f}): wrote {args.output} and {state_path}")
+    print(
+        f"trained demo model (test RMSE {rmse:.3f}): wrote {args.output}, {state_path}, "
+        f"{folder / 'train.safetensors'} and {folder / 'test.safetensors'}"
+    )
 
 
 if __name__ == "__main__":
