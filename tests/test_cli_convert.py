@@ -116,7 +116,7 @@ def test_sharded_input_gives_sharded_output_equal_to_the_single_file(models, tmp
     assert names == [
         *(s.name for s in shards),
         "s.bnn.safetensors.index.json",
-        "model.kl.safetensors",
+        "s.kl.safetensors",
     ]
     assert len(shards) >= 2
     with Checkpoint(single["outputs"][0]) as one, Checkpoint(sharded["outputs"][-2]) as many:

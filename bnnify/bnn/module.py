@@ -313,11 +313,12 @@ class BayesianModule(nn.Module):
             total = total / self.num_variational_elements
         return total.to(self._kl_meta.dtype)
 
-    @torch.no_grad()
     def kl_by_parameter(self, *, approx_num_samples: int | None = None) -> dict[str, Tensor]:
         """Summed KL of each reparametrized parameter (0-dim float64 on the CPU)."""
         samples = _check_samples(approx_num_samples)
-        terms = self._kl_terms(samples, per_parameter=True)
+        # A context, not the decorator: warnings must point at the caller's line.
+        with torch.no_grad():
+            terms = self._kl_terms(samples, per_parameter=True)
         return {name: value.cpu() for name, value in terms.items()}
 
     def _kl_terms(self, samples: int | None, per_parameter: bool) -> dict[str, Tensor]:

@@ -43,7 +43,7 @@ class Output:
         if not self.out.is_terminal and "COLUMNS" not in os.environ:
             # Piped tables would otherwise be folded to 80 columns.
             self.out = Console(highlight=False, no_color=no_color, width=160)
-        self.err = Console(stderr=True, highlight=False, no_color=no_color)
+        self.err = _stderr()
 
     def log(self, message: str) -> None:
         """An informational line on stderr (hidden by --quiet and --json)."""
@@ -91,6 +91,14 @@ class Output:
             yield lambda n: bar.advance(task, n)
 
 
+def _stderr() -> Console:
+    """The stderr console; lines are not wrapped when it is not a terminal (logs, pipes)."""
+    console = Console(stderr=True, highlight=False, no_color=bool(os.environ.get("NO_COLOR")))
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -102,7 +110,7 @@ def command(function: F) -> F:
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        err = Console(stderr=True, highlight=False, no_color=bool(os.environ.get("NO_COLOR")))
+        err = _stderr()
         try:
             return function(*args, **kwargs)
         except BnnifyError as error:

@@ -85,12 +85,22 @@ class ConversionResult:
 
 
 def output_paths(model_path: Path, checkpoint: Path | None, report: Path | None) -> tuple:
-    """Default outputs: `<stem>.bnn.safetensors` and `<stem>.kl.safetensors` here."""
+    """Default outputs: `<stem>.bnn.safetensors` and `<stem>.kl.safetensors` here.
+
+    With only the checkpoint given, the report goes beside it: `x.bnn.safetensors`
+    gives `x.kl.safetensors`, any other name `<name>.kl.safetensors`.
+    """
     stem = model_path.name if model_path.is_dir() else model_path.name.split(".")[0]
-    if model_path.name.endswith(".index.json"):
-        stem = model_path.name.split(".")[0]
-    checkpoint = checkpoint or Path(f"{stem}.bnn.safetensors")
-    report = report or Path(f"{stem}.kl.safetensors")
+    if checkpoint is None:
+        checkpoint = Path(f"{stem}.bnn.safetensors")
+        report = report or Path(f"{stem}.kl.safetensors")
+    elif report is None:
+        name = checkpoint.name
+        for suffix in (".bnn.safetensors", ".safetensors.index.json", ".safetensors"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        report = checkpoint.with_name(f"{name}.kl.safetensors")
     return checkpoint, report
 
 
