@@ -183,7 +183,6 @@ class Checkpoint:
             )
         except (KeyError, ValueError, TypeError, AttributeError) as error:
             raise FormatError(f"{self.path}: malformed bnnify metadata ({error})") from None
-        self._handles: dict[Path, Any] = {}
 
     def _read_metadata(self) -> dict[str, str]:
         if self.path.name.endswith(".index.json"):
@@ -229,11 +228,9 @@ class Checkpoint:
         path = self.files.get(key)
         if path is None:
             raise FormatError(f"{self.path}: no tensor {key!r} in the checkpoint")
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            self._handles[path] = handle
-        return handle.get_tensor(key).to(device)
+        # A mapping per tensor: its pages go with the tensor instead of staying resident.
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key).to(device)
 
     def variational_state(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
         """`"<param>.<role>"` and `"<param>.prior.<buffer>"` tensors of every parameter."""
@@ -316,7 +313,7 @@ class Checkpoint:
         return torch.zeros(record.shape, dtype=getattr(torch, record.dtype))
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept for the context-manager protocol."""
 
     def __enter__(self) -> Checkpoint:
         return self

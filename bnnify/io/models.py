@@ -366,19 +366,17 @@ def _load_safetensors(file: Path, device: str, trust_pickle: bool) -> _Loaded:
     with ExitStack() as stack:
         handle = _safe_open(file, device, stack)
         metas = {name: _slice_meta(handle, name) for name in _offset_keys(handle)}
-        close = stack.pop_all().close
-    return ModelFormat.SAFETENSORS, None, metas, handle.get_tensor, close
+    return ModelFormat.SAFETENSORS, None, metas, lambda n: _read_one(file, n, device), None
 
 
 def _load_sharded(file: Path, device: str, trust_pickle: bool) -> _Loaded:
     weight_map = read_index(file)
     shards = sorted(set(weight_map.values()))
     paths = {shard: shard_path(file, shard) for shard in shards}
-    handles = {}
     metas = {}
     with ExitStack() as stack:
         for shard in shards:
-            handles[shard] = handle = _safe_open(paths[shard], device, stack)
+            handle = _safe_open(paths[shard], device, stack)
             held = set(handle.keys())
             lacking = [n for n, s in weight_map.items() if s == shard and n not in held]
             if lacking:
@@ -393,8 +391,21 @@ def _load_sharded(file: Path, device: str, trust_pickle: bool) -> _Loaded:
                     metas[name] = _slice_meta(handle, name)
                 else:
                     logger.debug("ignoring %r of shard %s: not in the index", name, shard)
-        close = stack.pop_all().close
-    return ModelFormat.SHARDED, None, metas, lambda n: handles[weight_map[n]].get_tensor(n), close
+
+    def fetch(name: str) -> Tensor:
+        return _read_one(paths[weight_map[name]], name, device)
+
+    return ModelFormat.SHARDED, None, metas, fetch, None
+
+
+def _read_one(file: Path, name: str, device: str) -> Tensor:
+    """Tensor `name`, through a mapping of its own.
+
+    A long-lived handle keeps every page it ever read resident (file-backed RSS that
+    grows to the model's size); a handle per tensor lets the pages go with the tensor.
+    """
+    with ExitStack() as stack:
+        return _safe_open(file, device, stack).get_tensor(name)
 
 
 def _safe_open(file: Path, device: str, stack: ExitStack) -> Any:
