@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from bnnify.bnn import kl as _kl
 from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
-from bnnify.bnn.posteriors import GaussianPosterior, PosteriorFactory, get_posterior, is_flat
-from bnnify.bnn.priors import Prior, get_prior
+from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
+from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, is_flat
+from bnnify.bnn.priors import get_prior
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
 from bnnify.bnn.store import GaussianStore
@@ -96,8 +96,6 @@ class BayesianModule(nn.Module):
         self.posteriors = nn.ModuleDict()
         self.priors = nn.ModuleList()
         self._slots: list[Slot] = []
-        self._standalone_closed: list[bool] | None = None
-        self._prior_closed: dict[type, bool] = {}
         lrt_ends = self._allocate(entries, lrt) if packed else []
         self._sampler = Sampler(self.variational, self.posteriors, lrt_ends)
         self._sampler.local = bool(local_reparameterization)
@@ -111,11 +109,7 @@ class BayesianModule(nn.Module):
             self._build(entries)
         for layer, (weight, bias) in lrt.items():
             layer.__dict__["_bnnify_lrt"] = (weight.slot, None if bias is None else bias.slot)
-        self._store_slots = [
-            [(i, s) for i, s in enumerate(self._slots) if s.store == k]
-            for k in range(len(self.variational))
-        ]
-        self._segments = [self._merged_segments(k) for k in range(len(self.variational))]
+        self._divergence = Divergence(self.variational, self._slots, self.priors, self.posteriors)
         # Loading a state_dict changes the priors' values, which the segments read.
         self.register_load_state_dict_post_hook(_refresh_segments)
         self.training = module.training
@@ -171,28 +165,6 @@ class BayesianModule(nn.Module):
         for entry in entries:
             for owner, attr in entry.owners:
                 install_(owner, attr, entry.slot)
-
-    def _slot_segments(self, k: int) -> list[tuple[str, _kl.Segment]]:
-        store = self.variational[k]
-        segments = []
-        for i, slot in self._store_slots[k]:
-            start, end = store.span(slot.index)
-            prior = self.priors[i]
-            segments.append(
-                (slot.name, _kl.Segment(start, end, prior, start, _kl.gaussian_scalars(prior)))
-            )
-        return segments
-
-    def _merged_segments(self, k: int) -> list[_kl.Segment]:
-        """KL segments of store `k`; neighbours under equal scalar priors are merged."""
-        merged: list[_kl.Segment] = []
-        for _, seg in self._slot_segments(k):
-            last = merged[-1] if merged else None
-            if last and last.end == seg.start and _same_scalar_prior(last.prior, seg.prior):
-                merged[-1] = _kl.Segment(last.start, seg.end, last.prior, last.base, last.gaussian)
-            else:
-                merged.append(seg)
-        return merged
 
     # ------------------------------------------------------------------ forward
 
@@ -279,7 +251,7 @@ class BayesianModule(nn.Module):
         sampler = self._sampler
         if sampler.mode != "sample" or sampler.frozen is not None or len(self.posteriors):
             return False
-        counts = [len(slots) for slots in self._store_slots]
+        counts = [len(slots) for slots in self._divergence.store_slots]
         return counts == sampler.lrt_ends
 
     # ---------------------------------------------------------------------- KL
@@ -304,10 +276,11 @@ class BayesianModule(nn.Module):
             ValueError: For an unknown reduction, an invalid sample count, or a pair
                 with no closed form when `approx_num_samples` is None.
         """
-        reduction = _check_reduction(reduction)
-        samples = _check_samples(approx_num_samples)
-        total = torch.zeros((), dtype=torch.float64, device=self._kl_meta.device)
-        for value in self._kl_terms(samples, per_parameter=False).values():
+        reduction = check_reduction(reduction)
+        samples = check_samples(approx_num_samples)
+        device = self._kl_meta.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for value in self._divergence.terms(samples, False, device).values():
             total = total + value
         if reduction == "mean":
             total = total / self.num_variational_elements
@@ -315,86 +288,11 @@ class BayesianModule(nn.Module):
 
     def kl_by_parameter(self, *, approx_num_samples: int | None = None) -> dict[str, Tensor]:
         """Summed KL of each reparametrized parameter (0-dim float64 on the CPU)."""
-        samples = _check_samples(approx_num_samples)
+        samples = check_samples(approx_num_samples)
         # A context, not the decorator: warnings must point at the caller's line.
         with torch.no_grad():
-            terms = self._kl_terms(samples, per_parameter=True)
+            terms = self._divergence.terms(samples, True, self._kl_meta.device)
         return {name: value.cpu() for name, value in terms.items()}
-
-    def _kl_terms(self, samples: int | None, per_parameter: bool) -> dict[str, Tensor]:
-        self._check_closed_forms(samples)
-        device = self._kl_meta.device
-        terms: dict[str, Tensor] = {}
-        for k in range(len(self.variational)):
-            if per_parameter:
-                segments = self._slot_segments(k)
-            else:
-                segments = [(f"variational.{k}[{s.start}]", s) for s in self._segments[k]]
-            for name, segment in segments:
-                terms[name] = self._segment_kl(k, segment, samples).to(device)
-        for slot, posterior, prior in self._standalone():
-            value = _kl.distribution_kl(posterior.distribution, prior.distribution, samples)
-            terms[slot.name] = value.to(device, torch.float64)
-        return terms
-
-    def _segment_kl(self, k: int, segment: _kl.Segment, samples: int | None) -> Tensor:
-        store = self.variational[k]
-        prior = segment.prior
-        if samples is None and _kl.has_gaussian_closed_form(prior):
-            return _kl.store_kl(store.mu, store.rho, [segment], None, store.cached_sigma())
-        if samples is not None and _kl.has_flat_log_prob(prior):
-            return _kl.store_kl(store.mu, store.rho, [segment], samples)
-        # The prior has no fused kernel: per parameter, through torch.distributions.
-        total = torch.zeros((), dtype=torch.float64, device=store.mu.device)
-        for i, slot in self._store_slots[k]:
-            start, end = store.span(slot.index)
-            if segment.start <= start < segment.end:
-                q = Normal(
-                    store.view(store.mu, slot.index), store.sigma(start, end).view(slot.shape)
-                )
-                value = _kl.distribution_kl(q, self.priors[i].distribution, samples)
-                total = total + value.to(torch.float64)
-        return total
-
-    def _check_closed_forms(self, samples: int | None) -> None:
-        """Raises if a closed form is missing without samples; warns if MC replaces one."""
-        pairs = []
-        for k, store in enumerate(self.variational):
-            for segment in self._segments[k]:
-                closed = self._store_closed_form(store, segment.prior)
-                pairs.append((GaussianPosterior.__name__, type(segment.prior).__name__, closed))
-        if self._standalone_closed is None:
-            self._standalone_closed = [
-                _kl.pair_has_closed_form(q.distribution, p.distribution)
-                for _, q, p in self._standalone()
-            ]
-        for (_, q, p), closed in zip(self._standalone(), self._standalone_closed, strict=True):
-            pairs.append((type(q).__name__, type(p).__name__, closed))
-        if samples is None:
-            missing = sorted({f"{q} vs {p}" for q, p, closed in pairs if not closed})
-            if missing:
-                raise InvalidArgumentError(
-                    f"no closed-form KL divergence is known for {', '.join(missing)}",
-                    hint="Pass approx_num_samples=N (e.g. 16) for a Monte Carlo estimate.",
-                )
-        else:
-            closed_pairs = sorted({f"{q} vs {p}" for q, p, closed in pairs if closed})
-            if closed_pairs:
-                _kl.monte_carlo_warning(", ".join(closed_pairs))
-
-    def _store_closed_form(self, store: GaussianStore, prior: Prior) -> bool:
-        if _kl.has_gaussian_closed_form(prior):
-            return True
-        # Checked once per prior class: building a prior's distribution may be costly.
-        key = type(prior)
-        if key not in self._prior_closed:
-            self._prior_closed[key] = _kl.pair_has_closed_form(_probe(store), prior.distribution)
-        return self._prior_closed[key]
-
-    def _standalone(self) -> Iterator[tuple[Slot, nn.Module, Prior]]:
-        for i, slot in enumerate(self._slots):
-            if slot.store is None:
-                yield slot, self.posteriors[slot.index], self.priors[i]
 
     # ------------------------------------------------------------ introspection
 
@@ -483,7 +381,7 @@ class BayesianModule(nn.Module):
 
 
 def _refresh_segments(module: BayesianModule, incompatible_keys: Any) -> None:
-    module._segments = [module._merged_segments(k) for k in range(len(module.variational))]
+    module._divergence.refresh()
 
 
 def _check_module(module: Any) -> None:
@@ -499,41 +397,6 @@ def _check_module(module: Any) -> None:
             "a TorchScript module cannot be reparametrized in place",
             hint="Convert TorchScript files with `bnnify convert` or bnnify.io.load_model.",
         )
-
-
-def _probe(store: GaussianStore) -> Distribution:
-    return Normal(store.mu[:1].detach(), torch.ones_like(store.mu[:1]).detach())
-
-
-def _same_scalar_prior(a: Prior, b: Prior) -> bool:
-    if type(a) is not type(b):
-        return False
-    buffers_a, buffers_b = dict(a.named_buffers()), dict(b.named_buffers())
-    if buffers_a.keys() != buffers_b.keys():
-        return False
-    return all(
-        t.numel() == 1 and buffers_b[k].numel() == 1 and torch.equal(t, buffers_b[k])
-        for k, t in buffers_a.items()
-    )
-
-
-def _check_reduction(reduction: Any) -> str:
-    value = reduction.lower() if isinstance(reduction, str) else reduction
-    if value not in ("sum", "mean"):
-        raise InvalidArgumentError(
-            f"invalid reduction {reduction!r}", hint="Choose 'sum' or 'mean'."
-        )
-    return value
-
-
-def _check_samples(samples: Any) -> int | None:
-    if samples is None:
-        return None
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InvalidArgumentError(
-            f"approx_num_samples must be a positive integer, got {samples!r}"
-        )
-    return samples
 
 
 @contextmanager
