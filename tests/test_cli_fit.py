@@ -205,9 +205,14 @@ def test_fit_and_predict_an_arch_state_dict():
     x, y = synthetic_regression(96)
     save_file({"x": x, "y": y}, "data.safetensors")
     template = "fit demo.bnn.safetensors -m demo.pt -d data.safetensors --task regression"
+    refused = cli(*argv(template), "--epochs", "2", "-o", "demo.fit.safetensors")
+    assert refused.exit_code == 3, refused.output
+    assert "--arch" in flat(refused.output)
+    template += " --arch bnnify.demo:build_model"
     info = fit_json(*argv(template), "--epochs", "2", "-o", "demo.fit.safetensors")
     assert len(info["history"]) == 2
     template = "predict demo.fit.safetensors -m demo.pt -i data.safetensors --samples 4 --json"
+    template += " --arch bnnify.demo:build_model"
     predicted = cli(*argv(template))
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.stdout)["summary"]["examples"] == 96

@@ -365,3 +365,23 @@ def test_kl_under_no_grad():
         kl = model.kl_divergence()
     assert not kl.requires_grad
     torch.testing.assert_close(kl, model.kl_divergence().detach())
+
+
+def test_fused_gaussian_kl_across_chunk_boundaries(monkeypatch):
+    from bnnify.bnn import kl as kl_module
+
+    monkeypatch.setattr(kl_module, "FAST_CHUNK", 5)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Linear(7, 3)).double()
+    model = bnn.BayesianModule(net, prior=("gaussian", {"mu": 0.2, "sigma": 0.7}))
+    store = model.variational[0]
+    with torch.no_grad():
+        store.rho.uniform_(-4, 1)
+    kl = model.kl_divergence()
+    q = torch.distributions.Normal(store.mu, torch.nn.functional.softplus(store.rho))
+    p = torch.distributions.Normal(torch.tensor(0.2).double(), torch.tensor(0.7).double())
+    expected = torch.distributions.kl_divergence(q, p).sum()
+    torch.testing.assert_close(kl, expected)
+    got = torch.autograd.grad(kl, (store.mu, store.rho))
+    want = torch.autograd.grad(expected, (store.mu, store.rho))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bnnify.demo import build_model
-from bnnify.errors import InputError, UsageError
+from bnnify.errors import InputError, UnsafeInputError, UsageError
 from bnnify.io.checkpoint import Checkpoint
 from bnnify.io.models import load_model
 from bnnify.io.runner import ModuleRunner, ScriptRunner, check_input, open_runner
@@ -168,10 +168,24 @@ def test_arch_state_dict_runs_with_batchnorm_statistics(tmp_path):
     spec = resolve_spec("sample_configs/state_dict_arch.yaml")
     ckpt = convert_file(tmp_path / "demo.pt", tmp_path / "demo.bnn.safetensors", spec=spec)
     with Checkpoint(ckpt) as checkpoint:
-        runner = open_runner(load_model(tmp_path / "demo.pt"), checkpoint)
+        runner = open_runner(load_model(tmp_path / "demo.pt"), checkpoint, arch=spec.arch)
     x = torch.randn(5, 8)
     assert isinstance(runner, ModuleRunner)
     assert torch.allclose(runner.mean_forward(x), net(x), atol=1e-5)
+
+
+def test_a_recorded_arch_runs_only_when_the_caller_confirms_it(tmp_path):
+    torch.save(build_model().state_dict(), tmp_path / "demo.pt")
+    from bnnify.io.spec import resolve_spec
+
+    spec = resolve_spec("sample_configs/state_dict_arch.yaml")
+    ckpt = convert_file(tmp_path / "demo.pt", tmp_path / "demo.bnn.safetensors", spec=spec)
+    with Checkpoint(ckpt) as checkpoint:
+        with pytest.raises(UnsafeInputError) as error:
+            open_runner(load_model(tmp_path / "demo.pt"), checkpoint)
+        assert spec.arch in error.value.message and "--arch" in error.value.hint
+        with pytest.raises(UsageError, match="differs"):
+            open_runner(load_model(tmp_path / "demo.pt"), checkpoint, arch="os:system")
 
 
 def test_a_state_dict_without_arch_cannot_run(tmp_path):

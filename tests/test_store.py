@@ -119,3 +119,56 @@ def test_extra_state_mismatch_raises_format_error(names, shapes, match):
 def test_malformed_extra_state(state):
     with pytest.raises(FormatError, match="malformed"):
         _store().set_extra_state(state)
+
+
+def test_sigma_cache_does_not_outlive_a_fused_adam_step():
+    from torch import nn
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    from bnnify.bnn import BayesianModule
+
+    model = BayesianModule(net)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)
+    x = torch.randn(5, 4)
+    (model(x).sum() + model.kl_divergence()).backward()
+    optimizer.step()  # fused Adam changes rho in place without bumping its version
+    store = model.variational[0]
+    kl = model.kl_divergence()
+    q = torch.distributions.Normal(store.mu.detach(), torch.nn.functional.softplus(store.rho))
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum()
+    torch.testing.assert_close(kl.double(), expected.double(), rtol=1e-5, atol=1e-4)
+    # Forward, KL first then backward: the cache serves once and is gone after.
+    model(x)
+    assert store.cached_sigma() is not None
+    model.kl_divergence()
+    assert store.cached_sigma() is None
+
+
+def test_chunked_sample_backward_matches_autograd(monkeypatch):
+    from bnnify.bnn import store as store_module
+
+    monkeypatch.setattr(store_module, "_CHUNK", 7)
+    mu = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    rho = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(50, dtype=torch.float64)
+    grad = torch.randn(50, dtype=torch.float64)
+    fused = torch.autograd.grad(store_module.gaussian_sample(mu, rho, eps), (mu, rho), grad)
+    plain = torch.autograd.grad(mu + torch.nn.functional.softplus(rho) * eps, (mu, rho), grad)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_threaded_noise_is_reproducible_and_standard(monkeypatch):
+    from bnnify.bnn import store as store_module
+
+    monkeypatch.setattr(store_module, "_NOISE_MIN", 1000)
+    torch.manual_seed(3)
+    a = store_module.standard_normal(40_000, torch.float32, torch.device("cpu"))
+    torch.manual_seed(3)
+    b = store_module.standard_normal(40_000, torch.float32, torch.device("cpu"))
+    assert torch.equal(a, b)
+    assert abs(float(a.mean())) < 4 / 200 and abs(float(a.std()) - 1) < 0.02
+    pieces = a.reshape(4, -1)
+    assert not torch.equal(pieces[0], pieces[1])  # independently seeded pieces
+    correlation = torch.corrcoef(pieces)[0, 1]
+    assert abs(float(correlation)) < 4 / 100

@@ -100,7 +100,10 @@ class Divergence:
         store = self.stores[k]
         prior = segment.prior
         if samples is None and _kl.has_gaussian_closed_form(prior):
-            return _kl.store_kl(store.mu, store.rho, [segment], None, store.cached_sigma())
+            sigma = store.cached_sigma() if len(self.segments[k]) == 1 else None
+            if sigma is not None:
+                store.forget_sigma()  # used once: nothing of the model's size outlives a step
+            return _kl.store_kl(store.mu, store.rho, [segment], None, sigma)
         if samples is not None and _kl.has_flat_log_prob(prior):
             return _kl.store_kl(store.mu, store.rho, [segment], samples)
         # The prior has no fused kernel: per parameter, through torch.distributions.

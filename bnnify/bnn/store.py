@@ -68,6 +68,7 @@ class _GaussianSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, mu: Tensor, rho: Tensor, eps: Tensor, store: Any) -> Tensor:
         ctx.save_for_backward(rho, eps)
+        ctx.store = store
         sigma = F.softplus(rho)
         if store is not None:
             store.remember_sigma(rho, sigma)
@@ -76,6 +77,11 @@ class _GaussianSample(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         rho, eps = ctx.saved_tensors
+        if ctx.store is not None:
+            # The step that follows changes rho, in place and (fused Adam) without
+            # bumping its version: the cached sigma must not outlive this pass.
+            ctx.store.forget_sigma()
+            ctx.store = None
         grad_rho = torch.empty_like(rho)
         # d softplus(rho) / d rho = sigmoid(rho); chunks keep the three passes in cache.
         for a in range(0, rho.numel(), _CHUNK):
@@ -87,11 +93,14 @@ class _GaussianSample(torch.autograd.Function):
 def gaussian_sample(mu: Tensor, rho: Tensor, eps: Tensor, store: Any = None) -> Tensor:
     """Reparameterized sample `mu + softplus(rho) * eps`, differentiable in mu and rho.
 
-    With `store`, the sigma computed on the way is offered to `store.remember_sigma`
-    so that a KL divergence computed before the next update reuses it.
+    With `store`, when gradients are being recorded, the sigma computed on the way is
+    offered to `store.remember_sigma` so that a KL divergence computed in the same
+    step (before the backward pass) reuses it.
     """
     if torch.compiler.is_compiling():
         return mu + F.softplus(rho) * eps
+    if not (torch.is_grad_enabled() and rho.requires_grad):
+        store = None
     return _GaussianSample.apply(mu, rho, eps, store)
 
 
@@ -173,8 +182,15 @@ class GaussianStore(nn.Module):
         if rho is self.rho:
             self._sigma_cache = (rho._version, rho.data_ptr(), sigma)
 
+    def forget_sigma(self) -> None:
+        self._sigma_cache = None
+
     def cached_sigma(self) -> Tensor | None:
-        """softplus(rho) of the whole store if computed since `rho` last changed."""
+        """softplus(rho) of the whole store, if computed by this step's forward pass.
+
+        Valid from a training forward pass until its backward pass (which clears
+        it); the version check also catches in-place changes that bump it.
+        """
         cache = self._sigma_cache
         if cache is None:
             return None

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from bnnify.cli.options import (
+    ArchOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -78,6 +79,7 @@ def fit(
         bool, typer.Option(help="Continue a previous fit (its noise scale, history, task).")
     ] = False,
     device: DeviceOpt = None,
+    arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
@@ -110,7 +112,7 @@ def fit(
         if validation is None and val_split > 0:
             train, validation = _split(train, val_split, seed)
         loaded = load_model(model, device="cpu", trust_pickle=trust_pickle)
-        runner = open_runner(loaded, ckpt, device=device)
+        runner = open_runner(loaded, ckpt, device=device, arch=arch)
         likelihood = make_likelihood(chosen, ckpt, resume)
         _check_shapes(runner, likelihood, train)
         if validation is not None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 __all__ = [
+    "ArchOpt",
     "DeviceOpt",
     "ForceOpt",
     "JsonOpt",
@@ -49,6 +50,14 @@ TrustPickleOpt = Annotated[
     typer.Option(
         "--trust-pickle",
         help="Load a pickled nn.Module. Unpickling runs arbitrary code: only for files you trust.",
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="For a state-dict model: confirm the architecture the checkpoint names "
+        "(package.module:callable); building it runs that code.",
     ),
 ]
 ModelOpt = Annotated[

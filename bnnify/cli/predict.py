@@ -9,7 +9,15 @@ import typer
 from rich.table import Table
 
 from bnnify.cli.fit import Task
-from bnnify.cli.options import DeviceOpt, ForceOpt, JsonOpt, ModelOpt, QuietOpt, TrustPickleOpt
+from bnnify.cli.options import (
+    ArchOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    TrustPickleOpt,
+)
 from bnnify.cli.output import Output, command
 
 __all__ = ["predict"]
@@ -44,6 +52,7 @@ def predict(
     y_key: Annotated[str, typer.Option(help="Target tensor name.")] = "y",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the weight samples.")] = 0,
     device: DeviceOpt = None,
+    arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
@@ -71,7 +80,9 @@ def predict(
         data = load_dataset(
             input, x_key=x_key, y_key=y_key, with_target=False, targets_path=targets
         )
-        runner = open_runner(load_model(model, trust_pickle=trust_pickle), ckpt, device=device)
+        runner = open_runner(
+            load_model(model, trust_pickle=trust_pickle), ckpt, device=device, arch=arch
+        )
         check_input(runner, data.x)
         noise = noise_of(ckpt.fit_tensors()) if chosen == "regression" else None
         if chosen == "regression" and noise is None:

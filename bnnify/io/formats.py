@@ -209,6 +209,11 @@ def shard_path(index: Path, shard: str) -> Path:
     return path
 
 
+# Payloads torch.export.load unpickles in full (custom and opaque script objects).
+_OBJECT_PAYLOADS = ("custom_obj_", "opaque_obj_")
+_OBJECT_RECORDS = tuple(f"data/constants/{prefix}" for prefix in _OBJECT_PAYLOADS)
+
+
 def check_export_archive(stream: BinaryIO, file: Path) -> None:
     """Refuses a torch.export archive whose loading could run arbitrary code.
 
@@ -233,9 +238,11 @@ def check_export_archive(stream: BinaryIO, file: Path) -> None:
             n for r, n in records.items() if re.fullmatch(r"data/(weights|constants)/[^/]*\.pt", r)
         ]
         for record, name in records.items():
+            if any(ord(c) < 32 or ord(c) == 127 for c in name):
+                _refuse_pt2(file, f"a record with a control character in its name ({name!r})")
             if record.startswith("data/aotinductor/"):
                 _refuse_pt2(file, f"AOTInductor native code ({record})")
-            if re.fullmatch(r"data/constants/(custom|opaque)_obj_.*", record):
+            if record.startswith(_OBJECT_RECORDS):
                 _refuse_pt2(file, f"a pickled Python object ({record})")
             if re.fullmatch(r"data/(weights|constants)/[^/]*_config\.json", record):
                 config = _pt2_config(archive.read(name), file)
@@ -262,10 +269,16 @@ def refused_global(error: BaseException) -> str | None:
 def _pt2_config(data: bytes, file: Path) -> list[str]:
     """The payload files of a torch.export weights or constants config that are pickles."""
     try:
-        config = json.loads(data)["config"]
-        return [e["path_name"] for e in config.values() if e.get("use_pickle")]
+        entries = list(json.loads(data)["config"].values())
+        names = [str(e["path_name"]) for e in entries]
+        pickled = [str(e["path_name"]) for e in entries if e.get("use_pickle")]
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise FormatError(f"'{file}' has a corrupt payload config: {error!r}") from None
+    # torch decides what to unpickle from the config, so the config is what is checked.
+    for path_name in names:
+        if path_name.startswith(_OBJECT_PAYLOADS) or any(ord(c) < 32 for c in path_name):
+            _refuse_pt2(file, f"a pickled Python object ({path_name!r})")
+    return pickled
 
 
 def _refuse_pt2(file: Path, what: str) -> NoReturn:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from bnnify.bnn import BayesianModule
-from bnnify.errors import InputError, UsageError
+from bnnify.errors import InputError, UnsafeInputError, UsageError
 from bnnify.io.arch import build_arch, load_strict
 from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.models import LoadedModel, ModelFormat, load_model
+from bnnify.io.models import LoadedModel, ModelFormat
 
 __all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
 
@@ -173,7 +173,12 @@ def _aliases(script: nn.Module, names: list[str]) -> dict[str, list[tuple[Any, s
 
 def _check_source(loaded: LoadedModel, checkpoint: Checkpoint) -> None:
     recorded = checkpoint.source.get("sha256")
-    if recorded and recorded != loaded.sha256:
+    if not isinstance(recorded, str) or not recorded:
+        raise InputError(
+            f"{checkpoint.path} records no SHA-256 of the model it was converted from",
+            hint="Convert the model again with `bnnify convert`.",
+        )
+    if recorded != loaded.sha256:
         raise InputError(
             f"{loaded.path} does not match the checkpoint: it was converted from "
             f"{checkpoint.source.get('name')!r} (sha256 {recorded[:12]}...), this file has "
@@ -182,13 +187,29 @@ def _check_source(loaded: LoadedModel, checkpoint: Checkpoint) -> None:
         )
 
 
-def open_runner(model: LoadedModel, checkpoint: Checkpoint, *, device: str = "cpu") -> Runner:
+def open_runner(
+    model: LoadedModel,
+    checkpoint: Checkpoint,
+    *,
+    device: str = "cpu",
+    arch: str | None = None,
+) -> Runner:
     """A runner for `model` with the posterior of `checkpoint`.
+
+    Args:
+        model: The model file the checkpoint was converted from.
+        checkpoint: The variational checkpoint.
+        device: Where to run.
+        arch: For a state dict, the architecture recorded in the checkpoint, repeated
+            by the caller: building it imports and runs that code, and a checkpoint is
+            data that must not decide on its own what code runs.
 
     Raises:
         InputError: If the model file is not the one the checkpoint came from.
         UsageError: If the model has no architecture (a plain state dict converted
-            without `arch`).
+            without `arch`), or `arch` differs from the recorded one.
+        UnsafeInputError: If the checkpoint names an architecture and `arch` does not
+            confirm it.
     """
     _check_source(model, checkpoint)
     if model.format is ModelFormat.TORCHSCRIPT:
@@ -197,19 +218,25 @@ def open_runner(model: LoadedModel, checkpoint: Checkpoint, *, device: str = "cp
         return ModuleRunner(model.module.module(), checkpoint, device)
     if model.format is ModelFormat.PICKLED_MODULE:
         return ModuleRunner(model.module, checkpoint, device)
-    if checkpoint.spec.arch is None:
+    recorded = checkpoint.spec.arch
+    if recorded is None:
         raise UsageError(
             f"{model.path.name} is a {model.format.value} without an architecture, so it "
             "cannot be run",
             hint="Convert it with `arch:` in the spec, or save the model as TorchScript or "
             "torch.export.",
         )
-    module = build_arch(checkpoint.spec.arch, checkpoint.spec.arch_kwargs)
-    load_strict(module, {n: model.tensor(n) for n in model.names()}, checkpoint.spec.arch)
+    if arch is None:
+        raise UnsafeInputError(
+            f"{checkpoint.path.name} names the architecture {recorded!r}: building it imports "
+            "and runs that code, which a checkpoint file alone cannot authorize",
+            hint=f"If you trust it, confirm with --arch {recorded!r}.",
+        )
+    if arch != recorded:
+        raise UsageError(
+            f"--arch {arch!r} differs from the architecture {recorded!r} the checkpoint was "
+            "converted with"
+        )
+    module = build_arch(recorded, checkpoint.spec.arch_kwargs)
+    load_strict(module, {n: model.tensor(n) for n in model.names()}, recorded)
     return ModuleRunner(module, checkpoint, device)
-
-
-def open_model(path: Any, checkpoint: Checkpoint, *, trust_pickle: bool, device: str) -> Runner:
-    """Loads the model file at `path` and opens a runner on it."""
-    loaded = load_model(path, device="cpu", trust_pickle=trust_pickle)
-    return open_runner(loaded, checkpoint, device=device)
