@@ -178,7 +178,12 @@ def test_broken_sharded_checkpoints_are_refused(models, tmp_path):
     _, index, _ = make(models, tmp_path, shard_bytes=400)
     shard = sorted(tmp_path.glob("c.bnn-*.safetensors"))[0]
     shard.rename(tmp_path / "moved")
-    with pytest.raises(InputError, match="missing shard files"):
+    with pytest.raises(InputError, match="does not exist"):
+        Checkpoint(index)
+    shard.with_name("moved").rename(shard)
+    text = index.read_text()
+    index.write_text(text.replace(shard.name, "../" + shard.name))
+    with pytest.raises(FormatError, match="outside its directory"):
         Checkpoint(index)
     index.write_text(json.dumps({"weight_map": {}}))
     with pytest.raises(FormatError, match="not a valid checkpoint index"):

@@ -96,7 +96,8 @@ def test_every_format_converts_through_the_cli(models, tmp_path, model, fmt):
     assert data["kl"]["mean"] == pytest.approx(data["kl"]["sum"] / data["variational_elements"])
     # Default outputs, in the working directory, named after the input.
     outputs = [Path(p) for p in data["outputs"]]
-    stem = "model" if fmt == "sharded" else model
+    # The stem is the file name without its last extension (the folder's name if sharded).
+    stem = "model" if fmt == "sharded" else path.name.rsplit(".", 1)[0]
     if fmt == "sharded":
         assert outputs[-2].name == f"{stem}.bnn.safetensors.index.json"
         assert len(outputs) > 3

@@ -27,7 +27,9 @@ def _in_tmp_path(tmp_path, monkeypatch):
 
 
 def convert(models, *flags):
-    result = invoke("convert", models.path("cnn", "state_dict"), "--json", *flags)
+    result = invoke(
+        "convert", models.path("cnn", "state_dict"), "-o", "cnn.bnn.safetensors", "--json", *flags
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

@@ -15,6 +15,7 @@ the single-process fit, and another data order (--seed 1) ~0.08.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -101,3 +102,33 @@ def test_two_processes_fit_like_one(tmp_path, monkeypatch):
     assert float(noise[1]) == pytest.approx(float(noise[0]), rel=1e-3)
     for key in ("rmse", "log_likelihood"):
         assert info["final"]["val"][key] == pytest.approx(reference["final"]["val"][key], rel=1e-2)
+
+
+def test_a_last_batch_smaller_than_the_process_count(tmp_path, monkeypatch):
+    # 129 examples in batches of 128: the last batch holds one example for two processes.
+    monkeypatch.chdir(tmp_path)
+    with torch.random.fork_rng(devices=[]), single_thread():
+        torch.manual_seed(0)
+        save_script(nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 2)), tmp_path / "n.pt")
+        x, y = toy_regression(129, seed=0)
+        labels = (y[:, 0] > 0).long()
+        save_file({"x": x, "y": labels}, str(tmp_path / "train.safetensors"))
+        assert cli("convert", tmp_path / "n.pt").exit_code == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    fit = "fit n.bnn.safetensors -m n.pt -d train.safetensors --task classification"
+    command = [*torchrun, "-m", "bnnify", *argv(fit), "--epochs", "2", "--json"]
+    process = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    final = json.loads(process.stdout)["final"]
+    assert all(math.isfinite(final[k]) for k in ("loss", "nll", "kl"))
+    fitted = load_file(str(tmp_path / "n.bnn.fit.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in fitted.values() if t.is_floating_point())

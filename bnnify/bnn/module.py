@@ -283,7 +283,7 @@ class BayesianModule(nn.Module):
         for value in self._divergence.terms(samples, False, device).values():
             total = total + value
         if reduction == "mean":
-            total = total / self.num_variational_elements
+            total = total / max(self.num_variational_elements, 1)
         return total.to(self._kl_meta.dtype)
 
     def kl_by_parameter(self, *, approx_num_samples: int | None = None) -> dict[str, Tensor]:

@@ -283,13 +283,15 @@ class Draw:
             store.view(store.mu, weight_slot.index),
             None if bias_slot is None else store.view(store.mu, bias_slot.index),
         )
+        # Half precision cannot hold small variances (its tiny is 6e-5): use float32.
+        wide = torch.promote_types(input.dtype, torch.float32)
         var = F.linear(
-            input.square(),
-            store.view(sigma, weight_slot.index).square(),
-            None if bias_slot is None else store.view(sigma, bias_slot.index).square(),
+            input.to(wide).square(),
+            store.view(sigma, weight_slot.index).to(wide).square(),
+            None if bias_slot is None else store.view(sigma, bias_slot.index).to(wide).square(),
         )
         # The floor keeps the gradient of sqrt finite where an input row is all zeros.
-        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt().to(mean.dtype)
         if copies > 1:
             mean, std = mean.repeat(copies, 1), std.repeat(copies, 1)
         return torch.addcmul(mean, std, torch.randn_like(mean))

@@ -60,7 +60,7 @@ def fit(
         int, typer.Option(min=0, help="Linear KL warm-up from 0 over this many epochs.")
     ] = 0,
     clip: Annotated[float, typer.Option(min=0.0, help="Gradient norm clipping (0: off).")] = 10.0,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1)] = 0,
     val_samples: Annotated[
         int, typer.Option(min=1, help="Weight samples for validation metrics.")
     ] = 16,
@@ -96,13 +96,19 @@ def fit(
     from bnnify.io.atomic import AtomicOutputs
     from bnnify.io.checkpoint import Checkpoint
     from bnnify.io.data import load_dataset
-    from bnnify.io.fit import FitSettings, make_likelihood, save_fitted, settings_json
+    from bnnify.io.fit import (
+        FitSettings,
+        make_likelihood,
+        process_device,
+        save_fitted,
+        settings_json,
+    )
     from bnnify.io.fit import fit as run_fit
     from bnnify.io.models import load_model
     from bnnify.io.runner import open_runner
     from bnnify.io.spec import resolve_spec
 
-    device = resolve_spec(None, device=device).device
+    device = process_device(resolve_spec(None, device=device).device)
     destination = out or checkpoint.with_name(_fit_name(checkpoint))
     outputs = AtomicOutputs([destination], force=force, inputs=[checkpoint, model, data])
     with Checkpoint(checkpoint) as ckpt:
@@ -196,6 +202,13 @@ def _split(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     n = len(data)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     cut = n - max(1, round(fraction * n))
+    if cut < 1:
+        from bnnify.errors import UsageError
+
+        raise UsageError(
+            f"--val-split {fraction} leaves no training data from {n} example(s)",
+            hint="Use a smaller fraction or a separate --val file.",
+        )
     train, val = order[:cut], order[cut:]
     return (
         Dataset(data.x[train], data.y[train], data.source),

@@ -50,7 +50,9 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Inputs per batch (bounds memory).")] = 256,
     x_key: Annotated[str, typer.Option(help="Input tensor name.")] = "x",
     y_key: Annotated[str, typer.Option(help="Target tensor name.")] = "y",
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the weight samples.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**31 - 1, help="Seed of the weight samples.")
+    ] = 0,
     device: DeviceOpt = None,
     arch: ArchOpt = None,
     trust_pickle: TrustPickleOpt = False,

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import bnnify
 from bnnify.errors import FormatError, InputError
+from bnnify.io.formats import shard_path
 from bnnify.io.safetensors_io import (
     SafetensorsWriter,
     ShardedWriter,
@@ -193,10 +194,8 @@ class Checkpoint:
             except (OSError, ValueError, KeyError, TypeError) as error:
                 raise FormatError(f"{self.path}: not a valid checkpoint index ({error})") from None
             for key, shard in weight_map.items():
-                self.files[key] = self.path.parent / shard
-            missing = sorted({str(p.name) for p in self.files.values() if not p.exists()})
-            if missing:
-                raise InputError(f"{self.path}: missing shard files {missing}")
+                # Confined to the index's folder; a missing shard is a FormatError.
+                self.files[key] = shard_path(self.path, str(shard))
             return {k: str(v) for k, v in metadata.items()}
         metadata, infos = read_header(self.path)
         self.files = dict.fromkeys(infos, self.path)

@@ -21,7 +21,7 @@ from torch import Tensor
 from bnnify.bnn import BayesianModule, PosteriorFactory, get_posterior, get_prior
 from bnnify.bnn.collect import matches
 from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples, parameter_kl
-from bnnify.bnn.posteriors import is_flat
+from bnnify.bnn.posteriors import is_flat, restore_posterior
 from bnnify.errors import SpecError, UsageError
 from bnnify.io.arch import build_arch, load_strict
 from bnnify.io.atomic import AtomicOutputs
@@ -87,10 +87,12 @@ class ConversionResult:
 def output_paths(model_path: Path, checkpoint: Path | None, report: Path | None) -> tuple:
     """Default outputs: `<stem>.bnn.safetensors` and `<stem>.kl.safetensors` here.
 
+    The stem is the file name without its last extension.
+
     With only the checkpoint given, the report goes beside it: `x.bnn.safetensors`
     gives `x.kl.safetensors`, any other name `<name>.kl.safetensors`.
     """
-    stem = model_path.name if model_path.is_dir() else model_path.name.split(".")[0]
+    stem = _stem(model_path)
     if checkpoint is None:
         checkpoint = Path(f"{stem}.bnn.safetensors")
         report = report or Path(f"{stem}.kl.safetensors")
@@ -102,6 +104,17 @@ def output_paths(model_path: Path, checkpoint: Path | None, report: Path | None)
                 break
         report = checkpoint.with_name(f"{name}.kl.safetensors")
     return checkpoint, report
+
+
+def _stem(model_path: Path) -> str:
+    """`model` for model.pt, model.state_dict for model.state_dict.pt, the folder's name."""
+    name = model_path.name
+    if model_path.is_dir():
+        return name
+    for suffix in (".safetensors.index.json", ".index.json"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem or name
 
 
 def _kl_samples(spec: ConversionSpec, mc_samples: int | None, probe: Tensor) -> int | None:
@@ -290,6 +303,12 @@ def convert(
         SpecError: If `arch` is given for a program file (TorchScript, export).
         OutputExistsError: If an output exists and `force` is false.
     """
+    stem = checkpoint.name.removesuffix(".safetensors").removesuffix(".safetensors.index.json")
+    # Fail before any work on outputs that exist (without force) or cannot be written.
+    early = (
+        checkpoint if shard_bytes is None else checkpoint.parent / f"{stem}.safetensors.index.json"
+    )
+    AtomicOutputs([early, report], force=force, inputs=[model.path])
     source = {
         "name": model.path.name,
         "format": model.format.value,
@@ -301,7 +320,6 @@ def convert(
         plan = _tensorwise_plan(model, spec, mc_samples, progress)
     records, kept, infos, produce, finish, samples = plan
     metadata = checkpoint_metadata(source=source, spec=spec, parameters=records, deterministic=kept)
-    stem = checkpoint.name.removesuffix(".safetensors").removesuffix(".safetensors.index.json")
     targets = (
         [checkpoint] if shard_bytes is None else sharded_paths(checkpoint, stem, infos, shard_bytes)
     )
@@ -397,8 +415,8 @@ def _module_plan(model: LoadedModel, spec: ConversionSpec, mc_samples: int | Non
         bnn = BayesianModule(
             module, spec.posterior, spec.prior, include=spec.include, exclude=list(spec.exclude)
         )
-        kls = bnn.kl_by_parameter(approx_num_samples=samples)
     state = {k: v.detach().cpu() for k, v in bnn.variational_state().items()}
+    kls = _slot_kls(bnn, state, spec, samples)
     kept_params = {n for n, _ in bnn.module.named_parameters()}
     deterministic = {k: v.detach().cpu() for k, v in bnn.module.state_dict().items()}
     records, summaries, infos = [], [], []
@@ -433,6 +451,20 @@ def _module_plan(model: LoadedModel, spec: ConversionSpec, mc_samples: int | Non
     infos = [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
     _check_unique(infos)
     return records, kept, infos, tensors.__getitem__, lambda: summaries, samples
+
+
+@torch.no_grad()
+def _slot_kls(bnn: BayesianModule, state: dict, spec: ConversionSpec, samples: int | None) -> dict:
+    """KL of each parameter, seeded per parameter like the tensor-wise path (and `kl`)."""
+    kls = {}
+    for slot, prior in zip(bnn._slots, bnn.priors, strict=True):
+        prefix = f"{slot.name}."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        own = {k: v for k, v in own.items() if not k.startswith("prior.")}
+        posterior = restore_posterior(spec.posterior, own, next(iter(own.values())))
+        with seeded(spec.seed, f"kl:{slot.name}", spec.device):
+            kls[slot.name] = float(parameter_kl(posterior.to(spec.device), prior, samples))
+    return kls
 
 
 def _check_unique(infos: list[TensorInfo]) -> None:

@@ -67,15 +67,23 @@ def make_likelihood(task: str, checkpoint: Checkpoint, resume: bool) -> Likeliho
     return likelihood
 
 
-def _distributed() -> tuple[int, int]:
+def process_device(device: str) -> str:
+    """The device of this process: under torchrun, `cuda` means `cuda:LOCAL_RANK`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LOCAL_RANK") else "gloo"
-        dist.init_process_group(backend=backend)
+        # nccl moves CUDA tensors only; CPU training needs gloo even on a GPU machine.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -122,8 +130,8 @@ def fit(
         One record per epoch: loss, nll, kl, elbo (all per example), beta, and the
         validation metrics when `val` is given.
     """
-    rank, world = _distributed()
     device = runner.bnn._kl_meta.device
+    rank, world = _distributed(device)
     train = Dataset(train.x.to(device), train.y.to(device), train.source)
     torch.manual_seed(settings.seed * 1000 + rank)
     if init_noise:
@@ -144,11 +152,15 @@ def fit(
     history = []
     for epoch in range(start_epoch, start_epoch + settings.epochs):
         order = torch.randperm(n, generator=order_generator).to(device)
-        totals = {"nll": 0.0, "loss": 0.0}
+        totals = {"nll": 0.0, "loss": 0.0, "count": 0}
         beta = 1.0
         for step in range(steps):
             index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            index = index[rank::world]
+            # Equal shares on every process (the last batch loses its remainder, as with
+            # DistributedSampler's drop_last): averaged gradients are the batch mean's.
+            index = index[: len(index) - len(index) % world][rank::world]
+            if len(index) == 0:
+                continue
             done = (epoch - start_epoch) * steps + step
             beta = min(1.0, (done + 1) / warmup) if warmup else 1.0
             nll, loss = _step(
@@ -156,7 +168,8 @@ def fit(
             )
             totals["nll"] += nll * len(index)
             totals["loss"] += loss * len(index)
-        record = _epoch_record(runner, likelihood, totals, n / world, beta, epoch, n)
+            totals["count"] += len(index)
+        record = _epoch_record(runner, likelihood, totals, max(totals["count"], 1), beta, epoch, n)
         if val is not None:
             record["val"] = evaluate(
                 runner, likelihood, val, settings.val_samples, settings.batch_size
