@@ -172,3 +172,18 @@ def test_threaded_noise_is_reproducible_and_standard(monkeypatch):
     assert not torch.equal(pieces[0], pieces[1])  # independently seeded pieces
     correlation = torch.corrcoef(pieces)[0, 1]
     assert abs(float(correlation)) < 4 / 100
+
+
+def test_a_sample_backpropagated_twice_says_how_to_reuse_it():
+    from bnnify.bnn import BayesianModule
+
+    model = BayesianModule(torch.nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    loss = model(x).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="frozen_sample"):
+        loss.backward()
+    with model.frozen_sample():  # the frozen noise is not consumed: twice is fine
+        frozen = model(x).sum()
+        frozen.backward(retain_graph=True)
+        frozen.backward()

@@ -214,7 +214,7 @@ class Draw:
         self.sampler = sampler
         self.values: dict[int, Tensor] = {}
         self.flat: dict[int, list[Tensor]] = {}
-        self.sigma: dict[int, Tensor] = {}
+        self.local: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         self.local_used: set[int] = set()
         # id(input repeated S times along dim 0) -> (the input, S): set by predict_samples.
         self.repeated: dict[int, tuple[Tensor, int]] = {}
@@ -255,6 +255,21 @@ class Draw:
         eps = None if sampler.frozen is None else sampler.frozen["eps"][store_index]
         return store.sample(start, store.numel, eps)
 
+    def _local_parts(self, store_index: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Means and variances of the local-trick slots of a store, split once per draw."""
+        parts = self.local.get(store_index)
+        if parts is None:
+            store = self.sampler.stores[store_index]
+            last = self.sampler.lrt_ends[store_index]
+            end = store.offsets[last]
+            mu = store.mu if end == store.numel else store.mu[:end]
+            # Half precision cannot hold small variances (its tiny is 6e-5): use float32.
+            wide = torch.promote_types(mu.dtype, torch.float32)
+            variance = store.sigma(0, end).to(wide).square()
+            parts = (store.split(mu, 0, last), store.split(variance, 0, last))
+            self.local[store_index] = parts
+        return parts
+
     def local_linear(self, module: nn.Linear, input: Tensor, lrt: tuple) -> Tensor:
         weight_slot, bias_slot = lrt
         key = id(weight_slot)
@@ -267,28 +282,18 @@ class Draw:
                 hint="Turn local_reparameterization off for models that reuse a layer.",
             )
         self.local_used.add(key)
-        store = self.sampler.store_of(weight_slot)
-        sigma = self.sigma.get(weight_slot.store)
-        if sigma is None:
-            end = store.offsets[self.sampler.lrt_ends[weight_slot.store]]
-            sigma = store.sigma(0, end)
-            self.sigma[weight_slot.store] = sigma
+        means, variances = self._local_parts(weight_slot.store)
         repeated = self.repeated.get(id(input))
         copies = 1
         if repeated is not None:
             # The same rows repeated: their mean and variance are computed once.
             input, copies = repeated
-        mean = F.linear(
-            input,
-            store.view(store.mu, weight_slot.index),
-            None if bias_slot is None else store.view(store.mu, bias_slot.index),
-        )
-        # Half precision cannot hold small variances (its tiny is 6e-5): use float32.
-        wide = torch.promote_types(input.dtype, torch.float32)
+        bias = bias_slot is not None
+        mean = F.linear(input, means[weight_slot.index], means[bias_slot.index] if bias else None)
         var = F.linear(
-            input.to(wide).square(),
-            store.view(sigma, weight_slot.index).to(wide).square(),
-            None if bias_slot is None else store.view(sigma, bias_slot.index).to(wide).square(),
+            input.to(variances[0].dtype).square(),
+            variances[weight_slot.index],
+            variances[bias_slot.index] if bias else None,
         )
         # The floor keeps the gradient of sqrt finite where an input row is all zeros.
         std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt().to(mean.dtype)
