@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bnnify.bnn import PosteriorFactory, PriorFactory
+from bnnify.bnn.posteriors import init_function
 from bnnify.catalog import POSTERIORS, PRIORS
 from bnnify.errors import InvalidArgumentError
 
@@ -57,7 +58,7 @@ def test_names_aliases_and_classes_match_the_registry(table, factory):
 
 def test_posterior_arguments_match_from_param():
     for name, (_, _, arguments, _) in POSTERIORS.items():
-        assert arguments == keyword_defaults(PosteriorFactory[name].from_param), name
+        assert arguments == keyword_defaults(init_function(PosteriorFactory[name])), name
 
 
 def test_prior_arguments_match_their_constructors():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal
 
 import bnnify.bnn as bnn
-from bnnify.bnn.posteriors import accepted_kwargs, inverse_softplus
+from bnnify.bnn.posteriors import accepted_kwargs, init_function, inverse_softplus
 from bnnify.errors import InvalidArgumentError
 
 POSTERIORS = ["gaussian", "normal", "pretrained_gaussian", "pretrained_normal"]
@@ -129,7 +129,7 @@ def test_unknown_kwarg_lists_the_accepted_ones():
         bnn.get_posterior(("pretrained_gaussian", {"sigmaa": 1.0}), torch.randn(3))
     for name in ("rho", "sigma", "delta", "min_sigma"):
         assert name in info.value.hint
-    assert accepted_kwargs(bnn.GaussianPosterior.from_param) == ["mu_std", "rho", "sigma"]
+    assert accepted_kwargs(init_function(bnn.GaussianPosterior)) == ["mu_std", "rho", "sigma"]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -183,3 +183,17 @@ def test_base_class_defaults_use_the_distribution():
     assert sample.shape == (2,) and (sample - posterior.loc).abs().max() < 0.01
     sample.sum().backward()
     assert torch.equal(posterior.loc.grad, torch.ones(2))
+
+
+@pytest.mark.parametrize("spec", ["gaussian", ("pretrained_gaussian", {"delta": 0.2})])
+def test_initialize_into_equals_from_param(spec, monkeypatch):
+    from bnnify.bnn import posteriors
+
+    monkeypatch.setattr(posteriors, "_CHUNK", 4)  # several chunks for the delta spread
+    weight = torch.randn(5, 3)
+    torch.manual_seed(1)
+    built = bnn.get_posterior(spec, weight)
+    mu, rho = torch.empty_like(weight), torch.empty_like(weight)
+    torch.manual_seed(1)
+    posteriors.initialize_into(spec, mu, rho, weight)
+    assert torch.equal(mu, built.mu) and torch.equal(rho, built.rho)

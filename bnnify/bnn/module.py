@@ -13,7 +13,7 @@ from torch.distributions import Distribution, Normal
 
 from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
 from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
-from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, is_flat
+from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, initialize_into, is_flat
 from bnnify.bnn.priors import get_prior
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
@@ -135,19 +135,22 @@ class BayesianModule(nn.Module):
     def _build(self, entries: list[Entry]) -> None:
         for entry in entries:
             param, entry.param = entry.param.detach(), None
+            slot = Slot(entry.name, entry.aliases, param.shape, self._sampler)
             try:
-                posterior = get_posterior(self.posterior_spec, param)
+                if entry.store is not None:
+                    # Written straight into the flat storage: no parameter-sized copies.
+                    store = self.variational[entry.store]
+                    with torch.no_grad():
+                        mu, rho = (store.view(t, entry.index) for t in (store.mu, store.rho))
+                        initialize_into(self.posterior_spec, mu, rho, param)
+                    slot.store, slot.index = entry.store, entry.index
+                else:
+                    slot.index = entry.name.replace(".", ":")
+                    self.posteriors[slot.index] = get_posterior(self.posterior_spec, param)
                 prior = get_prior(self.prior_spec, param)
             except BnnifyError as error:
                 message = f"parameter {entry.name!r}: {error.message}"
                 raise type(error)(message, hint=error.hint) from None
-            slot = Slot(entry.name, entry.aliases, param.shape, self._sampler)
-            if entry.store is not None:
-                self.variational[entry.store].fill_(entry.index, posterior.mu, posterior.rho)
-                slot.store, slot.index = entry.store, entry.index
-            else:
-                slot.index = entry.name.replace(".", ":")
-                self.posteriors[slot.index] = posterior
             self.priors.append(prior)
             entry.slot = slot
             self._slots.append(slot)
@@ -160,7 +163,7 @@ class BayesianModule(nn.Module):
                 self.posterior_spec[0],
                 self.prior_spec[0],
             )
-            del param, posterior
+            del param
         # Only once every posterior and prior is built: a bad spec leaves the module untouched.
         for entry in entries:
             for owner, attr in entry.owners:

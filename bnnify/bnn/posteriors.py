@@ -23,10 +23,15 @@ __all__ = [
     "VariationalPosterior",
     "accepted_kwargs",
     "get_posterior",
+    "init_function",
+    "initialize_into",
     "inverse_softplus",
     "is_flat",
     "restore_posterior",
 ]
+
+# Elements per chunk of in-place initialization: bounds temporaries, not results.
+_CHUNK = 1 << 20
 
 
 class VariationalPosterior(nn.Module):
@@ -96,17 +101,31 @@ class GaussianPosterior(VariationalPosterior):
         self.rho = nn.Parameter(rho.detach().clone() if copy else rho.detach())
 
     @classmethod
-    def from_param(
+    def from_param(cls, param: Tensor, **kwargs: Any) -> GaussianPosterior:
+        mu, rho = torch.empty_like(param), torch.empty_like(param)
+        cls.initialize_(mu, rho, param.detach(), **kwargs)
+        return cls(mu, rho, copy=False)
+
+    @classmethod
+    def initialize_(
         cls,
+        mu: Tensor,
+        rho_out: Tensor,
         param: Tensor,
         *,
         mu_std: float = 0.1,
         rho: float = -3.0,
         sigma: float | None = None,
-    ) -> GaussianPosterior:
+    ) -> None:
+        """Writes the initial `mu` and `rho` for `param` in place (`from_param`'s work).
+
+        A `BayesianModule` calls it on views of its flat storage, so that no
+        temporary of the parameter's size is built.
+        """
         _check_number(cls, "mu_std", mu_std, minimum=0.0)
-        mu = torch.randn_like(param, dtype=_compute_dtype(param)).mul_(mu_std).to(param.dtype)
-        return cls(mu, _initial_rho(cls, param, rho=rho, sigma=sigma), copy=False)
+        if not mu.is_meta:
+            mu.normal_(0.0, float(mu_std))
+        rho_out.fill_(_initial_rho(cls, rho=rho, sigma=sigma))
 
     @property
     def sigma(self) -> Tensor:
@@ -145,15 +164,17 @@ class PretrainedGaussianPosterior(GaussianPosterior):
     """
 
     @classmethod
-    def from_param(
+    def initialize_(
         cls,
+        mu: Tensor,
+        rho_out: Tensor,
         param: Tensor,
         *,
         rho: float | None = None,
         sigma: float | None = None,
         delta: float | None = None,
         min_sigma: float = 1e-6,
-    ) -> PretrainedGaussianPosterior:
+    ) -> None:
         given = {
             k: v for k, v in (("rho", rho), ("sigma", sigma), ("delta", delta)) if v is not None
         }
@@ -164,20 +185,23 @@ class PretrainedGaussianPosterior(GaussianPosterior):
                 "inverse (default -3).",
             )
         _check_number(cls, "min_sigma", min_sigma, minimum=0.0, strict=True)
-        if not param.is_meta and not torch.isfinite(param).all():
+        if delta is not None:
+            _check_number(cls, "delta", delta, minimum=0.0, strict=True)
+        if not _all_finite(param):
             raise InvalidArgumentError(
                 f"{cls.__name__}: the weights contain NaN or infinite values",
                 hint="A pretrained posterior needs finite weights; check the input model.",
             )
-        if delta is not None:
-            _check_number(cls, "delta", delta, minimum=0.0, strict=True)
-            spread = param.detach().to(_compute_dtype(param)).abs().mul_(delta)
-            rho_tensor = inverse_softplus(spread.clamp_(min=min_sigma)).to(param.dtype)
-            del spread
-        else:
+        if not mu.is_meta:
+            mu.copy_(param)
+        if delta is None:
             rho = -3.0 if rho is None else rho
-            rho_tensor = _initial_rho(cls, param, rho=rho, sigma=sigma, min_sigma=min_sigma)
-        return cls(param.detach().clone(), rho_tensor, copy=False)
+            rho_out.fill_(_initial_rho(cls, rho=rho, sigma=sigma, min_sigma=min_sigma))
+            return
+        flat_w, flat_rho = param.reshape(-1), rho_out.view(-1)
+        for a in range(0, flat_w.numel(), _CHUNK):
+            spread = flat_w[a : a + _CHUNK].to(_compute_dtype(param)).abs().mul_(delta)
+            flat_rho[a : a + _CHUNK] = inverse_softplus(spread.clamp_(min=min_sigma))
 
 
 PretrainedNormalPosterior = PretrainedGaussianPosterior
@@ -200,19 +224,25 @@ def _compute_dtype(param: Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
-def _initial_rho(
-    cls: type, param: Tensor, *, rho: float, sigma: float | None, min_sigma: float = 0.0
-) -> Tensor:
+def _initial_rho(cls: type, *, rho: float, sigma: float | None, min_sigma: float = 0.0) -> float:
+    """The constant initial rho: from `sigma` if given, else `rho`, floored at `min_sigma`."""
     if sigma is not None:
         _check_number(cls, "sigma", sigma, minimum=0.0, strict=True)
-        rho = float(
-            inverse_softplus(torch.tensor(max(float(sigma), min_sigma), dtype=torch.float64))
-        )
-    else:
-        _check_number(cls, "rho", rho)
-        if min_sigma > 0 and F.softplus(torch.tensor(float(rho), dtype=torch.float64)) < min_sigma:
-            rho = float(inverse_softplus(torch.tensor(min_sigma, dtype=torch.float64)))
-    return torch.full_like(param, float(rho), dtype=param.dtype)
+        target = torch.tensor(max(float(sigma), min_sigma), dtype=torch.float64)
+        return float(inverse_softplus(target))
+    _check_number(cls, "rho", rho)
+    if min_sigma > 0 and F.softplus(torch.tensor(float(rho), dtype=torch.float64)) < min_sigma:
+        return float(inverse_softplus(torch.tensor(min_sigma, dtype=torch.float64)))
+    return float(rho)
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    if tensor.is_meta or not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[a : a + _CHUNK]).all()) for a in range(0, flat.numel(), _CHUNK)
+    )
 
 
 def _check_number(
@@ -227,6 +257,19 @@ def _check_number(
             f"{cls.__name__}: {name} must be a finite number{bound}, got {value!r}",
             hint=f"Pass a valid {name} in the posterior's keyword arguments.",
         )
+
+
+def init_function(cls: type) -> Any:
+    """The function whose keyword arguments posterior class `cls` accepts.
+
+    `initialize_` for Gaussian posteriors that keep the base `from_param` (which
+    forwards its keyword arguments there), else `from_param` itself.
+    """
+    initialize = getattr(cls, "initialize_", None)
+    base = GaussianPosterior.from_param.__func__
+    if initialize is not None and getattr(cls.from_param, "__func__", None) is base:
+        return initialize
+    return cls.from_param
 
 
 def accepted_kwargs(method: Any) -> list[str]:
@@ -252,6 +295,34 @@ def restore_posterior(
     return built
 
 
+def initialize_into(posterior: Spec | None, mu: Tensor, rho: Tensor, param: Tensor) -> None:
+    """Writes the initial `mu` and `rho` of a flat Gaussian posterior spec, in place.
+
+    Through `initialize_` when the class has it (no temporaries of the parameter's
+    size), else by building the posterior with `from_param` and copying.
+
+    Raises:
+        KeyError: (`UnknownNameError`) For an unregistered name.
+        ValueError: (`InvalidArgumentError`) For invalid keyword arguments.
+    """
+    name, kwargs = parse_spec(posterior, "gaussian", "posterior")
+    cls = PosteriorFactory[name]
+    function = init_function(cls)
+    if function.__func__ is cls.from_param.__func__:
+        built = get_posterior(posterior, param)
+        mu.copy_(built.mu)
+        rho.copy_(built.rho)
+        return
+    try:
+        function(mu, rho, param, **kwargs)
+    except TypeError as error:
+        accepted = accepted_kwargs(function)
+        raise InvalidArgumentError(
+            f"invalid arguments {kwargs!r} for posterior {name!r}: {error}",
+            hint=f"{name!r} accepts: {', '.join(accepted) or 'nothing'}.",
+        ) from None
+
+
 def get_posterior(posterior: Spec | None, param: Tensor) -> VariationalPosterior:
     """Builds a registered posterior for `param` from a name or `(name, kwargs)` spec.
 
@@ -270,7 +341,8 @@ def get_posterior(posterior: Spec | None, param: Tensor) -> VariationalPosterior
     try:
         return cls.from_param(param, **kwargs)
     except TypeError as error:
+        accepted = accepted_kwargs(init_function(cls))
         raise InvalidArgumentError(
             f"invalid arguments {kwargs!r} for posterior {name!r}: {error}",
-            hint=f"{name!r} accepts: {', '.join(accepted_kwargs(cls.from_param)) or 'nothing'}.",
+            hint=f"{name!r} accepts: {', '.join(accepted) or 'nothing'}.",
         ) from None

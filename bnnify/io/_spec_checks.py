@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from bnnify.bnn.posteriors import init_function
 from bnnify.bnn.registry import Factory
 from bnnify.errors import BnnifyError, SpecError, closest
 
@@ -184,6 +185,8 @@ def _is_scalar(value: Any) -> bool:
 def _accepted(kind: str, cls: type) -> tuple[str, ...] | None:
     """Keyword arguments `cls` accepts, or None when it takes any (`**kwargs`)."""
     candidates = [(cls.from_param, {"param"})]
+    if kind == "posterior":
+        candidates = [(init_function(cls), {"param", "mu", "rho_out"})]
     if kind == "prior":
         # `Prior.from_param` forwards its **kwargs to the constructor.
         candidates.append((cls.__init__, {"self", "shape", "dtype", "device"}))
