@@ -106,9 +106,9 @@ def fit(
     from bnnify.io.fit import fit as run_fit
     from bnnify.io.models import load_model
     from bnnify.io.runner import open_runner
-    from bnnify.io.spec import resolve_spec
+    from bnnify.io.spec import resolve_device
 
-    device = process_device(resolve_spec(None, device=device).device)
+    device = process_device(resolve_device(device))
     destination = out or checkpoint.with_name(_fit_name(checkpoint))
     outputs = AtomicOutputs([destination], force=force, inputs=[checkpoint, model, data])
     with Checkpoint(checkpoint) as ckpt:

@@ -69,7 +69,7 @@ def kl(
         report = read_report(path)
     else:
         report = _compute(
-            out, path, prior, prior_arg or [], mc_samples, device or "cpu", seed, out_path, force
+            out, path, prior, prior_arg or [], mc_samples, device, seed, out_path, force
         )
     _render(out, report, reduction.value, top)
 
@@ -80,7 +80,7 @@ def _compute(
     prior: str | None,
     prior_args: list[str],
     mc_samples: int | None,
-    device: str,
+    device: str | None,
     seed: int | None,
     out_path: Path | None,
     force: bool,
@@ -89,20 +89,19 @@ def _compute(
     from bnnify.io.atomic import AtomicOutputs
     from bnnify.io.checkpoint import Checkpoint
     from bnnify.io.report import write_report
-    from bnnify.io.spec import resolve_spec
+    from bnnify.io.spec import resolve_device, resolve_spec
 
+    device = resolve_device(device)
     outputs = AtomicOutputs([out_path], force=force, inputs=[path]) if out_path else None
     with Checkpoint(path) as ckpt:
         override = None
         if prior or prior_args:
             base = ckpt.spec.prior
             name = prior or base[0]
-            resolved = resolve_spec(None, prior=name, prior_args=prior_args, device=device)
+            resolved = resolve_spec(None, prior=name, prior_args=prior_args)
             override = resolved.prior
             if prior is None or prior.lower() == base[0]:
                 override = (base[0], {**base[1], **resolved.prior[1]})
-        else:
-            resolve_spec(None, device=device)  # validates the device
         with out.progress(ckpt.num_elements(), "Computing KL") as advance:
             report = checkpoint_kl(
                 ckpt,

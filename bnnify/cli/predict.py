@@ -73,9 +73,9 @@ def predict(
     from bnnify.io.predict import predict as run_predict
     from bnnify.io.runner import check_input, open_runner
     from bnnify.io.safetensors_io import save_file
-    from bnnify.io.spec import resolve_spec
+    from bnnify.io.spec import resolve_device
 
-    device = resolve_spec(None, device=device).device
+    device = resolve_device(device)
     outputs = AtomicOutputs([out], force=force, inputs=[checkpoint, model, input]) if out else None
     with Checkpoint(checkpoint) as ckpt:
         chosen = task.value if task else (ckpt.fit or {}).get("task", "regression")

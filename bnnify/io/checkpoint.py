@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,9 +246,6 @@ class Checkpoint:
 
     def fit_tensors(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
         return {k: self.tensor(k, device) for k in self.files if k.startswith("bnnify.fit.")}
-
-    def iter_parameters(self) -> Iterator[ParameterRecord]:
-        return iter(self.parameters.values())
 
     def num_elements(self) -> int:
         total = 0

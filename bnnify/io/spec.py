@@ -22,6 +22,7 @@ __all__ = [
     "parse_key_values",
     "parse_spec",
     "read_spec",
+    "resolve_device",
     "resolve_spec",
 ]
 
@@ -187,6 +188,15 @@ def _copy_json(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _copy_json(item) for key, item in value.items()}
     return value
+
+
+def resolve_device(device: str | None) -> str:
+    """The `--device` flag, checked to exist on this machine (default "cpu").
+
+    Raises:
+        ValueError: (`SpecError`) For a malformed or unavailable device.
+    """
+    return check.check_device(DEFAULT_SPEC.device if device is None else device, "--device")
 
 
 def parse_key_values(pairs: Sequence[str], what: str = "--prior-arg") -> dict[str, Any]:
