@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from workloads import environment, write_json
 
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.safetensors_io import ShardedWriter, TensorInfo
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.safetensors_io import ShardedWriter, TensorInfo
 
 _REPO = Path(__file__).resolve().parent.parent
 _FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
@@ -336,7 +336,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict:
     index = build_checkpoint(work / "model", infos, int(shard_mb * _MB))
     built = time.perf_counter() - start
     (work / "out").mkdir()
-    baseline_command = [sys.executable, "-c", "import bnnify.cli.main, bnnify.io.convert"]
+    baseline_command = [sys.executable, "-c", "import bnnify.cli.main, bnnify.usecases.convert"]
     baseline = _checked(run_measured(baseline_command, work, "baseline"), "the baseline")
     print("converting through the CLI ...", file=sys.stderr)
     run = _checked(run_measured(_convert_command(index, work / "out"), work, "convert"), "convert")

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from bnnify.io.convert import convert
-from bnnify.io.models import load_model
-from bnnify.io.spec import resolve_spec
+from bnnify.formats.model_files import load_model
+from bnnify.formats.spec import resolve_spec
+from bnnify.usecases.convert import convert
 
 __all__ = [
     "CENTERS",
@@ -191,10 +191,10 @@ class FitFiles:
 
 
 def _short_fit(folder: Path, model: Path, prefix: str, task: str, epochs: int, lr: float) -> None:
-    from bnnify.io.checkpoint import Checkpoint
-    from bnnify.io.data import load_dataset
-    from bnnify.io.fit import FitSettings, fit, make_likelihood, save_fitted
-    from bnnify.io.runner import open_runner
+    from bnnify.formats.checkpoint import Checkpoint
+    from bnnify.formats.data import load_dataset
+    from bnnify.usecases.fit import FitSettings, fit, make_likelihood, save_fitted
+    from bnnify.usecases.runner import open_runner
 
     with Checkpoint(folder / f"{prefix}.bnn.safetensors") as ckpt:
         with warnings.catch_warnings():

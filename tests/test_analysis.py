@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.analysis: the KL and the statistics of a checkpoint, tensor by tensor."""
+"""Tests of bnnify.usecases.analysis: the KL and statistics of a checkpoint, tensor by tensor."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from model_files import shared_files
 
 from bnnify.errors import SpecError
-from bnnify.io.analysis import checkpoint_kl, parameter_stats
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.convert import convert
-from bnnify.io.models import load_model
-from bnnify.io.report import read_report
-from bnnify.io.spec import resolve_spec
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.model_files import load_model
+from bnnify.formats.report import read_report
+from bnnify.formats.spec import resolve_spec
+from bnnify.usecases.analysis import checkpoint_kl, parameter_stats
+from bnnify.usecases.convert import convert
 
 PRIORS = ["gaussian", "laplace", "scale_mixture", "empirical_gaussian"]
 

@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.arch: building a spec's `arch` and loading a state dict into it strictly."""
+"""Tests of bnnify.formats.arch: building a spec's `arch`, loading a state dict into it strictly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from bnnify.demo import build_model
 from bnnify.errors import FormatError, SpecError
-from bnnify.io.arch import build_arch, load_strict
+from bnnify.formats.arch import build_arch, load_strict
 
 
 def test_build_arch_calls_the_named_function_with_its_kwargs():

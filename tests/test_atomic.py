@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bnnify.errors import OutputExistsError, UsageError
-from bnnify.io.atomic import AtomicOutputs, atomic_path, install_sigterm_handler
+from bnnify.formats.atomic import AtomicOutputs, atomic_path, install_sigterm_handler
 
 
 def names(folder: Path) -> list[str]:
@@ -194,7 +194,7 @@ def test_sigterm_in_a_child_process_leaves_no_file(tmp_path: Path):
     script = textwrap.dedent(
         """
         import os, signal, sys
-        from bnnify.io.atomic import atomic_path, install_sigterm_handler
+        from bnnify.formats.atomic import atomic_path, install_sigterm_handler
 
         install_sigterm_handler()
         try:

@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.checkpoint: the self-describing variational checkpoint (docs/format.md)."""
+"""Tests of bnnify.formats.checkpoint: the self-describing variational checkpoint."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from safetensors.torch import save_file as plain_save_file
 
 import bnnify
 from bnnify.errors import FormatError, InputError
-from bnnify.io.checkpoint import FORMAT, FORMAT_VERSION, Checkpoint
-from bnnify.io.convert import convert
-from bnnify.io.models import load_model, sha256_file
-from bnnify.io.report import read_report
-from bnnify.io.safetensors_io import load_file, read_header, save_file
-from bnnify.io.spec import ConversionSpec, resolve_spec
+from bnnify.formats.checkpoint import FORMAT, FORMAT_VERSION, Checkpoint
+from bnnify.formats.model_files import load_model, sha256_file
+from bnnify.formats.report import read_report
+from bnnify.formats.safetensors_io import load_file, read_header, save_file
+from bnnify.formats.spec import ConversionSpec, resolve_spec
+from bnnify.usecases.convert import convert
 
 
 @pytest.fixture(scope="session")

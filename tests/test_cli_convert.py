@@ -18,8 +18,8 @@ from cli_helpers import BNNIFY, flat, invoke
 from model_files import FORMATS, save_pickled, save_state_dict, shared_files
 from safetensors.torch import save_file
 
-from bnnify.io import safetensors_io
-from bnnify.io.checkpoint import Checkpoint
+from bnnify.formats import safetensors_io
+from bnnify.formats.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

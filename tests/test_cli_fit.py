@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bnnify.demo import build_model, synthetic_regression
-from bnnify.io.checkpoint import Checkpoint
+from bnnify.formats.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

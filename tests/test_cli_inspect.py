@@ -12,8 +12,8 @@ from cli_helpers import invoke
 from model_files import shared_files
 
 import bnnify
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.models import sha256_file
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.model_files import sha256_file
 
 
 @pytest.fixture(scope="session")

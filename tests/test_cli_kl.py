@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from cli_helpers import BNNIFY, flat, invoke
 from model_files import build_cnn, shared_files
 
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.safetensors_io import load_file, read_header, save_file
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.safetensors_io import load_file, read_header, save_file
 
 
 @pytest.fixture(scope="session")

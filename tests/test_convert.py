@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.convert: every format in, checkpoints equal to the library's, bit for bit."""
+"""Tests of bnnify.usecases.convert: every format in, checkpoints equal to the library's."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from torch import nn
 from bnnify.bnn import BayesianModule, get_posterior, get_prior
 from bnnify.demo import build_model
 from bnnify.errors import FormatError, OutputExistsError, SpecError, UsageError
-from bnnify.io import safetensors_io
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.convert import convert, output_paths
-from bnnify.io.models import load_model
-from bnnify.io.report import read_report
-from bnnify.io.safetensors_io import read_header
-from bnnify.io.seeding import seeded
-from bnnify.io.spec import read_spec, resolve_spec
+from bnnify.formats import safetensors_io
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.model_files import load_model
+from bnnify.formats.report import read_report
+from bnnify.formats.safetensors_io import read_header
+from bnnify.formats.spec import read_spec, resolve_spec
+from bnnify.usecases.convert import convert, output_paths
+from bnnify.usecases.seeding import seeded
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

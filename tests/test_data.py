@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.data: safetensors, .npy, .npz and CSV data sets, and their validation."""
+"""Tests of bnnify.formats.data: safetensors, .npy, .npz and CSV data sets, and their validation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from bnnify.errors import InputError
-from bnnify.io.data import Dataset, load_dataset, load_tensor_file
+from bnnify.formats.data import Dataset, load_dataset, load_tensor_file
 
 NPY_DTYPES = [
     (np.float16, torch.float16),

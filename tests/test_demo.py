@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from bnnify.cli.main import app
 from bnnify.demo import build_model, main, synthetic_regression
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.spec import read_spec
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.spec import read_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.fit: the ELBO loop, KL weighting and warm-up, noise, saving."""
+"""Tests of bnnify.usecases.fit: the ELBO loop, KL weighting and warm-up, noise, saving."""
 
 from __future__ import annotations
 
@@ -11,11 +11,18 @@ from fit_files import convert_file, save_program, shared_fit_files, single_threa
 from torch import nn
 
 from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.data import Dataset, load_dataset
-from bnnify.io.fit import FitSettings, evaluate, fit, make_likelihood, save_fitted, settings_json
-from bnnify.io.models import load_model
-from bnnify.io.runner import open_runner
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.data import Dataset, load_dataset
+from bnnify.formats.model_files import load_model
+from bnnify.usecases.fit import (
+    FitSettings,
+    evaluate,
+    fit,
+    make_likelihood,
+    save_fitted,
+    settings_json,
+)
+from bnnify.usecases.runner import open_runner
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

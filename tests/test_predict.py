@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.predict: predictive summaries, samples, batches and metrics."""
+"""Tests of bnnify.usecases.predict: predictive summaries, samples, batches and metrics."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from fit_files import shared_fit_files, single_thread
 
 from bnnify.errors import InputError
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.data import Dataset, load_dataset
-from bnnify.io.models import load_model
-from bnnify.io.predict import Prediction, noise_of, predict
-from bnnify.io.runner import open_runner
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.data import Dataset, load_dataset
+from bnnify.formats.model_files import load_model
+from bnnify.usecases.predict import Prediction, noise_of, predict
+from bnnify.usecases.runner import open_runner
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

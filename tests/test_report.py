@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.report: the KL report file (docs/format.md)."""
+"""Tests of bnnify.formats.report: the KL report file (docs/format.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bnnify.errors import FormatError
-from bnnify.io.report import REPORT_FORMAT, KLReport, is_report, read_report, write_report
-from bnnify.io.safetensors_io import load_file, read_header, save_file
+from bnnify.formats.report import REPORT_FORMAT, KLReport, is_report, read_report, write_report
+from bnnify.formats.safetensors_io import load_file, read_header, save_file
 
 
 def sample_report(samples=None) -> KLReport:

@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.runner: the TorchScript gradient bridge, module runners, input checks."""
+"""Tests of bnnify.usecases.runner: the TorchScript gradient bridge, runners, input checks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from torch.func import functional_call
 
 from bnnify.demo import build_model
 from bnnify.errors import InputError, UnsafeInputError, UsageError
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.models import load_model
-from bnnify.io.runner import ModuleRunner, ScriptRunner, check_input, open_runner
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.model_files import load_model
+from bnnify.usecases.runner import ModuleRunner, ScriptRunner, check_input, open_runner
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -163,7 +163,7 @@ def test_arch_state_dict_runs_with_batchnorm_statistics(tmp_path):
         net(torch.randn(32, 8) * 3 + 1)  # running statistics off their defaults
     net.eval()
     torch.save(net.state_dict(), tmp_path / "demo.pt")
-    from bnnify.io.spec import resolve_spec
+    from bnnify.formats.spec import resolve_spec
 
     spec = resolve_spec("sample_configs/state_dict_arch.yaml")
     ckpt = convert_file(tmp_path / "demo.pt", tmp_path / "demo.bnn.safetensors", spec=spec)
@@ -176,7 +176,7 @@ def test_arch_state_dict_runs_with_batchnorm_statistics(tmp_path):
 
 def test_a_recorded_arch_runs_only_when_the_caller_confirms_it(tmp_path):
     torch.save(build_model().state_dict(), tmp_path / "demo.pt")
-    from bnnify.io.spec import resolve_spec
+    from bnnify.formats.spec import resolve_spec
 
     spec = resolve_spec("sample_configs/state_dict_arch.yaml")
     ckpt = convert_file(tmp_path / "demo.pt", tmp_path / "demo.bnn.safetensors", spec=spec)

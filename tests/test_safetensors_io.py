@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bnnify.errors import ArgumentTypeError, FormatError, InputError, InvalidArgumentError
-from bnnify.io._safetensors_format import CODES, MAX_HEADER_BYTES
-from bnnify.io.atomic import AtomicOutputs
-from bnnify.io.safetensors_io import (
+from bnnify.formats.atomic import AtomicOutputs
+from bnnify.formats.safetensors_io import (
     SafetensorsWriter,
     ShardedWriter,
     TensorInfo,
@@ -28,6 +27,7 @@ from bnnify.io.safetensors_io import (
     read_header,
     save_file,
 )
+from bnnify.formats.safetensors_layout import CODES, MAX_HEADER_BYTES
 
 DTYPES = list(CODES)
 SHAPES = [(), (0,), (3, 0), (7,), (2, 3, 4)]

@@ -1,4 +1,4 @@
-"""Tests of bnnify.io.spec: the YAML conversion spec, its validation and flag overrides."""
+"""Tests of bnnify.formats.spec: the YAML conversion spec, its validation and flag overrides."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from bnnify.bnn import GaussianPrior, PosteriorFactory, PriorFactory
 from bnnify.errors import EXIT_USAGE, SpecError
-from bnnify.io.safe_yaml import MAX_DEPTH, dump_yaml
-from bnnify.io.spec import (
+from bnnify.formats.safe_yaml import MAX_DEPTH, dump_yaml
+from bnnify.formats.spec import (
     ALLOWED_KEYS,
     DEFAULT_SPEC,
     ConversionSpec,

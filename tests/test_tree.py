@@ -9,8 +9,8 @@ from torch import nn
 
 from bnnify.bnn import BayesianModule
 from bnnify.errors import FormatError, InvalidArgumentError, UsageError
-from bnnify.io.models import load_model
-from bnnify.io.tree import StateDictTree, build_tree, default_deterministic
+from bnnify.formats.model_files import load_model
+from bnnify.formats.tree import StateDictTree, build_tree, default_deterministic
 
 
 def _source():

@@ -85,10 +85,10 @@ def convert(
     (pretrained_gaussian with sigma = 0.1 |w|); the default prior is N(0, 1).
     """
     out = Output(json_mode=json, quiet=quiet, verbose=verbose)
-    from bnnify.io.convert import convert as run_conversion
-    from bnnify.io.convert import output_paths
-    from bnnify.io.models import ModelFormat, load_model
-    from bnnify.io.spec import resolve_spec
+    from bnnify.formats.model_files import ModelFormat, load_model
+    from bnnify.formats.spec import resolve_spec
+    from bnnify.usecases.convert import convert as run_conversion
+    from bnnify.usecases.convert import output_paths
 
     resolved = resolve_spec(
         spec,

@@ -93,20 +93,20 @@ def fit(
     """
     rank = int(os.environ.get("RANK", "0"))
     out_sink = Output(json_mode=json, quiet=quiet or rank != 0, verbose=verbose)
-    from bnnify.io.atomic import AtomicOutputs
-    from bnnify.io.checkpoint import Checkpoint
-    from bnnify.io.data import load_dataset
-    from bnnify.io.fit import (
+    from bnnify.formats.atomic import AtomicOutputs
+    from bnnify.formats.checkpoint import Checkpoint
+    from bnnify.formats.data import load_dataset
+    from bnnify.formats.model_files import load_model
+    from bnnify.formats.spec import resolve_device
+    from bnnify.usecases.fit import (
         FitSettings,
         make_likelihood,
         process_device,
         save_fitted,
         settings_json,
     )
-    from bnnify.io.fit import fit as run_fit
-    from bnnify.io.models import load_model
-    from bnnify.io.runner import open_runner
-    from bnnify.io.spec import resolve_device
+    from bnnify.usecases.fit import fit as run_fit
+    from bnnify.usecases.runner import open_runner
 
     device = process_device(resolve_device(device))
     destination = out or checkpoint.with_name(_fit_name(checkpoint))
@@ -197,7 +197,7 @@ def _task(task: Task | None, ckpt: Any, resume: bool) -> str:
 def _split(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     import torch
 
-    from bnnify.io.data import Dataset
+    from bnnify.formats.data import Dataset
 
     n = len(data)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -217,7 +217,7 @@ def _split(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
 
 
 def _check_shapes(runner: Any, likelihood: Any, data: Any) -> None:
-    from bnnify.io.runner import check_input
+    from bnnify.usecases.runner import check_input
 
     output = check_input(runner, data.x)
     likelihood.check(output[:1].expand(len(data.y), *output.shape[1:]), data.y.to(output.device))

@@ -24,8 +24,8 @@ def inspect(
 ) -> None:
     """Show a checkpoint's metadata, per-parameter sigma and signal-to-noise |mu|/sigma."""
     out = Output(json_mode=json, quiet=quiet)
-    from bnnify.io.analysis import parameter_stats
-    from bnnify.io.checkpoint import Checkpoint
+    from bnnify.formats.checkpoint import Checkpoint
+    from bnnify.usecases.analysis import parameter_stats
 
     with Checkpoint(path) as ckpt:
         files = sorted(set(ckpt.files.values()) | {ckpt.path})

@@ -61,7 +61,7 @@ def kl(
 ) -> None:
     """Compute KL(posterior || prior) of a checkpoint, with its stored prior or another one."""
     out = Output(json_mode=json, quiet=quiet)
-    from bnnify.io.report import is_report, read_report
+    from bnnify.formats.report import is_report, read_report
 
     if is_report(path):
         if prior or prior_arg or mc_samples or out_path:
@@ -85,11 +85,11 @@ def _compute(
     out_path: Path | None,
     force: bool,
 ) -> Any:
-    from bnnify.io.analysis import checkpoint_kl
-    from bnnify.io.atomic import AtomicOutputs
-    from bnnify.io.checkpoint import Checkpoint
-    from bnnify.io.report import write_report
-    from bnnify.io.spec import resolve_device, resolve_spec
+    from bnnify.formats.atomic import AtomicOutputs
+    from bnnify.formats.checkpoint import Checkpoint
+    from bnnify.formats.report import write_report
+    from bnnify.formats.spec import resolve_device, resolve_spec
+    from bnnify.usecases.analysis import checkpoint_kl
 
     device = resolve_device(device)
     outputs = AtomicOutputs([out_path], force=force, inputs=[path]) if out_path else None

@@ -59,7 +59,7 @@ def main() -> None:
     # tensor of a large model otherwise costs a page fault per 4 KB on first touch.
     # Read once, at torch's first allocation, so it is set before torch is imported.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from bnnify.io.atomic import install_sigterm_handler
+    from bnnify.formats.atomic import install_sigterm_handler
 
     install_sigterm_handler()
     app()

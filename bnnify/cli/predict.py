@@ -65,15 +65,15 @@ def predict(
     sink = Output(json_mode=json, quiet=quiet)
     import torch
 
-    from bnnify.io.atomic import AtomicOutputs
-    from bnnify.io.checkpoint import Checkpoint
-    from bnnify.io.data import load_dataset
-    from bnnify.io.models import load_model
-    from bnnify.io.predict import noise_of
-    from bnnify.io.predict import predict as run_predict
-    from bnnify.io.runner import check_input, open_runner
-    from bnnify.io.safetensors_io import save_file
-    from bnnify.io.spec import resolve_device
+    from bnnify.formats.atomic import AtomicOutputs
+    from bnnify.formats.checkpoint import Checkpoint
+    from bnnify.formats.data import load_dataset
+    from bnnify.formats.model_files import load_model
+    from bnnify.formats.safetensors_io import save_file
+    from bnnify.formats.spec import resolve_device
+    from bnnify.usecases.predict import noise_of
+    from bnnify.usecases.predict import predict as run_predict
+    from bnnify.usecases.runner import check_input, open_runner
 
     device = resolve_device(device)
     outputs = AtomicOutputs([out], force=force, inputs=[checkpoint, model, input]) if out else None

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from bnnify.errors import FormatError, InputError
-from bnnify.io.safetensors_io import load_file, read_header, save_file
+from bnnify.formats.safetensors_io import load_file, read_header, save_file
 
 __all__ = ["REPORT_FORMAT", "KLReport", "is_report", "read_report", "write_report"]
 

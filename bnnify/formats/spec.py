@@ -11,8 +11,8 @@ import torch
 
 from bnnify.bnn import PosteriorFactory, PriorFactory
 from bnnify.errors import SpecError
-from bnnify.io import _spec_checks as check
-from bnnify.io.safe_yaml import MAX_CHARS, decode_utf8, load_yaml
+from bnnify.formats import spec_checks as check
+from bnnify.formats.safe_yaml import MAX_CHARS, decode_utf8, load_yaml
 
 __all__ = [
     "ALLOWED_KEYS",

@@ -12,9 +12,9 @@ from bnnify.bnn import get_prior
 from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples, parameter_kl
 from bnnify.bnn.posteriors import restore_posterior
 from bnnify.errors import SpecError
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.report import KLReport
-from bnnify.io.seeding import seeded
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.report import KLReport
+from bnnify.usecases.seeding import seeded
 
 __all__ = ["DEFAULT_MC_SAMPLES", "checkpoint_kl", "parameter_stats"]
 

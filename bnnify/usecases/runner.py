@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from bnnify.bnn import BayesianModule
 from bnnify.errors import InputError, UnsafeInputError, UsageError
-from bnnify.io.arch import build_arch, load_strict
-from bnnify.io.checkpoint import Checkpoint
-from bnnify.io.models import LoadedModel, ModelFormat
+from bnnify.formats.arch import build_arch, load_strict
+from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.model_files import LoadedModel, ModelFormat
 
 __all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
 

@@ -23,14 +23,14 @@ from torch import Tensor, nn
 
 import bnnify
 from bnnify.errors import FormatError, InputError
-from bnnify.io.formats import shard_path
-from bnnify.io.safetensors_io import (
+from bnnify.formats.detect import shard_path
+from bnnify.formats.safetensors_io import (
     SafetensorsWriter,
     ShardedWriter,
     TensorInfo,
     read_header,
 )
-from bnnify.io.spec import ConversionSpec
+from bnnify.formats.spec import ConversionSpec
 
 __all__ = [
     "FORMAT",
@@ -279,7 +279,7 @@ class Checkpoint:
             FormatError: If `module` does not match the checkpoint.
         """
         from bnnify.bnn import BayesianModule
-        from bnnify.io.tree import build_tree
+        from bnnify.formats.tree import build_tree
 
         state = self.variational_state(device)
         deterministic = self.deterministic_state(device)

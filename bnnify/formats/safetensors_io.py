@@ -20,7 +20,7 @@ from bnnify.errors import (
     InvalidArgumentError,
     closest,
 )
-from bnnify.io._safetensors_format import (
+from bnnify.formats.safetensors_layout import (
     CODES,
     MAX_HEADER_BYTES,
     METADATA_KEY,
@@ -180,7 +180,7 @@ def save_file(
 ) -> None:
     """Writes `tensors` to the safetensors file `path`, one tensor at a time.
 
-    The file is written in place; make it atomic with `bnnify.io.atomic.AtomicOutputs`.
+    The file is written in place; make it atomic with `bnnify.formats.atomic.AtomicOutputs`.
     """
     infos = [TensorInfo.of(name, tensor) for name, tensor in tensors.items()]
     with open(path, "wb") as file:
@@ -298,7 +298,7 @@ class ShardedWriter:
 
     Example:
         >>> import tempfile
-        >>> from bnnify.io.atomic import AtomicOutputs
+        >>> from bnnify.formats.atomic import AtomicOutputs
         >>> tmp = tempfile.TemporaryDirectory()
         >>> folder = Path(tmp.name)
         >>> tensors = {"a": torch.zeros(4), "b": torch.ones(4)}

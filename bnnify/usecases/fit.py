@@ -31,10 +31,10 @@ from bnnify.bnn.metrics import (
     expected_calibration_error,
     gaussian_mixture_log_likelihood,
 )
-from bnnify.io.checkpoint import Checkpoint, write_tensors
-from bnnify.io.data import Dataset
-from bnnify.io.runner import Runner
-from bnnify.io.safetensors_io import TensorInfo
+from bnnify.formats.checkpoint import Checkpoint, write_tensors
+from bnnify.formats.data import Dataset
+from bnnify.formats.safetensors_io import TensorInfo
+from bnnify.usecases.runner import Runner
 
 __all__ = ["FitSettings", "evaluate", "fit", "make_likelihood", "save_fitted", "settings_json"]
 

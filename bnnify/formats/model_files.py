@@ -26,7 +26,7 @@ from bnnify.errors import (
     UsageError,
     closest,
 )
-from bnnify.io.formats import (
+from bnnify.formats.detect import (
     ModelFormat,
     check_export_archive,
     detect_format,

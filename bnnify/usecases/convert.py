@@ -23,9 +23,9 @@ from bnnify.bnn.collect import matches
 from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples, parameter_kl
 from bnnify.bnn.posteriors import is_flat, restore_posterior
 from bnnify.errors import SpecError, UsageError
-from bnnify.io.arch import build_arch, load_strict
-from bnnify.io.atomic import AtomicOutputs
-from bnnify.io.checkpoint import (
+from bnnify.formats.arch import build_arch, load_strict
+from bnnify.formats.atomic import AtomicOutputs
+from bnnify.formats.checkpoint import (
     ParameterRecord,
     TensorRecord,
     checkpoint_metadata,
@@ -33,12 +33,12 @@ from bnnify.io.checkpoint import (
     sharded_paths,
     write_tensors,
 )
-from bnnify.io.models import LoadedModel, ModelFormat
-from bnnify.io.report import KLReport, write_report
-from bnnify.io.safetensors_io import TensorInfo
-from bnnify.io.seeding import seeded
-from bnnify.io.spec import ConversionSpec
-from bnnify.io.tree import default_deterministic
+from bnnify.formats.model_files import LoadedModel, ModelFormat
+from bnnify.formats.report import KLReport, write_report
+from bnnify.formats.safetensors_io import TensorInfo
+from bnnify.formats.spec import ConversionSpec
+from bnnify.formats.tree import default_deterministic
+from bnnify.usecases.seeding import seeded
 
 __all__ = ["DEFAULT_MC_SAMPLES", "ConversionResult", "ParameterSummary", "convert", "output_paths"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bnnify.errors import InputError
-from bnnify.io.safetensors_io import is_safetensors, load_file
+from bnnify.formats.safetensors_io import is_safetensors, load_file
 
 __all__ = ["Dataset", "load_dataset", "load_tensor_file"]
 

@@ -25,7 +25,7 @@ from bnnify.errors import (
     UnsafeInputError,
     UsageError,
 )
-from bnnify.io.models import (
+from bnnify.formats.model_files import (
     LoadedModel,
     ModelFormat,
     TensorMeta,

@@ -16,8 +16,8 @@ from bnnify.bnn.metrics import (
     gaussian_mixture_log_likelihood,
     regression_summary,
 )
-from bnnify.io.data import Dataset
-from bnnify.io.runner import Runner
+from bnnify.formats.data import Dataset
+from bnnify.usecases.runner import Runner
 
 __all__ = ["Prediction", "predict"]
 

@@ -1,3 +1,0 @@
-"""Reading and writing bnnify's files: conversion specs, checkpoints and models."""
-
-__all__ = []
