@@ -131,13 +131,8 @@ def _sniff(file: Path) -> ModelFormat:
         return ModelFormat.SAFETENSORS
     if head[:1] == b"\x80" and _LEGACY_MAGIC in head:
         return ModelFormat.STATE_DICT
-    if zipfile.is_zipfile(file):
+    if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(file):
         return _zip_format(file)
-    if head.startswith(b"PK\x03\x04"):
-        raise FormatError(
-            f"'{file}' is a truncated or corrupt zip archive",
-            hint="Copy or download the file again. " + _SUPPORTED,
-        )
     if head.lstrip().startswith(b"{"):
         read_index(file)
         return ModelFormat.SHARDED
@@ -145,23 +140,70 @@ def _sniff(file: Path) -> ModelFormat:
 
 
 def _zip_format(file: Path) -> ModelFormat:
+    """The format of a zip archive, from the records torch's own reader finds in it.
+
+    torch.load, torch.jit.load and torch.export.load all read zips with miniz
+    (`PyTorchFileReader`); Python's zipfile sees another archive in some files (a
+    torch.save archive stored inside a truncated .pt2), so it only words the errors.
+    """
+    try:
+        reader = torch._C.PyTorchFileReader(str(file))
+    except RuntimeError as error:
+        names = _zipfile_names(file)
+        if any(name.rpartition("/")[2] == "archive_format" for name in names):
+            return ModelFormat.EXPORT  # what torch.export.load tries; its loader refuses it
+        raise _unreadable_zip(file, names, error) from None
+    if reader.has_record("archive_format"):
+        return ModelFormat.EXPORT
+    if reader.has_record("constants.pkl"):
+        return ModelFormat.TORCHSCRIPT
+    if reader.has_record("data.pkl"):
+        return ModelFormat.STATE_DICT
+    raise FormatError(f"'{file}' is a zip archive but not a PyTorch file", hint=_SUPPORTED)
+
+
+def _zipfile_names(file: Path) -> list[str]:
     try:
         with zipfile.ZipFile(file) as archive:
-            records = {name.partition("/")[2] for name in archive.namelist()}
-    except (zipfile.BadZipFile, OSError) as error:
-        raise FormatError(f"'{file}' is a corrupt zip archive: {error}", hint=_SUPPORTED) from error
-    if "archive_format" in records:
-        return ModelFormat.EXPORT
-    if "constants.pkl" in records or any(r.startswith("code/") for r in records):
-        return ModelFormat.TORCHSCRIPT
-    if "data.pkl" in records:
-        return ModelFormat.STATE_DICT
-    if "serialized_exported_program.json" in records:
-        raise FormatError(
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+
+
+def _unreadable_zip(file: Path, names: list[str], error: RuntimeError) -> FormatError:
+    if "serialized_exported_program.json" in names:
+        return FormatError(
             f"'{file}' is a torch.export program in the format of torch < 2.8",
             hint="Re-save it with torch.export.save from a recent torch.",
         )
-    raise FormatError(f"'{file}' is a zip archive but not a PyTorch file", hint=_SUPPORTED)
+    if _first_member(file).startswith(_EXPORT_RECORDS):
+        kind = "torch.export archive"
+    elif names:  # Python's zipfile reads it whole: not truncated, not PyTorch's
+        return FormatError(f"'{file}' is a zip archive but not a PyTorch file", hint=_SUPPORTED)
+    else:
+        kind = "zip archive"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+    return FormatError(
+        f"'{file}' is a truncated or corrupt {kind}: {reason}",
+        hint="Copy or download the file again. " + _SUPPORTED,
+    )
+
+
+# Records torch.export.save writes first, to name the format of a truncated archive.
+_EXPORT_RECORDS = ("data/weights/", "data/constants/", "models/", "archive_format")
+
+
+def _first_member(file: Path) -> str:
+    """The name in the first local header, without its root folder, or "" if none.
+
+    Read by hand: zipfile reads nothing without the central directory at the end.
+    """
+    with open(file, "rb") as stream:
+        header = stream.read(30)
+        if len(header) < 30 or not header.startswith(b"PK\x03\x04"):
+            return ""
+        name = stream.read(int.from_bytes(header[26:28], "little"))
+    return name.decode("utf-8", "replace").partition("/")[2]
 
 
 def read_index(file: Path) -> dict[str, str]:
