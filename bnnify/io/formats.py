@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import zipfile
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO, NoReturn
 
 import torch
 
-from bnnify.errors import FormatError, InputError, UnsafeInputError
+from bnnify.errors import FormatError, InputError
 
 __all__ = [
     "ModelFormat",
-    "check_export_archive",
     "detect_format",
     "read_index",
     "refused_global",
@@ -251,81 +248,7 @@ def shard_path(index: Path, shard: str) -> Path:
     return path
 
 
-# Payloads torch.export.load unpickles in full (custom and opaque script objects).
-_OBJECT_PAYLOADS = ("custom_obj_", "opaque_obj_")
-_OBJECT_RECORDS = tuple(f"data/constants/{prefix}" for prefix in _OBJECT_PAYLOADS)
-
-
-def check_export_archive(stream: BinaryIO, file: Path) -> None:
-    """Refuses a torch.export archive whose loading could run arbitrary code.
-
-    `torch.export.load` unpickles some payloads with `weights_only=False` (tensor
-    subclasses, and its sample inputs when they fail to load with `weights_only=True`),
-    custom and opaque objects with full pickle, and loads AOTInductor native libraries.
-    An archive passes when it holds none of those objects and every pickle in it loads
-    with `weights_only=True`, so torch takes only its safe paths.
-
-    Args:
-        stream: The open archive, later passed to `torch.export.load` (same file).
-        file: Its path, for messages.
-
-    Raises:
-        UnsafeInputError: If loading the archive could run arbitrary code.
-        FormatError: If the archive is corrupt.
-    """
-    with zipfile.ZipFile(stream) as archive:
-        records = {name.partition("/")[2]: name for name in archive.namelist()}
-        pickles = [n for r, n in records.items() if r.startswith("data/sample_inputs/")]
-        pickles += [
-            n for r, n in records.items() if re.fullmatch(r"data/(weights|constants)/[^/]*\.pt", r)
-        ]
-        for record, name in records.items():
-            if any(ord(c) < 32 or ord(c) == 127 for c in name):
-                _refuse_pt2(file, f"a record with a control character in its name ({name!r})")
-            if record.startswith("data/aotinductor/"):
-                _refuse_pt2(file, f"AOTInductor native code ({record})")
-            if record.startswith(_OBJECT_RECORDS):
-                _refuse_pt2(file, f"a pickled Python object ({record})")
-            if re.fullmatch(r"data/(weights|constants)/[^/]*_config\.json", record):
-                config = _pt2_config(archive.read(name), file)
-                directory = name.rpartition("/")[0]
-                pickles += [f"{directory}/{p}" for p in config]
-        for name in pickles:
-            try:
-                data = archive.read(name)
-            except (KeyError, zipfile.BadZipFile, OSError) as error:
-                raise FormatError(f"'{file}' is a corrupt torch.export archive: {error}") from None
-            try:
-                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as error:  # any failure makes torch retry without weights_only
-                found = refused_global(error)
-                _refuse_pt2(file, f"a pickle that needs {found or 'more than weights'} ({name})")
-
-
 def refused_global(error: BaseException) -> str | None:
     """The class or function a weights-only `torch.load` refused, from its message."""
     found = re.search(r"GLOBAL (\S+) (?:was not an allowed|whose module)", str(error))
     return found.group(1) if found else None
-
-
-def _pt2_config(data: bytes, file: Path) -> list[str]:
-    """The payload files of a torch.export weights or constants config that are pickles."""
-    try:
-        entries = list(json.loads(data)["config"].values())
-        names = [str(e["path_name"]) for e in entries]
-        pickled = [str(e["path_name"]) for e in entries if e.get("use_pickle")]
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise FormatError(f"'{file}' has a corrupt payload config: {error!r}") from None
-    # torch decides what to unpickle from the config, so the config is what is checked.
-    for path_name in names:
-        if path_name.startswith(_OBJECT_PAYLOADS) or any(ord(c) < 32 for c in path_name):
-            _refuse_pt2(file, f"a pickled Python object ({path_name!r})")
-    return pickled
-
-
-def _refuse_pt2(file: Path, what: str) -> NoReturn:
-    raise UnsafeInputError(
-        f"'{file}' is a torch.export program holding {what}: loading it can run arbitrary code",
-        hint="If you trust this file, pass --trust-pickle (trust_pickle=True). "
-        "Better, export the model without tensor subclasses, custom objects or AOTInductor.",
-    )
