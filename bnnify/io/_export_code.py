@@ -27,12 +27,11 @@ __all__ = [
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLACEHOLDER = re.compile(r"\*{0,2}[A-Za-z_][A-Za-z0-9_]*\Z")
-_SYMBOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NUMBER = re.compile(r"-?([0-9][0-9.eE+\-]*|inf|nan)\Z")
 _MAX_EXPR = 1 << 16
 # sympy constructors whose first argument may be a string (a name or a number), as
 # `sympy.srepr` writes them; every other sympy function sympifies (evaluates) strings.
-_STRING_FIRST = {"Symbol": _SYMBOL_NAME, "Dummy": _SYMBOL_NAME}
+_STRING_FIRST = {"Symbol": _IDENTIFIER, "Dummy": _IDENTIFIER}
 _STRING_FIRST.update(dict.fromkeys(("Float", "Integer", "Rational"), _NUMBER))
 _ARITHMETIC = (
     ast.Expression, ast.Load, ast.Constant, ast.Name, ast.Call, ast.keyword, ast.Tuple,

@@ -109,7 +109,7 @@ def quiet_torch_logs() -> Iterator[None]:
 
     handlers = {
         handler
-        for name, each in logging.Logger.manager.loggerDict.items()
+        for name, each in list(logging.Logger.manager.loggerDict.items())
         if name == "torch" or name.startswith("torch.")
         if isinstance(each, logging.Logger)
         for handler in each.handlers
@@ -126,6 +126,14 @@ def quiet_torch_logs() -> Iterator[None]:
 def unsafe(file: Path, what: str) -> NoReturn:
     """Raises the UnsafeInputError of archive `file`, `what` saying why."""
     raise UnsafeInputError(f"'{file}' is an unsafe torch.export archive: {what}", hint=_HINT)
+
+
+def run_check(check: Callable[[Any], None], value: Any) -> None:
+    """`check(value)` in a guarded block: its CodeRefused is refused like the guard's own."""
+    try:
+        check(value)
+    except CodeRefused as refused:
+        _refuse(f"run Python written in the file: {refused}")
 
 
 # -------------------------------------------------------------------- wrappers
@@ -283,11 +291,3 @@ def _checked_guards(original: Callable) -> Callable:
         return original(guards_code, *args, **kwargs)
 
     return convert
-
-
-def run_check(check: Callable[[Any], None], value: Any) -> None:
-    """`check(value)` in a guarded block: its CodeRefused is refused like the guard's own."""
-    try:
-        check(value)
-    except CodeRefused as refused:
-        _refuse(f"run Python written in the file: {refused}")
