@@ -18,6 +18,7 @@ from bnnify.bnn import BayesianModule
 from bnnify.errors import InputError, UnsafeInputError, UsageError
 from bnnify.formats.arch import build_arch, load_strict
 from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.export_archive import unlift
 from bnnify.formats.model_files import LoadedModel, ModelFormat
 
 __all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
@@ -215,7 +216,7 @@ def open_runner(
     if model.format is ModelFormat.TORCHSCRIPT:
         return ScriptRunner(model.module, checkpoint, device)
     if model.format is ModelFormat.EXPORT:
-        return ModuleRunner(model.module.module(), checkpoint, device)
+        return ModuleRunner(unlift(model.module, model.path), checkpoint, device)
     if model.format is ModelFormat.PICKLED_MODULE:
         return ModuleRunner(model.module, checkpoint, device)
     recorded = checkpoint.spec.arch
