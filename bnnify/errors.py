@@ -16,6 +16,7 @@ __all__ = [
     "FormatError",
     "InputError",
     "InvalidArgumentError",
+    "OutputError",
     "OutputExistsError",
     "SpecError",
     "UnknownNameError",
@@ -86,6 +87,10 @@ class InputError(BnnifyError):
 
 class FormatError(InputError, ValueError):
     """A file is not in a format bnnify understands, or of an unsupported version."""
+
+
+class OutputError(BnnifyError):
+    """An output file cannot be written: disk full, file too large, an I/O error."""
 
 
 class UnsafeInputError(BnnifyError):

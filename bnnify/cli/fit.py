@@ -110,7 +110,8 @@ def fit(
 
     device = process_device(resolve_device(device))
     destination = out or checkpoint.with_name(_fit_name(checkpoint))
-    outputs = AtomicOutputs([destination], force=force, inputs=[checkpoint, model, data])
+    read = [checkpoint, model, data, *([val] if val else [])]
+    outputs = AtomicOutputs([destination], force=force, inputs=read)
     with Checkpoint(checkpoint) as ckpt:
         chosen = _task(task, ckpt, resume)
         train = load_dataset(data, x_key=x_key, y_key=y_key, target=target)

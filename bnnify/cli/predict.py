@@ -76,7 +76,8 @@ def predict(
     from bnnify.usecases.runner import check_input, open_runner
 
     device = resolve_device(device)
-    outputs = AtomicOutputs([out], force=force, inputs=[checkpoint, model, input]) if out else None
+    read = [checkpoint, model, input, *([targets] if targets else [])]
+    outputs = AtomicOutputs([out], force=force, inputs=read) if out else None
     with Checkpoint(checkpoint) as ckpt:
         chosen = task.value if task else (ckpt.fit or {}).get("task", "regression")
         data = load_dataset(

@@ -9,7 +9,7 @@ is loaded strictly into the named `nn.Module` and the `BayesianModule` path runs
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +285,7 @@ def convert(
     mc_samples: int | None = None,
     shard_bytes: int | None = None,
     progress: Progress | None = None,
+    inputs: Sequence[str | Path] = (),
 ) -> ConversionResult:
     """Converts `model` into a variational checkpoint and a KL report, atomically.
 
@@ -298,6 +299,8 @@ def convert(
             else `DEFAULT_MC_SAMPLES`).
         shard_bytes: Write a sharded checkpoint with shards of at most this size.
         progress: Called with (tensor name, elements) as each tensor is done.
+        inputs: Other files the caller read (the spec file): like the model, never
+            written onto.
 
     Raises:
         SpecError: If `arch` is given for a program file (TorchScript, export).
@@ -308,7 +311,8 @@ def convert(
     early = (
         checkpoint if shard_bytes is None else checkpoint.parent / f"{stem}.safetensors.index.json"
     )
-    AtomicOutputs([early, report], force=force, inputs=[model.path])
+    read = [model.path, *inputs]
+    AtomicOutputs([early, report], force=force, inputs=read)
     source = {
         "name": model.path.name,
         "format": model.format.value,
@@ -323,7 +327,7 @@ def convert(
     targets = (
         [checkpoint] if shard_bytes is None else sharded_paths(checkpoint, stem, infos, shard_bytes)
     )
-    with AtomicOutputs([*targets, report], force=force, inputs=[model.path]) as outputs:
+    with AtomicOutputs([*targets, report], force=force, inputs=read) as outputs:
         write_tensors(
             checkpoint, infos, produce, metadata, outputs.temp, shard_bytes=shard_bytes, stem=stem
         )
