@@ -13,6 +13,7 @@ __all__ = [
     "EXIT_USAGE",
     "ArgumentTypeError",
     "BnnifyError",
+    "DivergedError",
     "FormatError",
     "InputError",
     "InvalidArgumentError",
@@ -91,6 +92,10 @@ class FormatError(InputError, ValueError):
 
 class OutputError(BnnifyError):
     """An output file cannot be written: disk full, file too large, an I/O error."""
+
+
+class DivergedError(BnnifyError):
+    """Training stopped: the loss or the parameters became infinite or NaN."""
 
 
 class UnsafeInputError(BnnifyError):
