@@ -10,6 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from bnnify.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -73,6 +75,8 @@ def convert(
             "default for sharded inputs: their largest shard."
         ),
     ] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
@@ -123,6 +127,8 @@ def convert(
                 mc_samples=mc_samples,
                 shard_bytes=shard_bytes,
                 progress=lambda name, n: advance(n),
+                arch=arch,
+                arch_kwargs=arch_kwargs,
                 inputs=read,
             )
     _render(out, result, resolved)

@@ -16,7 +16,7 @@ EXIT_CODES = (
     "Exit codes: 0 success; 1 runtime failure (unreadable or inconsistent input, failed "
     "run, disk full); 2 usage or spec error (bad option, spec or name, output exists "
     "without --force, output folder missing or not writable); 3 input refused as unsafe "
-    "(pickled code without --trust-pickle); 130 "
+    "(pickled code without --trust-pickle, code not confirmed with --arch); 130 "
     "interrupted (Ctrl-C, SIGTERM, SIGHUP)."
 )
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from bnnify.cli.fit import Task
 from bnnify.cli.options import (
+    ArchKwargsOpt,
     ArchOpt,
     DeviceOpt,
     ForceOpt,
@@ -55,6 +56,7 @@ def predict(
     ] = 0,
     device: DeviceOpt = None,
     arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
@@ -84,7 +86,11 @@ def predict(
             input, x_key=x_key, y_key=y_key, with_target=False, targets_path=targets
         )
         runner = open_runner(
-            load_model(model, trust_pickle=trust_pickle), ckpt, device=device, arch=arch
+            load_model(model, trust_pickle=trust_pickle),
+            ckpt,
+            device=device,
+            arch=arch,
+            arch_kwargs=arch_kwargs,
         )
         check_input(runner, data.x)
         noise = noise_of(ckpt.fit_tensors()) if chosen == "regression" else None
