@@ -170,7 +170,10 @@ def test_arch_conversion_equals_the_library_bit_for_bit(demo_state, tmp_path, po
         bnn = BayesianModule(module, spec.posterior, spec.prior)
     expected = bnn.variational_state()
     for path in (state_path, safetensors_path):
-        result, checkpoint, report = run(path, tmp_path / path.suffix[1:], spec)
+        folder = tmp_path / path.suffix[1:]
+        result, checkpoint, report = run(
+            path, folder, spec, arch=spec.arch, arch_kwargs=spec.arch_kwargs
+        )
         with Checkpoint(checkpoint) as ckpt:
             assert_same_tensors(ckpt.variational_state(), expected)
             assert_same_tensors(ckpt.deterministic_state(), dict(bnn.module.state_dict()))
@@ -327,7 +330,13 @@ def test_arch_is_refused_for_program_files(models, tmp_path):
 def test_a_state_dict_not_matching_the_arch_is_refused(models, tmp_path):
     spec = read_spec(SAMPLES / "state_dict_arch.yaml")
     with pytest.raises(FormatError) as error:
-        run(models.path("mlp", "state_dict"), tmp_path, spec)
+        run(
+            models.path("mlp", "state_dict"),
+            tmp_path,
+            spec,
+            arch=spec.arch,
+            arch_kwargs={"in_features": 8, "hidden": 32, "out_features": 1},
+        )
     message = str(error.value)
     assert "missing: 1.bias" in message and "unexpected: 2.bias, 2.weight" in message
     assert "0.weight: file (8, 4) vs arch (32, 8)" in message
