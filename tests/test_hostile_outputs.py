@@ -7,6 +7,7 @@ a one-line `Error:` message, that no payload ran (a marker file), that no input 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -431,8 +432,9 @@ def test_a_corrupt_export_archive_prints_no_traceback(tmp_path, monkeypatch):
         args = ["convert", "bad.pt2", "-o", "o.bnn.safetensors"]
         result = refused(args, [], tmp_path, 1, "bad.pt2")
         assert records.records == []
-        # BNNIFY_DEBUG=1 lets torch's own records through (and so the check above can fail).
-        assert invoke(*args, env={"BNNIFY_DEBUG": "1"}).exit_code == 1
+        # torch itself logs a traceback on this archive (so the check above can fail).
+        with contextlib.suppress(Exception), open(tmp_path / "bad.pt2", "rb") as stream:
+            torch.export.load(stream)
         assert records.records and records.records[0].exc_info
     finally:
         logging.getLogger("torch.export").removeHandler(records)
