@@ -89,10 +89,37 @@ def test_select_patterns(include, exclude, expected):
     assert _names(select(collect_parameters(_net()), include, exclude)) == expected
 
 
-def test_star_spans_dots_and_matching_is_case_sensitive():
+def test_star_spans_dots_and_matching_ignores_case():
     assert matches("encoder.layers.0.attn.weight", ["encoder.*weight"])
-    assert not matches("encoder.weight", ["Encoder.*"])
+    assert matches("encoder.weight", ["Encoder.*"])
     assert matches("a.b", ["x", "a.?"])
+    assert not matches("a.b", ["a.c"])
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("blocks.0.LayerNorm.weight", "*norm*"),
+        ("conv1_BN.weight", "*bn*"),
+        ("Encoder.LN_1.bias", "*ln_*"),
+        ("layer.norm.weight", "*NORM*"),
+        ("Block.weight", "block.[W]eight"),
+    ],
+)
+def test_patterns_match_whatever_the_case(name, pattern):
+    assert matches(name, [pattern])
+
+
+def test_select_excludes_mixed_case_norms():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.LayerNorm = nn.LayerNorm(2)
+            self.conv1_BN = nn.BatchNorm1d(2)
+
+    chosen = select(collect_parameters(Net()), "*.weight", ["*norm*", "*bn*"])
+    assert _names(chosen) == ["fc.weight"]
 
 
 def test_tied_parameter_matches_through_any_alias():

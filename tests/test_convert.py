@@ -261,6 +261,22 @@ def test_a_partial_spec_keeps_the_rest_deterministic(models, tmp_path):
         assert torch.equal(ckpt.tensor("0.bias"), models.modules["cnn"][0].bias)
 
 
+class MixedCaseNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3)
+        self.conv1_BN = nn.BatchNorm2d(2)
+        self.LayerNorm = nn.LayerNorm(2)
+        self.fc = nn.Linear(2, 2)
+
+
+def test_the_partial_spec_keeps_mixed_case_norms_deterministic(tmp_path):
+    torch.save(MixedCaseNorms().state_dict(), tmp_path / "norms.pt")
+    spec = read_spec(SAMPLES / "partial.yaml")
+    result, _, _ = run(tmp_path / "norms.pt", tmp_path / "out", spec)
+    assert [p.name for p in result.parameters] == ["conv1.weight", "fc.weight"]
+
+
 def test_monte_carlo_is_recorded(models, tmp_path):
     result, _, report = run(
         models.path("mlp", "safetensors"), tmp_path, resolve_spec(None), mc_samples=4

@@ -64,8 +64,17 @@ def _patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
-    """Whether `name` matches one of the glob `patterns` (case-sensitive, `*` spans dots)."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    """Whether `name` matches one of the glob `patterns` (case-insensitive, `*` spans dots).
+
+    Case-insensitive because naming habits differ between code bases (`LayerNorm`,
+    `conv1_BN`, `ln_1`): `*norm*` and `*bn*` must catch them all.
+
+    Example:
+        >>> matches("blocks.0.LayerNorm.weight", ["*norm*"])
+        True
+    """
+    folded = name.casefold()
+    return any(fnmatch.fnmatchcase(folded, pattern.casefold()) for pattern in patterns)
 
 
 def select(
