@@ -1,4 +1,6 @@
-"""KL(posterior || prior): fused chunked kernels over flat stores, and the generic path.
+"""KL(posterior || prior) for training: fused chunked kernels over flat stores, and the rest.
+
+Reports (reproducible to the last bit) use `bnnify.bnn.kl_report` instead.
 
 Memory of one `kl_divergence()` call over a flat store: no tensor of the model's
 size is built in the forward pass (the store is reduced chunk by chunk, chunks of
@@ -21,7 +23,6 @@ from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
 from bnnify.bnn.priors import Prior
-from bnnify.errors import InvalidArgumentError
 
 __all__ = [
     "CHUNK",
@@ -34,7 +35,6 @@ __all__ = [
     "has_gaussian_closed_form",
     "monte_carlo_warning",
     "pair_has_closed_form",
-    "parameter_kl",
     "store_kl",
 ]
 
@@ -149,34 +149,6 @@ def gaussian_scalars(prior: Prior) -> tuple[float, float] | None:
 def has_flat_log_prob(prior: Prior) -> bool:
     """Whether `prior` evaluates its log-density on flat chunks (fused Monte Carlo KL)."""
     return type(prior).flat_log_prob is not Prior.flat_log_prob
-
-
-def parameter_kl(posterior: Any, prior: Prior, num_samples: int | None) -> Tensor:
-    """KL(posterior || prior) of one parameter, summed (float64, differentiable).
-
-    Uses the fused kernels for Gaussian posteriors and `torch.distributions`
-    otherwise.
-
-    Raises:
-        ValueError: (`InvalidArgumentError`) If no closed form is known for the pair
-            and `num_samples` is None.
-    """
-    from bnnify.bnn.posteriors import is_flat
-
-    if is_flat(type(posterior)):
-        mu, rho = posterior.mu.reshape(-1), posterior.rho.reshape(-1)
-        segment = Segment(0, mu.numel(), prior, 0, gaussian_scalars(prior))
-        fused = has_gaussian_closed_form(prior) if num_samples is None else has_flat_log_prob(prior)
-        if fused:
-            return store_kl(mu, rho, [segment], num_samples)
-    q, p = posterior.distribution, prior.distribution
-    if num_samples is None and not pair_has_closed_form(q, p):
-        raise InvalidArgumentError(
-            f"no closed-form KL divergence is known for {type(posterior).__name__} "
-            f"vs {type(prior).__name__}",
-            hint="Pass approx_num_samples=N (e.g. 16) for a Monte Carlo estimate.",
-        )
-    return distribution_kl(q, p, num_samples).to(torch.float64)
 
 
 DEFAULT_MC_SAMPLES = 16
