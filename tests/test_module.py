@@ -320,6 +320,40 @@ def test_dtypes(dtype, when):
     assert model(x.double()).dtype == torch.float64
 
 
+# ---------------------------------------------------------------- any strides
+
+
+def _strided_net():
+    """A channels_last CNN whose head holds a transposed (non-contiguous) weight."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4))
+    net[2].weight = nn.Parameter(torch.randn(12, 4).t())
+    return net.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "posterior", ["gaussian", "pretrained_gaussian", ("pretrained_gaussian", {"delta": 0.1})]
+)
+@pytest.mark.parametrize("prior", ["gaussian", "empirical_gaussian", "laplace"])
+def test_non_contiguous_weights_convert_like_contiguous_ones(posterior, prior):
+    net = _strided_net()
+    assert not net[0].weight.is_contiguous() and not net[2].weight.is_contiguous()
+    plain = copy.deepcopy(net)
+    for layer in (plain[0], plain[2]):
+        layer.weight = nn.Parameter(layer.weight.detach().contiguous())
+    torch.manual_seed(1)
+    model = bnn.BayesianModule(net, posterior, prior)
+    torch.manual_seed(1)
+    expected = bnn.BayesianModule(plain, posterior, prior)
+    for key, tensor in model.variational_state().items():
+        assert torch.equal(tensor, expected.variational_state()[key]), key
+    assert all(t.is_contiguous() for t in model.state_dict().values() if torch.is_tensor(t))
+    x = torch.randn(2, 2, 4, 4).to(memory_format=torch.channels_last)
+    with model.mean_weights(), expected.mean_weights():
+        torch.testing.assert_close(model(x), expected(x))
+    assert model.kl_by_parameter() == expected.kl_by_parameter()
+
+
 # ---------------------------------------------------------------- include / exclude
 
 

@@ -86,7 +86,8 @@ class Prior(nn.Module):
             raise InvalidArgumentError(
                 f"{type(self).__name__}: {name} must be a number or a tensor, got {value!r}"
             )
-        tensor = torch.as_tensor(value, **self._factory).detach().clone()
+        tensor = torch.as_tensor(value, **self._factory).detach()
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
         if not tensor.is_floating_point():
             tensor = tensor.to(torch.get_default_dtype())
         if tensor.is_meta:
