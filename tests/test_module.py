@@ -253,11 +253,43 @@ def test_loaded_priors_drive_the_kl(saved, built):
 def test_loading_another_architecture_raises_format_error(make, kwargs):
     state = bnn.BayesianModule(_mlp()).state_dict()
     other = bnn.BayesianModule(make(), **kwargs)
-    before = {k: v.clone() for k, v in other.state_dict().items() if isinstance(v, torch.Tensor)}
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(FormatError, match="other reparametrized parameters") as info:
         other.load_state_dict(state)
     assert "same architecture" in info.value.hint
-    assert before["variational.0.mu"].shape == other.variational[0].mu.shape
+    # Refused before anything was copied.
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_the_state_dict_holds_tensors_only_and_saves_as_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = bnn.BayesianModule(_mlp(), "pretrained_gaussian", "empirical_gaussian")
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(state, path)
+    fresh = bnn.BayesianModule(_mlp(), "pretrained_gaussian", "empirical_gaussian")
+    fresh.load_state_dict(safetensors_torch.load_file(path))
+    for key, value in state.items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self, first: str):
+        super().__init__()
+        for name in (first, "b" if first == "a" else "a"):
+            self.add_module(name, nn.Linear(2, 2))
+
+
+def test_a_layout_with_equal_sizes_in_another_order_is_refused_before_copying():
+    state = bnn.BayesianModule(_TwoLayers("a")).state_dict()
+    other = bnn.BayesianModule(_TwoLayers("b"))
+    assert other.variational[0].mu.shape == state["variational.0.mu"].shape
+    before = other.variational[0].mu.detach().clone()
+    with pytest.raises(FormatError, match="shapes or order"):
+        other.load_state_dict(state)
+    assert torch.equal(other.variational[0].mu, before)
 
 
 def test_deepcopy_is_independent():

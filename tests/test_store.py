@@ -85,10 +85,17 @@ def test_extra_state_round_trip():
     other = GaussianStore(store.names, store.shapes, torch.float64, torch.device("cpu"))
     other.load_state_dict(store.state_dict())
     assert torch.equal(other.mu, store.mu) and torch.equal(other.rho, store.rho)
-    assert store.get_extra_state() == {
-        "names": store.names,
-        "shapes": [[2, 3], [3], [], [1, 2, 2]],
-    }
+    assert store.layout() == {"names": store.names, "shapes": [[2, 3], [3], [], [1, 2, 2]]}
+    assert all(isinstance(v, torch.Tensor) for v in store.state_dict().values())
+
+
+def test_a_layout_saved_as_a_dict_still_loads():
+    store = _store()
+    state = dict(store.state_dict())
+    state["_extra_state"] = store.layout()
+    other = GaussianStore(store.names, store.shapes, torch.float64, torch.device("cpu"))
+    other.load_state_dict(state)
+    assert torch.equal(other.mu, store.mu)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +122,18 @@ def test_extra_state_mismatch_raises_format_error(names, shapes, match):
     assert "same architecture" in info.value.hint
 
 
-@pytest.mark.parametrize("state", [None, [], {"names": []}, {"shapes": []}])
+@pytest.mark.parametrize(
+    "state",
+    [
+        None,
+        [],
+        {"names": []},
+        {"shapes": []},
+        torch.zeros(3),
+        torch.tensor([255, 0], dtype=torch.uint8),
+        torch.frombuffer(bytearray(b"[1, 2]"), dtype=torch.uint8),
+    ],
+)
 def test_malformed_extra_state(state):
     with pytest.raises(FormatError, match="malformed"):
         _store().set_extra_state(state)
