@@ -39,11 +39,21 @@ class Prior(nn.Module):
     `gaussian_kl` (closed-form KL from a Gaussian posterior, elementwise) and
     `flat_log_prob` (elementwise log-density, used by the Monte Carlo KL).
 
+    A subclass written for torchbayesian, where `Prior` is a plain class, may skip
+    `super().__init__()`: `__new__` sets up the `nn.Module` machinery first. Its
+    plain tensor attributes are then neither saved nor moved by `.to()` (as there),
+    and the KL still comes out in the dtype of `BayesianModule._kl_meta`.
+
     Args:
         shape: Shape of the parameter the prior is placed on.
         dtype: Floating-point dtype of the prior's tensors.
         device: Device of the prior's tensors.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Prior:
+        self = super().__new__(cls)
+        nn.Module.__init__(self)
+        return self
 
     def __init__(
         self,
@@ -51,7 +61,8 @@ class Prior(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | int | None = None,
     ):
-        super().__init__()
+        # No super().__init__(): __new__ did it, and buffers registered by a subclass
+        # before calling this must survive.
         self.shape = torch.Size(shape)
         self._factory = {"dtype": _prior_dtype(dtype), "device": device}
 
