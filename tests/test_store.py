@@ -205,3 +205,36 @@ def test_a_sample_backpropagated_twice_says_how_to_reuse_it():
         frozen = model(x).sum()
         frozen.backward(retain_graph=True)
         frozen.backward()
+
+
+# ---------------------------------------------------------------- second derivatives
+
+
+def _reference_second_derivatives(mu, rho, eps, loss):
+    """Gradient and Hessian-vector product of loss(mu + softplus(rho) eps), plain autograd."""
+    mu = mu.detach().clone().requires_grad_()
+    rho = rho.detach().clone().requires_grad_()
+    w = mu + F.softplus(rho) * eps
+    grads = torch.autograd.grad(loss(w), (mu, rho), create_graph=True)
+    return grads, torch.autograd.grad(sum(g.square().sum() for g in grads), (mu, rho))
+
+
+@pytest.mark.parametrize("how", ["owned", "given", "slice"])
+def test_the_sampler_supports_double_backward(how):
+    store = _store()
+    eps = torch.randn(store.numel, dtype=torch.float64)
+    if how == "owned":
+        w = gaussian_sample(store.mu, store.rho, eps.clone(), store, owned=True)
+    elif how == "given":
+        w = gaussian_sample(store.mu, store.rho, eps)
+    else:
+        w = torch.cat([store.sample(0, 6, eps[:6]), store.sample(6, store.numel, eps[6:])])
+
+    def loss(weights):
+        return (weights.cos() * weights.square()).sum()
+
+    grads = torch.autograd.grad(loss(w), (store.mu, store.rho), create_graph=True)
+    hvp = torch.autograd.grad(sum(g.square().sum() for g in grads), (store.mu, store.rho))
+    expected_grads, expected_hvp = _reference_second_derivatives(store.mu, store.rho, eps, loss)
+    for got, expected in zip((*grads, *hvp), (*expected_grads, *expected_hvp), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

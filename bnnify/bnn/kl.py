@@ -108,6 +108,9 @@ class _GaussianKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         mu, rho = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable gradients, for double backward.
+            return (*_gaussian_kl_gradients(mu, rho, ctx.segments, grad), None, None)
         sigma = ctx.sigma
         covered = sum(s.end - s.start for s in ctx.segments) == mu.numel()
         grad_mu = torch.empty_like(mu) if covered else torch.zeros_like(mu)
@@ -130,6 +133,23 @@ class _GaussianKL(torch.autograd.Function):
                     grad_mu[a:b] = out_mu
                     grad_rho[a:b] = out_rho
         return grad_mu, grad_rho, None, None
+
+
+def _gaussian_kl_gradients(
+    mu: Tensor, rho: Tensor, segments: Sequence[Segment], grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The gradients of `_GaussianKL` built from autograd ops (model-sized temporaries)."""
+    grad_mu, grad_rho = torch.zeros_like(mu), torch.zeros_like(rho)
+    for segment in segments:
+        m, s = segment.gaussian
+        a, b = segment.start, segment.end
+        mu_c, rho_c = _compute(mu[a:b]), _compute(rho[a:b])
+        sig = F.softplus(rho_c)
+        g_mu = grad * (mu_c - m) / (s * s)
+        g_rho = grad * (sig / (s * s) - 1 / sig) * torch.sigmoid(rho_c)
+        grad_mu = grad_mu.slice_scatter(g_mu.to(mu.dtype), start=a, end=b)
+        grad_rho = grad_rho.slice_scatter(g_rho.to(rho.dtype), start=a, end=b)
+    return grad_mu, grad_rho
 
 
 def gaussian_scalars(prior: Prior) -> tuple[float, float] | None:
@@ -221,6 +241,17 @@ class _StoreKL(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         mu, rho = ctx.saved_tensors
         segments, num_samples, seed, size = ctx.plan
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the recomputed terms with a graph, so
+            # that the gradients are differentiable too (same chunks, same noise).
+            total = torch.zeros((), dtype=torch.float64, device=mu.device)
+            for segment, a, b in _chunks(segments, size):
+                terms = _chunk_terms(mu[a:b], rho[a:b], segment, a, num_samples, seed)
+                total = total + terms.sum(dtype=torch.float64)
+            g_mu, g_rho = torch.autograd.grad(
+                total, (mu, rho), grad, create_graph=True, materialize_grads=True
+            )
+            return g_mu, g_rho, None
         grad_mu = torch.zeros_like(mu)
         grad_rho = torch.zeros_like(rho)
         for segment, start, end in _chunks(segments, size):

@@ -331,7 +331,9 @@ class ScaleMixturePrior(Prior):
         s2 = self._flat(self.sigma2, index, value)
         lp1 = log_pi - 0.5 * (value / s1).square() - s1.log()
         lp2 = log_1mpi - 0.5 * (value / s2).square() - s2.log()
-        return torch.logaddexp(lp1, lp2) - _LOG_SQRT_2PI
+        # log(e^lp1 + e^lp2) by hand: torch.logaddexp's double backward is NaN where
+        # the two differ by hundreds, as a narrow spike makes them.
+        return torch.maximum(lp1, lp2) + (lp1 - lp2).abs().neg().exp().log1p() - _LOG_SQRT_2PI
 
 
 def get_prior(prior: Spec | None, param: Tensor | None = None, **factory: Any) -> Prior:

@@ -94,6 +94,10 @@ class _GaussianSample(torch.autograd.Function):
             # bumping its version: the cached sigma must not outlive this pass.
             ctx.store.forget_sigma()
             ctx.store = None
+        if torch.is_grad_enabled():
+            # create_graph=True: a gradient that is itself differentiable (double
+            # backward), built from autograd ops, the noise left intact.
+            return grad, grad * torch.sigmoid(rho) * eps, None, None, None
         grad_rho = eps if ctx.owned else torch.empty_like(rho)
         ctx.spent = ctx.owned
         # d softplus(rho) / d rho = sigmoid(rho); chunks keep the three passes in cache.
