@@ -181,12 +181,15 @@ def test_linear_pairs_qualify_plain_untied_linears():
     assert pairs[net[1]][1] is None
 
 
-def test_linear_pairs_refuse_tied_partial_and_mixed_layers():
+def test_linear_pairs_refuse_tied_and_mixed_layers():
     model = TiedLM()
     assert linear_pairs(model, collect_parameters(model)) == {}
     net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))
+    # A deterministic bias has no variance: the trick needs nothing more.
     entries = select(collect_parameters(net), None, "1.bias")
-    assert set(linear_pairs(net, entries)) == {net[0]}
+    pairs = linear_pairs(net, entries)
+    assert set(pairs) == {net[0], net[1]} and pairs[net[1]][1] is None
+    assert linear_pairs(net, select(collect_parameters(net), None, "1.weight")).keys() == {net[0]}
     mixed = nn.Linear(2, 2)
     mixed.bias = nn.Parameter(mixed.bias.detach().double())
     assert linear_pairs(mixed, collect_parameters(mixed)) == {}

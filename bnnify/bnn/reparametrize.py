@@ -289,7 +289,9 @@ class Draw:
             # The same rows repeated: their mean and variance are computed once.
             input, copies = repeated
         bias = bias_slot is not None
-        mean = F.linear(input, means[weight_slot.index], means[bias_slot.index] if bias else None)
+        # A deterministic bias (not reparametrized) shifts the mean and adds no variance.
+        bias_mean = means[bias_slot.index] if bias else module.bias
+        mean = F.linear(input, means[weight_slot.index], bias_mean)
         var = F.linear(
             input.to(variances[0].dtype).square(),
             variances[weight_slot.index],
