@@ -17,7 +17,7 @@ from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, initialize_in
 from bnnify.bnn.priors import get_prior
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
-from bnnify.bnn.rowwise import Estimator, EstimatorChoice, rowwise_refusal
+from bnnify.bnn.rowwise import Estimator, EstimatorChoice, choose_estimator
 from bnnify.bnn.store import GaussianStore
 from bnnify.errors import (
     ArgumentTypeError,
@@ -245,20 +245,9 @@ class BayesianModule(nn.Module):
             raise InvalidArgumentError(f"num_samples must be >= 1, got {num_samples!r}")
         choice = self.predictive_estimator(*inputs)
         if choice.estimator is Estimator.LOCAL_REPARAMETERIZATION and not self._batch_refusal():
-            repeated = [x.repeat(num_samples, *([1] * (x.dim() - 1))) for x in inputs]
-            previous, self._sampler.local = self._sampler.local, True
-            draw = self._sampler.begin()
-            if draw is not None:
-                draw.repeated = {
-                    id(r): (x, num_samples) for r, x in zip(repeated, inputs, strict=True)
-                }
-            try:
-                output = self.module(*repeated)
-            finally:
-                self._sampler.end(draw)
-                self._sampler.local = previous
-            if draw is not None and not draw.values and not draw.flat:
-                return output.reshape(num_samples, -1, *output.shape[1:])
+            output = self._sampler.repeated_pass(self.module, inputs, num_samples)
+            if output is not None:
+                return output
         return torch.stack([self(*inputs) for _ in range(num_samples)])
 
     def predictive_estimator(self, *inputs: Tensor) -> EstimatorChoice:
@@ -272,24 +261,8 @@ class BayesianModule(nn.Module):
             'the input has shape (5, 2, 3), not (batch, features)'
         """
         sampler = self._sampler
-        if sampler.mode != "sample":
-            return EstimatorChoice(Estimator.POSTERIOR_MEAN, "inside mean_weights()")
-        if sampler.frozen is not None:
-            return EstimatorChoice(Estimator.FROZEN_SAMPLE, "inside frozen_sample()")
-        if sampler.local:
-            return EstimatorChoice(
-                Estimator.LOCAL_REPARAMETERIZATION,
-                "local_reparameterization=True: the user asserts that rows are independent "
-                "examples; Linear layers fed 2-D inputs sample their pre-activations",
-            )
-        refusal = self._batch_refusal() or rowwise_refusal(self.module, inputs)
-        if refusal is not None:
-            return EstimatorChoice(Estimator.WEIGHT_SAMPLING, refusal)
-        return EstimatorChoice(
-            Estimator.LOCAL_REPARAMETERIZATION,
-            "every Bayesian parameter is in an nn.Linear of an nn.Sequential of row-wise "
-            "layers fed (batch, features): the same distribution per example",
-        )
+        modes = (sampler.mode, sampler.frozen is not None, sampler.local)
+        return choose_estimator(modes, self._batch_refusal, self.module, inputs)
 
     def _batch_refusal(self) -> str | None:
         """Why one batched local-trick pass cannot serve all samples, or None."""

@@ -13,14 +13,14 @@ used once, with no hooks, fed one 2-D tensor. Anything else samples weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Estimator", "EstimatorChoice", "rowwise_refusal"]
+__all__ = ["Estimator", "EstimatorChoice", "choose_estimator", "rowwise_refusal"]
 
 
 class Estimator(str, Enum):
@@ -50,6 +50,42 @@ class EstimatorChoice:
 
     def __str__(self) -> str:
         return f"{self.estimator.value} ({self.reason})"
+
+
+def choose_estimator(
+    modes: tuple[str, bool, bool],
+    batch_refusal: Callable[[], str | None],
+    module: nn.Module,
+    inputs: Sequence[Any],
+) -> EstimatorChoice:
+    """The estimator of `BayesianModule.predict_samples` (see `predictive_estimator`).
+
+    Args:
+        modes: The sampler's mode ("sample" or "mean"), whether a sample is frozen,
+            and whether the user turned local reparameterization on.
+        batch_refusal: Why the Bayesian parameters do not allow one batched pass.
+        module: The wrapped module.
+        inputs: Its inputs.
+    """
+    mode, frozen, local = modes
+    if mode != "sample":
+        return EstimatorChoice(Estimator.POSTERIOR_MEAN, "inside mean_weights()")
+    if frozen:
+        return EstimatorChoice(Estimator.FROZEN_SAMPLE, "inside frozen_sample()")
+    if local:
+        return EstimatorChoice(
+            Estimator.LOCAL_REPARAMETERIZATION,
+            "local_reparameterization=True: the user asserts that rows are independent "
+            "examples; Linear layers fed 2-D inputs sample their pre-activations",
+        )
+    refusal = batch_refusal() or rowwise_refusal(module, inputs)
+    if refusal is not None:
+        return EstimatorChoice(Estimator.WEIGHT_SAMPLING, refusal)
+    return EstimatorChoice(
+        Estimator.LOCAL_REPARAMETERIZATION,
+        "every Bayesian parameter is in an nn.Linear of an nn.Sequential of row-wise "
+        "layers fed (batch, features): the same distribution per example",
+    )
 
 
 # Layers that compute each output row from the same input row alone, whatever their
