@@ -9,6 +9,7 @@ import logging
 import math
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -263,7 +264,6 @@ def test_loading_another_architecture_raises_format_error(make, kwargs):
 
 
 def test_the_state_dict_holds_tensors_only_and_saves_as_safetensors(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
     model = bnn.BayesianModule(_mlp(), "pretrained_gaussian", "empirical_gaussian")
     state = model.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values())
