@@ -12,7 +12,7 @@ import bnnify.bnn as bnn
 from bnnify.bnn.rowwise import Estimator, rowwise_refusal
 
 LRT = Estimator.LOCAL_REPARAMETERIZATION
-SAMPLES = 2000
+SAMPLES = 1000
 
 
 class PerToken(nn.Module):
