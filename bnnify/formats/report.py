@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bnnify.bnn.kl_report import kl_total
 from bnnify.errors import FormatError, InputError
 from bnnify.formats.safetensors_io import load_file, read_header, save_file
 
@@ -44,7 +45,7 @@ class KLReport:
 
     @property
     def total(self) -> float:
-        return float(self.per_parameter.sum())
+        return kl_total(self.per_parameter)
 
     @property
     def mean(self) -> float:

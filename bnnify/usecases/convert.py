@@ -20,7 +20,8 @@ from torch import Tensor
 
 from bnnify.bnn import BayesianModule, PosteriorFactory, get_posterior, get_prior
 from bnnify.bnn.collect import matches
-from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples, parameter_kl
+from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples
+from bnnify.bnn.kl_report import kl_total, parameter_kl
 from bnnify.bnn.posteriors import is_flat, restore_posterior
 from bnnify.errors import SpecError, UsageError
 from bnnify.formats.arch import build_arch, confirm_arch, load_strict
@@ -77,7 +78,7 @@ class ConversionResult:
 
     @property
     def kl_sum(self) -> float:
-        return sum(p.kl for p in self.parameters)
+        return kl_total(p.kl for p in self.parameters)
 
     @property
     def kl_mean(self) -> float:
