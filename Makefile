@@ -29,6 +29,11 @@ format: install
 test: install lint
 	$(PY) -m pytest
 
+# KL reports must not depend on the thread count: their tests again at 1 and 4 threads.
+test-threads: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_kl_report.py
+	OMP_NUM_THREADS=4 $(PY) -m pytest -q -p no:cacheprovider tests/test_kl_report.py
+
 demo: install
 	$(PY) -m bnnify.demo demo_out/model.pt
 	$(VENV)/bin/bnnify convert demo_out/model.pt --spec sample_configs/pretrained_moped.yaml \

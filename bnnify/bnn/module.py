@@ -424,7 +424,7 @@ def _check_module(module: Any) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(
             "a TorchScript module cannot be reparametrized in place",
-            hint="Convert TorchScript files with `bnnify convert` or bnnify.io.load_model.",
+            hint="Convert TorchScript files with `bnnify convert` or `bnnify.convert()`.",
         )
 
 
