@@ -21,6 +21,7 @@ from bnnify.formats.arch import build_arch, confirm_arch, load_strict
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.export_archive import unlift
 from bnnify.formats.model_files import LoadedModel, ModelFormat
+from bnnify.usecases.script_weights import ScriptWeights
 
 __all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
 
@@ -93,12 +94,14 @@ class ScriptRunner(Runner):
         super().__init__()
         self.bnn = checkpoint.to_bayesian(device=device)
         self.bnn.eval()
+        self.names = self.bnn.reparametrized_names()
+        # Found before the move to `device`, which may turn shared memory into copies.
+        self._weights = ScriptWeights(script, self.names)
+        self._reach_checked = False
         # Not a submodule: its parameters are replaced on every pass and must stay out
         # of parameters() (the optimizer and DDP see only the variational ones).
         object.__setattr__(self, "script", script.to(device).eval())
         self._load(checkpoint.deterministic_state(device))
-        self.names = self.bnn.reparametrized_names()
-        self._aliases = _aliases(self.script, self.names)
 
     def _load(self, tensors: dict[str, Tensor]) -> None:
         """Copies the deterministic tensors (buffers, excluded parameters) into the script."""
@@ -111,19 +114,17 @@ class ScriptRunner(Runner):
                 target.copy_(tensor)
 
     def assign(self, weights: tuple[Tensor, ...]) -> list[nn.Parameter]:
-        """Installs `weights` as new leaf parameters (tied names share one)."""
-        leaves = []
-        for name, weight in zip(self.names, weights, strict=True):
-            leaf = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
-            for owner, attr in self._aliases[name]:
-                setattr(owner, attr, leaf)
-            leaves.append(leaf)
-        return leaves
+        """Installs `weights` as new leaf parameters wherever the script reads them."""
+        return self._weights.install(weights)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.cast_input(x)
         values = self.bnn.sample_parameters()
         weights = [values[name] for name in self.names]
+        if not self._reach_checked:
+            # Once, on two examples: bounded by the cost of one small training step.
+            self._weights.check_reach(lambda: self.script(x[:2].clone()), weights)
+            self._reach_checked = True
         if not torch.is_grad_enabled() or not any(w.requires_grad for w in weights):
             self.assign(tuple(weights))
             return self.script(x)
@@ -153,24 +154,6 @@ def _eval(module: nn.Module) -> None:
     except NotImplementedError:
         # torch.export modules are fixed in the mode they were exported in.
         module.training = False
-
-
-def _aliases(script: nn.Module, names: list[str]) -> dict[str, list[tuple[Any, str]]]:
-    """For each parameter name, every (submodule, attribute) holding the same tensor."""
-    by_pointer: dict[int, list[tuple[Any, str]]] = {}
-    for _, module in script.named_modules(remove_duplicate=False):
-        for attr, param in module.named_parameters(recurse=False):
-            by_pointer.setdefault(param.data_ptr(), []).append((module, attr))
-    found = {}
-    params = dict(script.named_parameters())
-    for name in names:
-        if name not in params:
-            raise InputError(
-                f"the TorchScript model has no parameter {name!r} recorded in the checkpoint",
-                hint="Pass the model file the checkpoint was converted from.",
-            )
-        found[name] = by_pointer[params[name].data_ptr()]
-    return found
 
 
 def _check_source(loaded: LoadedModel, checkpoint: Checkpoint) -> None:
