@@ -37,6 +37,7 @@ _SIZE = (6.4, 4.8)  # inches; at _DPI, a 640 x 480 PNG
 _DPI = 100
 # Values spread over this ratio or more are drawn on a log scale.
 _LOG_RATIO = 100.0
+_TITLES = {"kl": "KL(q || p)", "snr": "signal-to-noise |mu| / sigma"}
 
 
 class ImageFormat(str, Enum):
@@ -206,31 +207,26 @@ def layer_chart(
     or more. `kl` or `snr` may be None (one panel). Returns, per panel, the `names`,
     `values` and `log_scale` drawn, and the figure's `size` in pixels.
     """
-    panels = {"KL(q || p)": kl, "signal-to-noise |mu| / sigma": snr}
-    panels = {title: values for title, values in panels.items() if values is not None}
+    given = {"kl": kl, "snr": snr}
+    panels = {key: values for key, values in given.items() if values is not None}
     if not panels:
         raise InvalidArgumentError("layer_chart needs kl, snr or both")
     drawing = _Drawing(path, image_format, force)
     drawn: dict[str, Any] = {}
-    for title, values in panels.items():
-        tensor = _finite(torch.tensor(list(values.values()), dtype=torch.float64), title)
-        drawn["kl" if title.startswith("KL") else "snr"] = {
-            "names": list(values),
-            "values": tensor.tolist(),
-            "log_scale": _log_scale(tensor),
-        }
-    rows = max(len(panel["names"]) for panel in drawn.values())
-    size = (_SIZE[0] * len(drawn), max(_SIZE[1], 1.0 + 0.22 * rows))
+    for key, values in panels.items():
+        tensor = _finite(torch.tensor(list(values.values()), dtype=torch.float64), key)
+        drawn[key] = {"names": list(values), "values": tensor.tolist()}
+        drawn[key]["log_scale"] = _log_scale(tensor)
+    rows = max(len(values) for values in panels.values())
+    size = (_SIZE[0] * len(panels), max(_SIZE[1], 1.0 + 0.22 * rows))
     drawn["size"] = [round(size[0] * _DPI), round(size[1] * _DPI)]
 
     def draw(figure: Any) -> None:
-        for axes, title in zip(
-            figure.subplots(1, len(panels), squeeze=False).flat, panels, strict=True
-        ):
-            panel = drawn["kl" if title.startswith("KL") else "snr"]
-            axes.barh(panel["names"], panel["values"])
+        grid = figure.subplots(1, len(panels), squeeze=False).flat
+        for axes, key in zip(grid, panels, strict=True):
+            axes.barh(drawn[key]["names"], drawn[key]["values"])
             axes.invert_yaxis()  # first name on top
-            axes.set(title=title, xscale="log" if panel["log_scale"] else "linear")
+            axes.set(title=_TITLES[key], xscale="log" if drawn[key]["log_scale"] else "linear")
 
     drawing.write(draw, size)
     return drawn
