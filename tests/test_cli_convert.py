@@ -252,7 +252,7 @@ def inputs(models, tmp_path):
 
 ARCH = SAMPLES / "state_dict_arch.yaml"
 ERRORS = {
-    "missing file": (["{missing}"], 1, ["no such file or directory", "missing.pt"]),
+    "missing file": (["{missing}"], 1, ["does not exist", "missing.pt"]),
     "empty file": (["{empty}"], 1, ["empty.pt' is empty", "Supported formats"]),
     "garbage file": (["{garbage}"], 1, ["not a model file bnnify can read"]),
     "pickle without trust": (["{pickled}"], 3, ["pickled Python object", "--trust-pickle"]),

@@ -18,7 +18,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, InvalidArgumentError
+from bnnify.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    BnnifyError,
+    InvalidArgumentError,
+    clip,
+)
 
 __all__ = ["Output", "command", "human_bytes", "parse_size"]
 
@@ -128,7 +134,7 @@ def command(function: F) -> F:
                 traceback.print_exc()
             err.print(
                 f"[bold red]Error:[/bold red] internal error: "
-                f"{escape(type(error).__name__)}: {escape(str(error))}"
+                f"{escape(type(error).__name__)}: {escape(clip(str(error)))}"
             )
             err.print("[dim]Hint:[/dim] set BNNIFY_DEBUG=1 for the traceback and report it.")
             raise typer.Exit(EXIT_RUNTIME) from None
