@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnnify.errors import BnnifyError, FormatError, shorten
+from bnnify.formats.model_checks import all_finite
 from bnnify.formats.safetensors_layout import TensorInfo
 from bnnify.formats.strict_json import load_json
 
@@ -36,7 +37,6 @@ LOG_NOISE_KEY = "bnnify.fit.log_noise"
 _FLOAT32 = torch.finfo(torch.float32)
 # exp(log_noise) must be a positive, finite float32 noise scale.
 _LOG_NOISE_RANGE = (math.log(_FLOAT32.tiny), math.log(_FLOAT32.max))
-_CHUNK = 1 << 20
 _FIELDS = {
     "parameter": ({"shape", "dtype", "tensors"}, {"prior_tensors", "aliases"}),
     "tensor": ({"kind", "shape", "dtype"}, set()),
@@ -156,34 +156,31 @@ def check_parameter(
 
 
 def require_finite(tensor: Tensor, key: str, source: str) -> Tensor:
-    """`tensor`, refused if it holds NaN or infinite values (checked in chunks)."""
-    if tensor.is_floating_point():
-        flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            chunk = flat[start : start + _CHUNK]
-            if not bool(torch.isfinite(chunk).all()):
-                bad = int((~torch.isfinite(chunk)).sum())
-                raise FormatError(
-                    f"{source}: tensor {shorten(key)} holds NaN or infinite values "
-                    f"({bad} or more of {flat.numel():,})",
-                    hint="The checkpoint is corrupt, or came from a diverged fit: convert or "
-                    "fit again.",
-                )
+    """`tensor`, refused if it holds NaN or infinite values."""
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise FormatError(
+            f"{source}: tensor {shorten(key)} holds NaN or infinite values",
+            hint="The checkpoint is corrupt, or came from a diverged fit: convert or fit again.",
+        )
     return tensor
 
 
 def check_spread(rho: Tensor, key: str, source: str) -> Tensor:
-    """`rho`, refused where sigma = softplus(rho) rounds to 0 (no Gaussian has that spread)."""
+    """`rho`, refused where sigma = softplus(rho) rounds to 0 (no Gaussian has that spread).
+
+    softplus increases, so the smallest rho decides; it is taken in the dtype sigma is
+    computed in.
+    """
+    if rho.numel() == 0:
+        return rho
     compute = torch.promote_types(rho.dtype, torch.float32)
-    flat = rho.detach().reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        chunk = flat[start : start + _CHUNK].to(compute)
-        if not bool((F.softplus(chunk) > 0).all()):
-            raise FormatError(
-                f"{source}: tensor {shorten(key)} holds values down to {float(chunk.min()):.4g}, "
-                "for which sigma = softplus(rho) is 0",
-                hint="The checkpoint is corrupt or was edited: convert or fit again.",
-            )
+    lowest = rho.detach().min().to(compute)
+    if not bool(F.softplus(lowest) > 0):
+        raise FormatError(
+            f"{source}: tensor {shorten(key)} holds values down to {float(lowest):.4g}, "
+            "for which sigma = softplus(rho) is 0",
+            hint="The checkpoint is corrupt or was edited: convert or fit again.",
+        )
     return rho
 
 
