@@ -27,7 +27,10 @@ from torch import nn
 
 from bnnify.formats.safetensors_io import load_file, read_header
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning"),
+]
 
 
 @pytest.fixture(scope="session")

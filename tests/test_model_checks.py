@@ -43,6 +43,7 @@ def test_non_finite_weights_and_overflowing_casts():
     )
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 def test_module_parameters_follow_the_same_rules():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 0))
     with pytest.raises(FormatError, match=r"'1\.weight' has no elements"):
