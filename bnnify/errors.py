@@ -13,9 +13,11 @@ __all__ = [
     "EXIT_USAGE",
     "ArgumentTypeError",
     "BnnifyError",
+    "DivergedError",
     "FormatError",
     "InputError",
     "InvalidArgumentError",
+    "OutputError",
     "OutputExistsError",
     "SpecError",
     "UnknownNameError",
@@ -88,6 +90,14 @@ class InputError(BnnifyError):
 
 class FormatError(InputError, ValueError):
     """A file is not in a format bnnify understands, or of an unsupported version."""
+
+
+class OutputError(BnnifyError):
+    """An output file cannot be written: disk full, file too large, an I/O error."""
+
+
+class DivergedError(BnnifyError):
+    """Training stopped: the loss or the parameters became infinite or NaN."""
 
 
 class UnsafeInputError(BnnifyError):

@@ -153,13 +153,22 @@ def save_program(net: nn.Module, example: Tensor, path: Path) -> Path:
 
 
 def convert_file(model: Path, checkpoint: Path, spec=None, **flags) -> Path:
-    """Converts `model` into `checkpoint` (and a KL report beside it) with the library."""
+    """Converts `model` into `checkpoint` (and a KL report beside it) with the library.
+
+    The test's own `spec` is trusted: its `arch` is confirmed.
+    """
     report = checkpoint.with_name(checkpoint.name.replace(".safetensors", ".kl.safetensors"))
+    spec = spec or resolve_spec(None, **flags)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load
         with load_model(model) as loaded:
             convert(
-                loaded, spec or resolve_spec(None, **flags), checkpoint=checkpoint, report=report
+                loaded,
+                spec,
+                checkpoint=checkpoint,
+                report=report,
+                arch=spec.arch,
+                arch_kwargs=spec.arch_kwargs,
             )
     return checkpoint
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import torch
 from torch import nn
 
 from bnnify.demo import build_model
-from bnnify.errors import FormatError, SpecError
-from bnnify.formats.arch import build_arch, load_strict
+from bnnify.errors import FormatError, SpecError, UnsafeInputError, UsageError
+from bnnify.formats.arch import arch_flags, build_arch, confirm_arch, load_strict
 
 
 def test_build_arch_calls_the_named_function_with_its_kwargs():
@@ -71,3 +73,37 @@ def test_load_strict_lists_what_does_not_match():
 def test_load_strict_abbreviates_long_lists():
     with pytest.raises(FormatError, match=r"missing: .*\(\+4 more\)"):
         load_strict(build_model(), {}, "bnnify.demo:build_model")
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "match"),
+    [
+        (None, None, "a file alone cannot authorize"),
+        ("os:system", '{"hidden": 32}', "but --arch confirms 'os:system'"),
+        ("m:build", None, "which --arch-kwargs must repeat"),
+        ("m:build", '{"hidden": 64}', 'gives {"hidden": 64}'),
+        ("m:build", '{"hidden": 32.0}', 'gives {"hidden": 32.0}'),
+        ("m:build", '{"hidden": true}', 'gives {"hidden": true}'),
+        ("m:build", '{"hidden": 32, "x": 1}', "gives"),
+    ],
+)
+def test_an_arch_runs_only_as_confirmed(arch, kwargs, match):
+    with pytest.raises(UnsafeInputError, match=match) as error:
+        confirm_arch("m:build", {"hidden": 32}, arch, kwargs, where="spec.yaml")
+    assert error.value.exit_code == 3
+    assert error.value.hint.endswith("""--arch m:build --arch-kwargs '{"hidden": 32}'""")
+
+
+def test_the_confirmation_printed_in_the_hint_confirms():
+    kwargs = {"command": "echo 'it''s'", "n": [1, {"b": None}]}
+    flags = shlex.split(arch_flags("os:system", kwargs))
+    assert flags[:2] == ["--arch", "os:system"] and flags[2] == "--arch-kwargs"
+    confirm_arch("os:system", kwargs, flags[1], flags[3], where="x")
+    confirm_arch("os:system", kwargs, "os:system", dict(reversed(kwargs.items())), where="x")
+    confirm_arch("m:build", {}, "m:build", None, where="x")  # nothing to repeat
+
+
+@pytest.mark.parametrize("kwargs", ["[1]", "{not json", '"text"'])
+def test_arch_kwargs_must_be_a_json_object(kwargs):
+    with pytest.raises(UsageError, match="--arch-kwargs"):
+        confirm_arch("m:build", {}, "m:build", kwargs, where="x")

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import multiprocessing
 import os
-import signal
 import stat
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
 
-from bnnify.errors import OutputExistsError, UsageError
-from bnnify.formats.atomic import AtomicOutputs, atomic_path, install_sigterm_handler
+from bnnify.errors import OutputError, OutputExistsError, UsageError
+from bnnify.formats.atomic import AtomicOutputs, atomic_path
 
 
 def names(folder: Path) -> list[str]:
@@ -100,19 +100,23 @@ def test_an_output_that_appears_meanwhile_is_not_clobbered(tmp_path: Path):
     assert names(tmp_path) == ["b"] and b.read_bytes() == b"theirs"
 
 
-def test_a_failed_rename_undoes_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("force", [False, True])
+def test_a_failed_commit_step_undoes_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force: bool
+):
     a, b = tmp_path / "a", tmp_path / "b"
-    replace = os.replace
+    name = "replace" if force else "link"
+    real = getattr(os, name)
 
-    def failing(source, destination):
+    def failing(source, destination, **kwargs):
         if Path(destination) == b:
-            raise OSError(28, "No space left on device")
-        replace(source, destination)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(source, destination, **kwargs)
 
-    monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError, match="No space"), AtomicOutputs([a, b]) as outputs:
-        outputs.temp(a).write_bytes(b"A")
-        outputs.temp(b).write_bytes(b"B")
+    monkeypatch.setattr(os, name, failing)
+    with pytest.raises(OSError, match="Input/output"), AtomicOutputs([a, b], force=force) as out:
+        out.temp(a).write_bytes(b"A")
+        out.temp(b).write_bytes(b"B")
     assert names(tmp_path) == []
 
 
@@ -178,49 +182,193 @@ def test_long_names_get_valid_temp_names(tmp_path: Path):
     assert path.exists()
 
 
-def test_sigterm_becomes_keyboard_interrupt_and_cleans_up(tmp_path: Path):
-    previous = signal.getsignal(signal.SIGTERM)
+def _racer(folder: Path, token: bytes, barrier, results) -> None:
+    """One process committing `a` and `b` once every racer is ready to commit."""
+    outputs = [folder / "a", folder / "b"]
     try:
-        install_sigterm_handler()
-        with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "out") as temp:
-            temp.write_bytes(b"partial")
-            signal.raise_signal(signal.SIGTERM)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        with AtomicOutputs(outputs) as out:
+            for path in outputs:
+                out.temp(path).write_bytes(token)
+            barrier.wait()
+    except OutputExistsError:
+        results.put("lost")
+    else:
+        results.put("won")
+
+
+def test_racing_processes_commit_exactly_one_winner(tmp_path: Path):
+    """Whatever the interleaving: one winner, its two files, the others refused, no temps."""
+    context = multiprocessing.get_context("fork")
+    racers = 4
+    for round_ in range(12):
+        folder = tmp_path / str(round_)
+        folder.mkdir()
+        barrier, results = context.Barrier(racers), context.Queue()
+        tokens = [f"racer {i} ".encode() * 1000 for i in range(racers)]
+        processes = [
+            context.Process(target=_racer, args=(folder, token, barrier, results))
+            for token in tokens
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+            assert process.exitcode == 0
+        outcomes = sorted(results.get(timeout=5) for _ in processes)
+        assert outcomes == ["lost"] * (racers - 1) + ["won"]
+        assert names(folder) == ["a", "b"]
+        assert (folder / "a").read_bytes() == (folder / "b").read_bytes()
+        assert (folder / "a").read_bytes() in tokens
+
+
+def test_a_name_taken_after_the_check_is_lost_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Another process creates `b` between the existence check and the link."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    link = os.link
+
+    def competitor_first(source, destination, **kwargs):
+        if Path(destination) == b:
+            b.write_bytes(b"theirs")
+        return link(source, destination, **kwargs)
+
+    monkeypatch.setattr(os, "link", competitor_first)
+    outputs = AtomicOutputs([a, b])
+    with pytest.raises(OutputExistsError, match="another process") as error, outputs as out:
+        out.temp(a).write_bytes(b"ours")
+        out.temp(b).write_bytes(b"ours")
+    assert error.value.exit_code == 2
+    assert names(tmp_path) == ["b"] and b.read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("race", [False, True])
+def test_without_hard_links_a_placeholder_claims_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, race: bool
+):
+    a, b = tmp_path / "a", tmp_path / "b"
+    opened = os.open
+
+    def no_links(source, destination, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def competitor_first(path, flags, mode=0o777, **kwargs):
+        if race and Path(path) == b and flags & os.O_EXCL:
+            b.write_bytes(b"theirs")
+        return opened(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "open", competitor_first)
+    try:
+        with AtomicOutputs([a, b]) as out:
+            out.temp(a).write_bytes(b"A")
+            out.temp(b).write_bytes(b"B")
+    except OutputExistsError:
+        assert race
+        assert names(tmp_path) == ["b"] and b.read_bytes() == b"theirs"
+    else:
+        assert not race
+        assert a.read_bytes() == b"A" and b.read_bytes() == b"B"
+        assert names(tmp_path) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "words"),
+    [
+        (errno.ENOSPC, OutputError, "no space left on device"),
+        (errno.EDQUOT, OutputError, "disk quota exceeded"),
+        (errno.EFBIG, OutputError, "file too large"),
+    ],
+)
+def test_a_full_disk_while_writing_names_the_output(tmp_path: Path, code, kind, words):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(kind, match=words) as error, AtomicOutputs([a, b]) as out:
+        out.temp(a).write_bytes(b"A")
+        out.temp(b).write_bytes(b"B")
+        raise OSError(code, os.strerror(code))
+    assert str(b) in error.value.message and error.value.exit_code == 1
     assert names(tmp_path) == []
 
 
-def test_sigterm_in_a_child_process_leaves_no_file(tmp_path: Path):
+def test_a_file_size_limit_is_reported_for_real(tmp_path: Path):
+    """EFBIG from the kernel: a child whose RLIMIT_FSIZE is smaller than its output."""
     script = textwrap.dedent(
         """
-        import os, signal, sys
-        from bnnify.formats.atomic import atomic_path, install_sigterm_handler
+        import resource, sys
+        from bnnify.errors import OutputError
+        from bnnify.formats.atomic import atomic_path
 
-        install_sigterm_handler()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
             with atomic_path(sys.argv[1]) as temp:
-                temp.write_bytes(b"partial")
-                os.kill(os.getpid(), signal.SIGTERM)
-                temp.write_bytes(b"never reached")
-        except KeyboardInterrupt:
-            sys.exit(130)
+                with open(temp, "wb") as file:
+                    for _ in range(4):
+                        file.write(b"x" * 2048)
+        except OutputError as error:
+            print(error.message)
         """
     )
     child = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "out")],
-        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         capture_output=True,
         text=True,
+        timeout=60,
         check=False,
     )
-    assert child.returncode == 130, child.stderr
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.startswith(f"cannot write {str(tmp_path / 'out')!r}: file too large")
     assert names(tmp_path) == []
 
 
-def test_sigterm_handler_is_left_alone_outside_the_main_thread():
-    previous = signal.getsignal(signal.SIGTERM)
-    thread = threading.Thread(target=install_sigterm_handler)
-    thread.start()
-    thread.join()
-    assert signal.getsignal(signal.SIGTERM) == previous
+def test_other_errors_while_writing_pass_through(tmp_path: Path):
+    with pytest.raises(OSError, match="I/O") as error, atomic_path(tmp_path / "a") as temp:
+        temp.write_bytes(b"A")
+        raise OSError(errno.EIO, "I/O error")
+    assert not isinstance(error.value, OutputError)
+    assert names(tmp_path) == []
+
+
+def test_names_too_long_are_refused_on_construction(tmp_path: Path):
+    with pytest.raises(UsageError, match="300 bytes long, more than the 255") as error:
+        AtomicOutputs([tmp_path / ("x" * 300)])
+    assert "..." in error.value.message  # the name is shortened in the message
+    # A name of 255 bytes is fine, also in a multi-byte encoding.
+    with atomic_path(tmp_path / ("é" * 127)) as temp:
+        assert len(os.fsencode(temp.name)) <= 255
+        temp.write_bytes(b"")
+    with pytest.raises(UsageError, match="256 bytes long"):
+        AtomicOutputs([tmp_path / ("é" * 128)])
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "words"),
+    [
+        (errno.EACCES, UsageError, "is not writable"),
+        (errno.EROFS, UsageError, "is not writable"),
+        (errno.ENOSPC, OutputError, "no space left"),
+    ],
+)
+def test_a_folder_that_cannot_take_a_file_is_refused_on_construction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code, kind, words
+):
+    opened = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if Path(path).parent == tmp_path and flags & os.O_CREAT:
+            raise OSError(code, os.strerror(code), str(path))
+        return opened(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    with pytest.raises(kind, match=words) as error:
+        AtomicOutputs([tmp_path / "out"])
+    assert str(tmp_path / "out") in error.value.message
+    assert names(tmp_path) == []
+
+
+def test_an_unwritable_folder_is_refused_on_construction(tmp_path: Path):
+    folder = Path("/sys") if os.geteuid() == 0 else tmp_path / "read_only"
+    if folder != Path("/sys"):
+        folder.mkdir(mode=0o555)
+    with pytest.raises(UsageError, match="is not writable"):
+        AtomicOutputs([folder / "out"])

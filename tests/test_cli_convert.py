@@ -251,6 +251,9 @@ def inputs(models, tmp_path):
 
 
 ARCH = SAMPLES / "state_dict_arch.yaml"
+# Confirms the arch of ARCH (braces doubled: the arguments go through str.format).
+CONFIRM = ["--arch", "bnnify.demo:build_model", "--arch-kwargs"]
+CONFIRM += ['{{"hidden": 32, "in_features": 8, "out_features": 1}}']
 ERRORS = {
     "missing file": (["{missing}"], 1, ["does not exist", "missing.pt"]),
     "empty file": (["{empty}"], 1, ["empty.pt' is empty", "Supported formats"]),
@@ -287,12 +290,12 @@ ERRORS = {
         ["arch applies to state dicts", "torchscript"],
     ),
     "arch not importable": (
-        ["{state}", "--spec", "{no_module}"],
+        ["{state}", "--spec", "{no_module}", "--arch", "bnnify_no_such_package.models:build"],
         2,
         ["cannot import module 'bnnify_no_such_package.models'"],
     ),
     "state dict not matching the arch": (
-        ["{state}", "--spec", str(ARCH)],
+        ["{state}", "--spec", str(ARCH), *CONFIRM],
         1,
         ["does not match arch", "missing: 1.bias", "unexpected: 2.bias, 2.weight"],
     ),

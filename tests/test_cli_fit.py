@@ -200,7 +200,13 @@ def test_fit_and_predict_an_arch_state_dict():
         net = build_model()
     torch.save(net.state_dict(), "demo.pt")
     spec = SAMPLES / "state_dict_arch.yaml"
+    confirm = ["--arch", "bnnify.demo:build_model"]
+    confirm += ["--arch-kwargs", '{"hidden": 32, "in_features": 8, "out_features": 1}']
     converted = cli(*argv("convert demo.pt --spec {spec} -o demo.bnn.safetensors", spec=spec))
+    assert converted.exit_code == 3, converted.output
+    converted = cli(
+        *argv("convert demo.pt --spec {spec} -o demo.bnn.safetensors", spec=spec), *confirm
+    )
     assert converted.exit_code == 0, converted.output
     x, y = synthetic_regression(96)
     save_file({"x": x, "y": y}, "data.safetensors")
@@ -208,12 +214,14 @@ def test_fit_and_predict_an_arch_state_dict():
     refused = cli(*argv(template), "--epochs", "2", "-o", "demo.fit.safetensors")
     assert refused.exit_code == 3, refused.output
     assert "--arch" in flat(refused.output)
-    template += " --arch bnnify.demo:build_model"
-    info = fit_json(*argv(template), "--epochs", "2", "-o", "demo.fit.safetensors")
+    # The name alone does not confirm the recorded keyword arguments.
+    unconfirmed = cli(*argv(template), *confirm[:2], "--epochs", "2", "-o", "d.safetensors")
+    assert unconfirmed.exit_code == 3, unconfirmed.output
+    assert "--arch-kwargs" in flat(unconfirmed.stderr)
+    info = fit_json(*argv(template), *confirm, "--epochs", "2", "-o", "demo.fit.safetensors")
     assert len(info["history"]) == 2
     template = "predict demo.fit.safetensors -m demo.pt -i data.safetensors --samples 4 --json"
-    template += " --arch bnnify.demo:build_model"
-    predicted = cli(*argv(template))
+    predicted = cli(*argv(template), *confirm)
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.stdout)["summary"]["examples"] == 96
 

@@ -79,6 +79,10 @@ def test_every_sample_config_converts_the_demo(demo, tmp_path, name):
             "--report",
             str(tmp_path / "m.kl.safetensors"),
             "--json",
+            *(
+                ["--arch", spec.arch, "--arch-kwargs", json.dumps(spec.arch_kwargs)]
+                * bool(spec.arch)
+            ),
         ],
     )
     assert result.exit_code == 0, result.output

@@ -11,6 +11,7 @@ from fit_files import convert_file, save_program, shared_fit_files, single_threa
 from torch import nn
 
 from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood
+from bnnify.errors import DivergedError, InputError
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset, load_dataset
 from bnnify.formats.model_files import load_model
@@ -191,3 +192,31 @@ def test_save_fitted_round_trip(files, tmp_path):
         fresh = make_likelihood("regression", fitted, resume=False)
         assert float(fresh.noise.detach()) == 1.0
     ckpt.close()
+
+
+@pytest.mark.parametrize("clip", [10.0, None])
+def test_a_diverging_fit_stops_before_a_non_finite_step(files, clip):
+    _, runner = open_toy(files)
+    before = {k: v.clone() for k, v in runner.bnn.variational_state().items()}
+    train = subset(load_dataset(files.reg_train), 64)
+    settings = FitSettings(task="regression", epochs=3, lr=1e30, batch_size=32, clip=clip)
+    seen = []
+    with pytest.raises(DivergedError, match="training diverged at epoch 1") as error:
+        fit(runner, GaussianLikelihood(), train, settings, on_epoch=seen.append)
+    assert "--lr, now 1e+30" in error.value.hint and error.value.exit_code == 1
+    assert seen == []  # stopped inside the first epoch
+    after = runner.bnn.variational_state()
+    assert all(torch.isfinite(t).all() for t in after.values())  # no non-finite step taken
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_data_that_overflow_the_model_are_refused(files, where):
+    _, runner = open_toy(files)
+    good = subset(load_dataset(files.reg_train), 64)
+    huge = Dataset(good.x / good.x.abs().max() * 3e38, good.y, "huge.safetensors")
+    assert torch.isfinite(huge.x).all()  # finite data, yet the model's output overflows
+    train, val = (huge, good) if where == "train" else (good, huge)
+    settings = FitSettings(task="regression", epochs=1, batch_size=32)
+    with pytest.raises(InputError, match=r"huge\.safetensors: the model's output or loss"):
+        fit(runner, GaussianLikelihood(), train, settings, val=val)

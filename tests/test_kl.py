@@ -385,3 +385,50 @@ def test_fused_gaussian_kl_across_chunk_boundaries(monkeypatch):
     want = torch.autograd.grad(expected, (store.mu, store.rho))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- second derivatives
+
+
+def _kl_gradient(model, samples, create_graph):
+    store = model.variational[0]
+    torch.manual_seed(5)  # the same Monte Carlo noise in every call
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kl = model.kl_divergence(approx_num_samples=samples)
+    return torch.autograd.grad(kl, (store.mu, store.rho), create_graph=create_graph)
+
+
+@pytest.mark.parametrize(
+    ("spec", "samples"),
+    [
+        ("gaussian", None),
+        (("gaussian", {"mu": 0.2, "sigma": 0.5}), None),
+        ("laplace", None),
+        ("laplace", 4),
+        ("scale_mixture", 4),
+    ],
+)
+def test_kl_hessian_vector_product_matches_finite_differences(spec, samples):
+    # Double backward through the fused kernels: curvature, not detached first gradients.
+    model = bnn.BayesianModule(_net(), prior=spec)
+    _randomize_(model, 0.5)
+    store = model.variational[0]
+    g_mu, g_rho = _kl_gradient(model, samples, create_graph=True)
+    assert g_mu.requires_grad and g_rho.requires_grad
+    v_mu, v_rho = torch.randn_like(store.mu), torch.randn_like(store.rho)
+    h_mu, h_rho = torch.autograd.grad(
+        (g_mu * v_mu).sum() + (g_rho * v_rho).sum(), (store.mu, store.rho)
+    )
+    step = 1e-6
+    with torch.no_grad():
+        store.mu.add_(step * v_mu)
+        store.rho.add_(step * v_rho)
+    plus = _kl_gradient(model, samples, create_graph=False)
+    with torch.no_grad():
+        store.mu.sub_(2 * step * v_mu)
+        store.rho.sub_(2 * step * v_rho)
+    minus = _kl_gradient(model, samples, create_graph=False)
+    numeric = [(p - m) / (2 * step) for p, m in zip(plus, minus, strict=True)]
+    torch.testing.assert_close(h_mu, numeric[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_rho, numeric[1], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ import logging
 import math
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -253,11 +254,42 @@ def test_loaded_priors_drive_the_kl(saved, built):
 def test_loading_another_architecture_raises_format_error(make, kwargs):
     state = bnn.BayesianModule(_mlp()).state_dict()
     other = bnn.BayesianModule(make(), **kwargs)
-    before = {k: v.clone() for k, v in other.state_dict().items() if isinstance(v, torch.Tensor)}
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(FormatError, match="other reparametrized parameters") as info:
         other.load_state_dict(state)
     assert "same architecture" in info.value.hint
-    assert before["variational.0.mu"].shape == other.variational[0].mu.shape
+    # Refused before anything was copied.
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_the_state_dict_holds_tensors_only_and_saves_as_safetensors(tmp_path):
+    model = bnn.BayesianModule(_mlp(), "pretrained_gaussian", "empirical_gaussian")
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(state, path)
+    fresh = bnn.BayesianModule(_mlp(), "pretrained_gaussian", "empirical_gaussian")
+    fresh.load_state_dict(safetensors_torch.load_file(path))
+    for key, value in state.items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self, first: str):
+        super().__init__()
+        for name in (first, "b" if first == "a" else "a"):
+            self.add_module(name, nn.Linear(2, 2))
+
+
+def test_a_layout_with_equal_sizes_in_another_order_is_refused_before_copying():
+    state = bnn.BayesianModule(_TwoLayers("a")).state_dict()
+    other = bnn.BayesianModule(_TwoLayers("b"))
+    assert other.variational[0].mu.shape == state["variational.0.mu"].shape
+    before = other.variational[0].mu.detach().clone()
+    with pytest.raises(FormatError, match="shapes or order"):
+        other.load_state_dict(state)
+    assert torch.equal(other.variational[0].mu, before)
 
 
 def test_deepcopy_is_independent():
@@ -318,6 +350,40 @@ def test_dtypes(dtype, when):
     assert model._kl_meta.dtype == torch.float64
     assert model.kl_divergence().dtype == torch.float64
     assert model(x.double()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------- any strides
+
+
+def _strided_net():
+    """A channels_last CNN whose head holds a transposed (non-contiguous) weight."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4))
+    net[2].weight = nn.Parameter(torch.randn(12, 4).t())
+    return net.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "posterior", ["gaussian", "pretrained_gaussian", ("pretrained_gaussian", {"delta": 0.1})]
+)
+@pytest.mark.parametrize("prior", ["gaussian", "empirical_gaussian", "laplace"])
+def test_non_contiguous_weights_convert_like_contiguous_ones(posterior, prior):
+    net = _strided_net()
+    assert not net[0].weight.is_contiguous() and not net[2].weight.is_contiguous()
+    plain = copy.deepcopy(net)
+    for layer in (plain[0], plain[2]):
+        layer.weight = nn.Parameter(layer.weight.detach().contiguous())
+    torch.manual_seed(1)
+    model = bnn.BayesianModule(net, posterior, prior)
+    torch.manual_seed(1)
+    expected = bnn.BayesianModule(plain, posterior, prior)
+    for key, tensor in model.variational_state().items():
+        assert torch.equal(tensor, expected.variational_state()[key]), key
+    assert all(t.is_contiguous() for t in model.state_dict().values() if torch.is_tensor(t))
+    x = torch.randn(2, 2, 4, 4).to(memory_format=torch.channels_last)
+    with model.mean_weights(), expected.mean_weights():
+        torch.testing.assert_close(model(x), expected(x))
+    assert model.kl_by_parameter() == expected.kl_by_parameter()
 
 
 # ---------------------------------------------------------------- include / exclude

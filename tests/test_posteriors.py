@@ -197,3 +197,39 @@ def test_initialize_into_equals_from_param(spec, monkeypatch):
     torch.manual_seed(1)
     posteriors.initialize_into(spec, mu, rho, weight)
     assert torch.equal(mu, built.mu) and torch.equal(rho, built.rho)
+
+
+# ---------------------------------------------------------------- any strides
+
+
+def _strided_weights():
+    conv = torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last)
+    linear = torch.randn(5, 7).t()
+    return {"channels_last": conv, "transposed": linear, "sliced": torch.randn(6, 8)[:, ::2]}
+
+
+POSTERIOR_SPECS = [
+    "gaussian",
+    ("gaussian", {"sigma": 0.2}),
+    "pretrained_gaussian",
+    ("pretrained_gaussian", {"delta": 0.1}),
+    ("pretrained_gaussian", {"sigma": 0.05}),
+]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("spec", POSTERIOR_SPECS)
+def test_posteriors_accept_any_strides_and_return_contiguous_tensors(spec, layout):
+    weight = _strided_weights()[layout]
+    assert not weight.is_contiguous()
+    torch.manual_seed(0)
+    posterior = bnn.get_posterior(spec, weight)
+    torch.manual_seed(0)
+    expected = bnn.get_posterior(spec, weight.contiguous())
+    for name in ("mu", "rho"):
+        tensor = getattr(posterior, name)
+        assert tensor.is_contiguous() and tensor.shape == weight.shape
+        assert torch.equal(tensor, getattr(expected, name))
+    restored = bnn.GaussianPosterior(weight, weight.abs())
+    assert restored.mu.is_contiguous() and restored.rho.is_contiguous()
+    assert torch.equal(restored.mu, weight)

@@ -239,3 +239,18 @@ def test_normal_laplace_pair_is_registered_with_torch():
 def test_scale_mixture_has_no_closed_form():
     prior = bnn.ScaleMixturePrior(shape=(3,))
     assert prior.gaussian_kl(torch.zeros(3), torch.ones(3), slice(0, 3)) is None
+
+
+@pytest.mark.parametrize("spec", ["gaussian", "laplace", "empirical_gaussian", "scale_mixture"])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_priors_accept_any_strides_and_store_contiguous_tensors(spec, layout):
+    if layout == "channels_last":
+        weight = torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last)
+    else:
+        weight = torch.randn(5, 7).t()
+    prior = bnn.get_prior(spec, weight)
+    assert all(t.is_contiguous() for t in prior.buffers())
+    if spec == "empirical_gaussian":
+        assert torch.equal(prior.mu, weight)
+    tensor_prior = bnn.get_prior(("gaussian", {"mu": weight, "sigma": weight.abs() + 0.1}))
+    assert tensor_prior.mu.is_contiguous() and tensor_prior.sigma.is_contiguous()

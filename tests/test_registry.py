@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -251,6 +252,53 @@ def test_custom_prior_from_factory_function_in_bayesian_module():
     torch.testing.assert_close(kl, expected.to(kl.dtype))
     kl.backward()
     assert model.variational[0].mu.grad.abs().sum() > 0
+
+
+class ReferenceStylePrior(bnn.Prior):
+    """Written for the reference, where `Prior` is a plain abstract class: no
+    `super().__init__()`, and its tensors are plain attributes in its own dtype."""
+
+    def __init__(self, shape=(), dtype=None, device=None, *, sigma: float = 0.5):
+        self.shape = torch.Size(shape)
+        self.sigma = torch.tensor(sigma)  # the default dtype, whatever the parameter's
+
+    @property
+    def distribution(self) -> Distribution:
+        return Normal(torch.zeros_like(self.sigma), self.sigma).expand(self.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_prior_that_skips_super_init_works_through_the_factory(tmp_path, dtype):
+    bnn.PriorFactory.register_factory_function("reference_style")(lambda: ReferenceStylePrior)
+    model = bnn.BayesianModule(_linear().to(dtype), prior=("reference_style", {"sigma": 0.5}))
+    assert all(type(p) is ReferenceStylePrior for p in model.priors)
+    posteriors = [model.posterior_distribution(n) for n in ("weight", "bias")]
+    expected = sum(
+        kl_divergence(Normal(q.loc.double(), q.scale.double()), Normal(0.0, 0.5)).sum()
+        for q in posteriors
+    )
+    # The reference's rule: the KL has the dtype (and device) of the `_kl_meta` buffer,
+    # whatever dtype the prior's own tensors have.
+    kl = model.kl_divergence()
+    assert kl.dtype == dtype == model._kl_meta.dtype
+    torch.testing.assert_close(kl.double(), expected.detach(), rtol=1e-6, atol=0)
+    kl.backward()
+    assert model.variational[0].mu.grad.abs().sum() > 0
+    by_name = model.kl_by_parameter()
+    torch.testing.assert_close(sum(by_name.values()), expected.detach(), rtol=1e-6, atol=0)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    model.to(other)
+    assert model.kl_divergence().dtype == other
+    assert (
+        bnn.BayesianModule(_linear(), prior="reference_style", dtype=other).kl_divergence().dtype
+        == other
+    )
+    assert "priors.0.sigma" not in model.state_dict()  # a plain attribute, as in the reference
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for copied in (clone, loaded):
+        assert copied.kl_divergence().item() == model.kl_divergence().item()
 
 
 def test_custom_prior_without_closed_form_uses_monte_carlo():

@@ -168,7 +168,12 @@ def test_arch_state_dict_runs_with_batchnorm_statistics(tmp_path):
     spec = resolve_spec("sample_configs/state_dict_arch.yaml")
     ckpt = convert_file(tmp_path / "demo.pt", tmp_path / "demo.bnn.safetensors", spec=spec)
     with Checkpoint(ckpt) as checkpoint:
-        runner = open_runner(load_model(tmp_path / "demo.pt"), checkpoint, arch=spec.arch)
+        runner = open_runner(
+            load_model(tmp_path / "demo.pt"),
+            checkpoint,
+            arch=spec.arch,
+            arch_kwargs=spec.arch_kwargs,
+        )
     x = torch.randn(5, 8)
     assert isinstance(runner, ModuleRunner)
     assert torch.allclose(runner.mean_forward(x), net(x), atol=1e-5)
@@ -180,12 +185,20 @@ def test_a_recorded_arch_runs_only_when_the_caller_confirms_it(tmp_path):
 
     spec = resolve_spec("sample_configs/state_dict_arch.yaml")
     ckpt = convert_file(tmp_path / "demo.pt", tmp_path / "demo.bnn.safetensors", spec=spec)
+    model = load_model(tmp_path / "demo.pt")
     with Checkpoint(ckpt) as checkpoint:
         with pytest.raises(UnsafeInputError) as error:
-            open_runner(load_model(tmp_path / "demo.pt"), checkpoint)
+            open_runner(model, checkpoint)
         assert spec.arch in error.value.message and "--arch" in error.value.hint
-        with pytest.raises(UsageError, match="differs"):
-            open_runner(load_model(tmp_path / "demo.pt"), checkpoint, arch="os:system")
+        with pytest.raises(UnsafeInputError, match="--arch confirms 'os:system'"):
+            open_runner(model, checkpoint, arch="os:system")
+        # The name alone does not confirm the recorded keyword arguments.
+        with pytest.raises(UnsafeInputError, match="--arch-kwargs must repeat") as error:
+            open_runner(model, checkpoint, arch=spec.arch)
+        assert '--arch-kwargs \'{"hidden": 32' in error.value.hint
+        with pytest.raises(UnsafeInputError, match="--arch-kwargs gives"):
+            open_runner(model, checkpoint, arch=spec.arch, arch_kwargs='{"hidden": 64}')
+        assert open_runner(model, checkpoint, arch=spec.arch, arch_kwargs=spec.arch_kwargs)
 
 
 def test_a_state_dict_without_arch_cannot_run(tmp_path):

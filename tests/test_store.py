@@ -85,10 +85,17 @@ def test_extra_state_round_trip():
     other = GaussianStore(store.names, store.shapes, torch.float64, torch.device("cpu"))
     other.load_state_dict(store.state_dict())
     assert torch.equal(other.mu, store.mu) and torch.equal(other.rho, store.rho)
-    assert store.get_extra_state() == {
-        "names": store.names,
-        "shapes": [[2, 3], [3], [], [1, 2, 2]],
-    }
+    assert store.layout() == {"names": store.names, "shapes": [[2, 3], [3], [], [1, 2, 2]]}
+    assert all(isinstance(v, torch.Tensor) for v in store.state_dict().values())
+
+
+def test_a_layout_saved_as_a_dict_still_loads():
+    store = _store()
+    state = dict(store.state_dict())
+    state["_extra_state"] = store.layout()
+    other = GaussianStore(store.names, store.shapes, torch.float64, torch.device("cpu"))
+    other.load_state_dict(state)
+    assert torch.equal(other.mu, store.mu)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +122,18 @@ def test_extra_state_mismatch_raises_format_error(names, shapes, match):
     assert "same architecture" in info.value.hint
 
 
-@pytest.mark.parametrize("state", [None, [], {"names": []}, {"shapes": []}])
+@pytest.mark.parametrize(
+    "state",
+    [
+        None,
+        [],
+        {"names": []},
+        {"shapes": []},
+        torch.zeros(3),
+        torch.tensor([255, 0], dtype=torch.uint8),
+        torch.frombuffer(bytearray(b"[1, 2]"), dtype=torch.uint8),
+    ],
+)
 def test_malformed_extra_state(state):
     with pytest.raises(FormatError, match="malformed"):
         _store().set_extra_state(state)
@@ -187,3 +205,36 @@ def test_a_sample_backpropagated_twice_says_how_to_reuse_it():
         frozen = model(x).sum()
         frozen.backward(retain_graph=True)
         frozen.backward()
+
+
+# ---------------------------------------------------------------- second derivatives
+
+
+def _reference_second_derivatives(mu, rho, eps, loss):
+    """Gradient and Hessian-vector product of loss(mu + softplus(rho) eps), plain autograd."""
+    mu = mu.detach().clone().requires_grad_()
+    rho = rho.detach().clone().requires_grad_()
+    w = mu + F.softplus(rho) * eps
+    grads = torch.autograd.grad(loss(w), (mu, rho), create_graph=True)
+    return grads, torch.autograd.grad(sum(g.square().sum() for g in grads), (mu, rho))
+
+
+@pytest.mark.parametrize("how", ["owned", "given", "slice"])
+def test_the_sampler_supports_double_backward(how):
+    store = _store()
+    eps = torch.randn(store.numel, dtype=torch.float64)
+    if how == "owned":
+        w = gaussian_sample(store.mu, store.rho, eps.clone(), store, owned=True)
+    elif how == "given":
+        w = gaussian_sample(store.mu, store.rho, eps)
+    else:
+        w = torch.cat([store.sample(0, 6, eps[:6]), store.sample(6, store.numel, eps[6:])])
+
+    def loss(weights):
+        return (weights.cos() * weights.square()).sum()
+
+    grads = torch.autograd.grad(loss(w), (store.mu, store.rho), create_graph=True)
+    hvp = torch.autograd.grad(sum(g.square().sum() for g in grads), (store.mu, store.rho))
+    expected_grads, expected_hvp = _reference_second_derivatives(store.mu, store.rho, eps, loss)
+    for got, expected in zip((*grads, *hvp), (*expected_grads, *expected_hvp), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -21,10 +21,13 @@ from bnnify.bnn.priors import (
     get_prior,
 )
 from bnnify.bnn.reparametrize import is_reparametrized
+from bnnify.bnn.rowwise import Estimator, EstimatorChoice
 
 __all__ = [
     "BayesianModule",
     "EmpiricalGaussianPrior",
+    "Estimator",
+    "EstimatorChoice",
     "GaussianPosterior",
     "GaussianPrior",
     "LaplacePrior",

@@ -64,8 +64,17 @@ def _patterns(value: str | Sequence[str] | None, what: str) -> list[str] | None:
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
-    """Whether `name` matches one of the glob `patterns` (case-sensitive, `*` spans dots)."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    """Whether `name` matches one of the glob `patterns` (case-insensitive, `*` spans dots).
+
+    Case-insensitive because naming habits differ between code bases (`LayerNorm`,
+    `conv1_BN`, `ln_1`): `*norm*` and `*bn*` must catch them all.
+
+    Example:
+        >>> matches("blocks.0.LayerNorm.weight", ["*norm*"])
+        True
+    """
+    folded = name.casefold()
+    return any(fnmatch.fnmatchcase(folded, pattern.casefold()) for pattern in patterns)
 
 
 def select(
@@ -102,8 +111,9 @@ def linear_pairs(
 ) -> dict[nn.Linear, tuple[Entry, Entry | None]]:
     """`nn.Linear` layers whose weight (and bias) can use the local reparameterization trick.
 
-    A layer qualifies when its weight and bias are both selected, used by this layer
-    only (not tied), and share a dtype and device.
+    A layer qualifies when its weight is selected and used by this layer only (not
+    tied), and its bias is either deterministic (not selected: zero variance is all
+    the trick needs) or selected, untied and of the weight's dtype and device.
     """
     by_id = {id(e.param): e for e in entries}
     pairs = {}
@@ -115,7 +125,7 @@ def linear_pairs(
         bias = by_id.get(id(bias_param)) if bias_param is not None else None
         if weight is None or len(weight.owners) != 1:
             continue
-        if bias_param is not None and (bias is None or len(bias.owners) != 1):
+        if bias is not None and len(bias.owners) != 1:
             continue
         if bias is not None and (bias.param.dtype, bias.param.device) != (
             weight.param.dtype,

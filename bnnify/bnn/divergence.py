@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
 from bnnify.bnn import kl as _kl
+from bnnify.bnn.kl_report import gaussian_report_kl, parameter_kl
 from bnnify.bnn.posteriors import GaussianPosterior
 from bnnify.bnn.priors import Prior
 from bnnify.bnn.reparametrize import Slot
@@ -78,23 +79,34 @@ class Divergence:
                 merged.append(seg)
         return merged
 
-    def terms(
-        self, samples: int | None, per_parameter: bool, device: torch.device
-    ) -> dict[str, Tensor]:
-        """KL terms by parameter (`per_parameter`) or by merged segment, float64."""
+    def terms(self, samples: int | None, device: torch.device) -> dict[str, Tensor]:
+        """KL terms by merged segment (training kernels, differentiable), float64."""
         self._check_closed_forms(samples)
         terms: dict[str, Tensor] = {}
         for k in range(len(self.stores)):
-            if per_parameter:
-                segments = self.slot_segments(k)
-            else:
-                segments = [(f"variational.{k}[{s.start}]", s) for s in self.segments[k]]
-            for name, segment in segments:
+            for segment in self.segments[k]:
+                name = f"variational.{k}[{segment.start}]"
                 terms[name] = self._segment_kl(k, segment, samples).to(device)
         for slot, posterior, prior in self._standalone():
             value = _kl.distribution_kl(posterior.distribution, prior.distribution, samples)
             terms[slot.name] = value.to(device, torch.float64)
         return terms
+
+    def report(self, samples: int | None) -> dict[str, Tensor]:
+        """KL of each parameter by the report function (fixed order), float64 on the CPU."""
+        self._check_closed_forms(samples)  # before no_grad: warnings point at the caller
+        values: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for i, slot in enumerate(self.slots):
+                prior = self.priors[i]
+                if slot.store is None:
+                    value = parameter_kl(self.posteriors[slot.index], prior, samples)
+                else:
+                    store = self.stores[slot.store]
+                    mu, rho = (store.view(t, slot.index) for t in (store.mu, store.rho))
+                    value = gaussian_report_kl(mu, rho, prior, samples)
+                values[slot.name] = value.cpu()
+        return values
 
     def _segment_kl(self, k: int, segment: _kl.Segment, samples: int | None) -> Tensor:
         store = self.stores[k]

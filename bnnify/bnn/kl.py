@@ -1,4 +1,6 @@
-"""KL(posterior || prior): fused chunked kernels over flat stores, and the generic path.
+"""KL(posterior || prior) for training: fused chunked kernels over flat stores, and the rest.
+
+Reports (reproducible to the last bit) use `bnnify.bnn.kl_report` instead.
 
 Memory of one `kl_divergence()` call over a flat store: no tensor of the model's
 size is built in the forward pass (the store is reduced chunk by chunk, chunks of
@@ -21,7 +23,6 @@ from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
 from bnnify.bnn.priors import Prior
-from bnnify.errors import InvalidArgumentError
 
 __all__ = [
     "CHUNK",
@@ -34,7 +35,6 @@ __all__ = [
     "has_gaussian_closed_form",
     "monte_carlo_warning",
     "pair_has_closed_form",
-    "parameter_kl",
     "store_kl",
 ]
 
@@ -108,6 +108,9 @@ class _GaussianKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         mu, rho = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable gradients, for double backward.
+            return (*_gaussian_kl_gradients(mu, rho, ctx.segments, grad), None, None)
         sigma = ctx.sigma
         covered = sum(s.end - s.start for s in ctx.segments) == mu.numel()
         grad_mu = torch.empty_like(mu) if covered else torch.zeros_like(mu)
@@ -132,6 +135,23 @@ class _GaussianKL(torch.autograd.Function):
         return grad_mu, grad_rho, None, None
 
 
+def _gaussian_kl_gradients(
+    mu: Tensor, rho: Tensor, segments: Sequence[Segment], grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The gradients of `_GaussianKL` built from autograd ops (model-sized temporaries)."""
+    grad_mu, grad_rho = torch.zeros_like(mu), torch.zeros_like(rho)
+    for segment in segments:
+        m, s = segment.gaussian
+        a, b = segment.start, segment.end
+        mu_c, rho_c = _compute(mu[a:b]), _compute(rho[a:b])
+        sig = F.softplus(rho_c)
+        g_mu = grad * (mu_c - m) / (s * s)
+        g_rho = grad * (sig / (s * s) - 1 / sig) * torch.sigmoid(rho_c)
+        grad_mu = grad_mu.slice_scatter(g_mu.to(mu.dtype), start=a, end=b)
+        grad_rho = grad_rho.slice_scatter(g_rho.to(rho.dtype), start=a, end=b)
+    return grad_mu, grad_rho
+
+
 def gaussian_scalars(prior: Prior) -> tuple[float, float] | None:
     """`(mu, sigma)` of a Gaussian prior with scalar parameters (fused kernel), else None."""
     from bnnify.bnn.priors import GaussianPrior
@@ -149,34 +169,6 @@ def gaussian_scalars(prior: Prior) -> tuple[float, float] | None:
 def has_flat_log_prob(prior: Prior) -> bool:
     """Whether `prior` evaluates its log-density on flat chunks (fused Monte Carlo KL)."""
     return type(prior).flat_log_prob is not Prior.flat_log_prob
-
-
-def parameter_kl(posterior: Any, prior: Prior, num_samples: int | None) -> Tensor:
-    """KL(posterior || prior) of one parameter, summed (float64, differentiable).
-
-    Uses the fused kernels for Gaussian posteriors and `torch.distributions`
-    otherwise.
-
-    Raises:
-        ValueError: (`InvalidArgumentError`) If no closed form is known for the pair
-            and `num_samples` is None.
-    """
-    from bnnify.bnn.posteriors import is_flat
-
-    if is_flat(type(posterior)):
-        mu, rho = posterior.mu.reshape(-1), posterior.rho.reshape(-1)
-        segment = Segment(0, mu.numel(), prior, 0, gaussian_scalars(prior))
-        fused = has_gaussian_closed_form(prior) if num_samples is None else has_flat_log_prob(prior)
-        if fused:
-            return store_kl(mu, rho, [segment], num_samples)
-    q, p = posterior.distribution, prior.distribution
-    if num_samples is None and not pair_has_closed_form(q, p):
-        raise InvalidArgumentError(
-            f"no closed-form KL divergence is known for {type(posterior).__name__} "
-            f"vs {type(prior).__name__}",
-            hint="Pass approx_num_samples=N (e.g. 16) for a Monte Carlo estimate.",
-        )
-    return distribution_kl(q, p, num_samples).to(torch.float64)
 
 
 DEFAULT_MC_SAMPLES = 16
@@ -249,6 +241,17 @@ class _StoreKL(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         mu, rho = ctx.saved_tensors
         segments, num_samples, seed, size = ctx.plan
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the recomputed terms with a graph, so
+            # that the gradients are differentiable too (same chunks, same noise).
+            total = torch.zeros((), dtype=torch.float64, device=mu.device)
+            for segment, a, b in _chunks(segments, size):
+                terms = _chunk_terms(mu[a:b], rho[a:b], segment, a, num_samples, seed)
+                total = total + terms.sum(dtype=torch.float64)
+            g_mu, g_rho = torch.autograd.grad(
+                total, (mu, rho), grad, create_graph=True, materialize_grads=True
+            )
+            return g_mu, g_rho, None
         grad_mu = torch.zeros_like(mu)
         grad_rho = torch.zeros_like(rho)
         for segment, start, end in _chunks(segments, size):

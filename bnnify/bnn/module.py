@@ -17,6 +17,7 @@ from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, initialize_in
 from bnnify.bnn.priors import get_prior
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
+from bnnify.bnn.rowwise import Estimator, EstimatorChoice, choose_estimator
 from bnnify.bnn.store import GaussianStore
 from bnnify.errors import (
     ArgumentTypeError,
@@ -56,7 +57,12 @@ class BayesianModule(nn.Module):
         include: Glob patterns over parameter names; only matches become Bayesian.
         exclude: Glob patterns over parameter names that stay deterministic.
         local_reparameterization: Sample the pre-activations of `nn.Linear` layers
-            given a 2-D input instead of their weights (Kingma et al., 2015).
+            given a 2-D input instead of their weights (Kingma et al., 2015), in
+            every forward pass and in `predict_samples`. Your assertion that each row
+            of each such input is one independent example: a model that reshapes
+            `(B, T*d)` to `(B*T, d)` would get a spread too small. Without it,
+            `predict_samples` uses the trick only where it is proven (see
+            `predictive_estimator`).
         debug: Alias of `verbose` (the name used by torchbayesian 0.2.1).
 
     Example:
@@ -224,38 +230,51 @@ class BayesianModule(nn.Module):
     def predict_samples(self, *inputs: Tensor, num_samples: int) -> Tensor:
         """`num_samples` outputs for the same inputs, stacked on a new first dimension.
 
-        When every reparametrized parameter belongs to an `nn.Linear` layer fed a 2-D
-        input, the samples come from one forward pass over the inputs repeated along
-        dimension 0, by the local reparameterization trick: each row gets independent
-        noise, so each output has exactly the distribution of a weight-sampled pass
-        (the model must treat rows independently, as in eval mode). Otherwise one
-        forward pass per sample.
+        By default one forward pass per sample, every weight drawn from its posterior.
+        The local reparameterization trick (one pass over the inputs repeated
+        `num_samples` times, each `nn.Linear` pre-activation drawn per row) is used
+        only where it gives each example exactly that predictive distribution: every
+        reparametrized parameter belongs to an `nn.Linear` and the model is proven to
+        act row by row on a 2-D input (see `bnnify.bnn.rowwise`), or the module was
+        built with `local_reparameterization=True`, the user's assertion that rows
+        are independent examples. Either way samples of different examples are then
+        independent, not drawn from shared weights. `predictive_estimator(*inputs)`
+        says which estimator is used, and why.
         """
         if num_samples < 1:
             raise InvalidArgumentError(f"num_samples must be >= 1, got {num_samples!r}")
-        if self._batchable():
-            repeated = [x.repeat(num_samples, *([1] * (x.dim() - 1))) for x in inputs]
-            previous, self._sampler.local = self._sampler.local, True
-            draw = self._sampler.begin()
-            if draw is not None:
-                draw.repeated = {
-                    id(r): (x, num_samples) for r, x in zip(repeated, inputs, strict=True)
-                }
-            try:
-                output = self.module(*repeated)
-            finally:
-                self._sampler.end(draw)
-                self._sampler.local = previous
-            if draw is not None and not draw.values and not draw.flat:
-                return output.reshape(num_samples, -1, *output.shape[1:])
+        choice = self.predictive_estimator(*inputs)
+        if choice.estimator is Estimator.LOCAL_REPARAMETERIZATION and not self._batch_refusal():
+            output = self._sampler.repeated_pass(self.module, inputs, num_samples)
+            if output is not None:
+                return output
         return torch.stack([self(*inputs) for _ in range(num_samples)])
 
-    def _batchable(self) -> bool:
+    def predictive_estimator(self, *inputs: Tensor) -> EstimatorChoice:
+        """The estimator `predict_samples(*inputs, ...)` uses, with the reason.
+
+        Example:
+            >>> mlp = BayesianModule(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)))
+            >>> mlp.predictive_estimator(torch.zeros(5, 3)).estimator.value
+            'local_reparameterization'
+            >>> mlp.predictive_estimator(torch.zeros(5, 2, 3)).reason
+            'the input has shape (5, 2, 3), not (batch, features)'
+        """
         sampler = self._sampler
-        if sampler.mode != "sample" or sampler.frozen is not None or len(self.posteriors):
-            return False
-        counts = [len(slots) for slots in self._divergence.store_slots]
-        return counts == sampler.lrt_ends
+        modes = (sampler.mode, sampler.frozen is not None, sampler.local)
+        return choose_estimator(modes, self._batch_refusal, self.module, inputs)
+
+    def _batch_refusal(self) -> str | None:
+        """Why one batched local-trick pass cannot serve all samples, or None."""
+        sampler = self._sampler
+        for k, slots in enumerate(self._divergence.store_slots):
+            if len(slots) != sampler.lrt_ends[k]:
+                name = slots[sampler.lrt_ends[k]][1].name
+                return f"{name!r} is not the weight or bias of a plain nn.Linear used once"
+        for slot in self._slots:
+            if slot.store is None:
+                return f"{slot.name!r} has a posterior that is not stored flat"
+        return None
 
     # ---------------------------------------------------------------------- KL
 
@@ -283,19 +302,26 @@ class BayesianModule(nn.Module):
         samples = check_samples(approx_num_samples)
         device = self._kl_meta.device
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for value in self._divergence.terms(samples, False, device).values():
+        for value in self._divergence.terms(samples, device).values():
             total = total + value
         if reduction == "mean":
             total = total / max(self.num_variational_elements, 1)
         return total.to(self._kl_meta.dtype)
 
     def kl_by_parameter(self, *, approx_num_samples: int | None = None) -> dict[str, Tensor]:
-        """Summed KL of each reparametrized parameter (0-dim float64 on the CPU)."""
+        """Summed KL of each reparametrized parameter, as reports give it.
+
+        Computed by `bnnify.bnn.kl_report.parameter_kl`, the function behind the KL of
+        `bnnify convert` and `bnnify kl`: in float64, added in a fixed order, so the
+        values do not depend on the thread count or on memory layout (only on the
+        torch build and the CPU's instruction set). `kl_divergence()` uses faster
+        kernels; the two agree to about 1e-6 relative in float32.
+
+        Returns:
+            0-dim float64 tensors on the CPU (no gradient), by parameter name.
+        """
         samples = check_samples(approx_num_samples)
-        # A context, not the decorator: warnings must point at the caller's line.
-        with torch.no_grad():
-            terms = self._divergence.terms(samples, True, self._kl_meta.device)
-        return {name: value.cpu() for name, value in terms.items()}
+        return self._divergence.report(samples)
 
     # ------------------------------------------------------------ introspection
 
@@ -398,7 +424,7 @@ def _check_module(module: Any) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(
             "a TorchScript module cannot be reparametrized in place",
-            hint="Convert TorchScript files with `bnnify convert` or bnnify.io.load_model.",
+            hint="Convert TorchScript files with `bnnify convert` or `bnnify.convert()`.",
         )
 
 

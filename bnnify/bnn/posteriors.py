@@ -30,8 +30,11 @@ __all__ = [
     "restore_posterior",
 ]
 
-# Elements per chunk of in-place initialization: bounds temporaries, not results.
+# Elements per chunk of in-place checks: bounds temporaries, not results.
 _CHUNK = 1 << 20
+# Below torch's parallel grain (32768): elementwise kernels run serially, so values
+# computed per chunk do not depend on the thread count.
+_SERIAL_CHUNK = 1 << 14
 
 
 class VariationalPosterior(nn.Module):
@@ -97,12 +100,12 @@ class GaussianPosterior(VariationalPosterior):
     def __init__(self, mu: Tensor, rho: Tensor, *, copy: bool = True):
         super().__init__()
         # copy=False adopts tensors made for this posterior (saves two copies).
-        self.mu = nn.Parameter(mu.detach().clone() if copy else mu.detach())
-        self.rho = nn.Parameter(rho.detach().clone() if copy else rho.detach())
+        self.mu = nn.Parameter(_contiguous(mu.detach(), copy))
+        self.rho = nn.Parameter(_contiguous(rho.detach(), copy))
 
     @classmethod
     def from_param(cls, param: Tensor, **kwargs: Any) -> GaussianPosterior:
-        mu, rho = torch.empty_like(param), torch.empty_like(param)
+        mu, rho = _empty(param), _empty(param)
         cls.initialize_(mu, rho, param.detach(), **kwargs)
         return cls(mu, rho, copy=False)
 
@@ -198,13 +201,29 @@ class PretrainedGaussianPosterior(GaussianPosterior):
             rho = -3.0 if rho is None else rho
             rho_out.fill_(_initial_rho(cls, rho=rho, sigma=sigma, min_sigma=min_sigma))
             return
-        flat_w, flat_rho = param.reshape(-1), rho_out.view(-1)
-        for a in range(0, flat_w.numel(), _CHUNK):
-            spread = flat_w[a : a + _CHUNK].to(_compute_dtype(param)).abs().mul_(delta)
-            flat_rho[a : a + _CHUNK] = inverse_softplus(spread.clamp_(min=min_sigma))
+        # Any strides in and out: `param` read, and `rho_out` written, in logical order.
+        flat_w = param.reshape(-1)
+        flat_rho = rho_out.view(-1) if rho_out.is_contiguous() else _empty(rho_out).view(-1)
+        for a in range(0, flat_w.numel(), _SERIAL_CHUNK):
+            chunk = flat_w[a : a + _SERIAL_CHUNK].to(_compute_dtype(param))
+            spread = chunk.abs().mul_(delta).clamp_(min=min_sigma)
+            flat_rho[a : a + _SERIAL_CHUNK] = inverse_softplus(spread)
+        if not rho_out.is_contiguous():
+            rho_out.copy_(flat_rho.view(rho_out.shape))
 
 
 PretrainedNormalPosterior = PretrainedGaussianPosterior
+
+
+def _empty(like: Tensor) -> Tensor:
+    # Not empty_like: it keeps the strides of a channels_last or transposed weight.
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _contiguous(tensor: Tensor, copy: bool) -> Tensor:
+    if copy:
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return tensor.contiguous()
 
 
 def is_flat(cls: type) -> bool:
@@ -290,7 +309,7 @@ def restore_posterior(
     cls = PosteriorFactory[name]
     if is_flat(cls):
         return cls(state["mu"], state["rho"])
-    built = get_posterior(posterior, torch.zeros_like(like))
+    built = get_posterior(posterior, torch.zeros(like.shape, dtype=like.dtype, device=like.device))
     built.load_state_dict(state)
     return built
 

@@ -39,11 +39,21 @@ class Prior(nn.Module):
     `gaussian_kl` (closed-form KL from a Gaussian posterior, elementwise) and
     `flat_log_prob` (elementwise log-density, used by the Monte Carlo KL).
 
+    A subclass written for torchbayesian, where `Prior` is a plain class, may skip
+    `super().__init__()`: `__new__` sets up the `nn.Module` machinery first. Its
+    plain tensor attributes are then neither saved nor moved by `.to()` (as there),
+    and the KL still comes out in the dtype of `BayesianModule._kl_meta`.
+
     Args:
         shape: Shape of the parameter the prior is placed on.
         dtype: Floating-point dtype of the prior's tensors.
         device: Device of the prior's tensors.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Prior:
+        self = super().__new__(cls)
+        nn.Module.__init__(self)
+        return self
 
     def __init__(
         self,
@@ -51,7 +61,8 @@ class Prior(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | int | None = None,
     ):
-        super().__init__()
+        # No super().__init__(): __new__ did it, and buffers registered by a subclass
+        # before calling this must survive.
         self.shape = torch.Size(shape)
         self._factory = {"dtype": _prior_dtype(dtype), "device": device}
 
@@ -86,7 +97,8 @@ class Prior(nn.Module):
             raise InvalidArgumentError(
                 f"{type(self).__name__}: {name} must be a number or a tensor, got {value!r}"
             )
-        tensor = torch.as_tensor(value, **self._factory).detach().clone()
+        tensor = torch.as_tensor(value, **self._factory).detach()
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
         if not tensor.is_floating_point():
             tensor = tensor.to(torch.get_default_dtype())
         if tensor.is_meta:
@@ -319,7 +331,9 @@ class ScaleMixturePrior(Prior):
         s2 = self._flat(self.sigma2, index, value)
         lp1 = log_pi - 0.5 * (value / s1).square() - s1.log()
         lp2 = log_1mpi - 0.5 * (value / s2).square() - s2.log()
-        return torch.logaddexp(lp1, lp2) - _LOG_SQRT_2PI
+        # log(e^lp1 + e^lp2) by hand: torch.logaddexp's double backward is NaN where
+        # the two differ by hundreds, as a narrow spike makes them.
+        return torch.maximum(lp1, lp2) + (lp1 - lp2).abs().neg().exp().log1p() - _LOG_SQRT_2PI
 
 
 def get_prior(prior: Spec | None, param: Tensor | None = None, **factory: Any) -> Prior:

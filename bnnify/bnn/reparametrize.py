@@ -14,6 +14,7 @@ a forward pass each read samples that parameter alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -112,7 +113,7 @@ def install_(module: nn.Module, name: str, slot: Slot) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(
             f"cannot reparametrize {name!r} of a TorchScript module in place",
-            hint="Load TorchScript files with bnnify.io, which converts them tensor-wise.",
+            hint="Convert TorchScript files with `bnnify convert`, which works tensor-wise.",
         )
     del module._parameters[name]
     base = getattr(type(module), "_bnnify_base", type(module))
@@ -190,6 +191,28 @@ class Sampler:
         eps = [store.noise() for store in self.stores]
         seeds = {key: int(torch.randint(0, 2**62, ())) for key in self.posteriors}
         return {"eps": eps, "seeds": seeds}
+
+    def repeated_pass(
+        self, module: nn.Module, inputs: Sequence[Tensor], copies: int
+    ) -> Tensor | None:
+        """`copies` outputs of `module` from one local-trick pass over repeated inputs.
+
+        Stacked on a new first dimension; None if a weight had to be sampled after all
+        (a Linear fed a non-2-D input), whose samples would be shared across copies.
+        """
+        repeated = [x.repeat(copies, *([1] * (x.dim() - 1))) for x in inputs]
+        previous, self.local = self.local, True
+        draw = self.begin()
+        if draw is not None:
+            draw.repeated = {id(r): (x, copies) for r, x in zip(repeated, inputs, strict=True)}
+        try:
+            output = module(*repeated)
+        finally:
+            self.end(draw)
+            self.local = previous
+        if draw is None or draw.values or draw.flat:
+            return None
+        return output.reshape(copies, -1, *output.shape[1:])
 
     def local_linear(self, module: nn.Linear, input: Tensor, lrt: tuple) -> Tensor | None:
         """The output of `module` by local reparameterization, or None to sample weights."""
@@ -289,7 +312,9 @@ class Draw:
             # The same rows repeated: their mean and variance are computed once.
             input, copies = repeated
         bias = bias_slot is not None
-        mean = F.linear(input, means[weight_slot.index], means[bias_slot.index] if bias else None)
+        # A deterministic bias (not reparametrized) shifts the mean and adds no variance.
+        bias_mean = means[bias_slot.index] if bias else module.bias
+        mean = F.linear(input, means[weight_slot.index], bias_mean)
         var = F.linear(
             input.to(variances[0].dtype).square(),
             variances[weight_slot.index],

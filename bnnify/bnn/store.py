@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -93,6 +94,10 @@ class _GaussianSample(torch.autograd.Function):
             # bumping its version: the cached sigma must not outlive this pass.
             ctx.store.forget_sigma()
             ctx.store = None
+        if torch.is_grad_enabled():
+            # create_graph=True: a gradient that is itself differentiable (double
+            # backward), built from autograd ops, the noise left intact.
+            return grad, grad * torch.sigmoid(rho) * eps, None, None, None
         grad_rho = eps if ctx.owned else torch.empty_like(rho)
         ctx.spent = ctx.owned
         # d softplus(rho) / d rho = sigmoid(rho); chunks keep the three passes in cache.
@@ -156,6 +161,7 @@ class GaussianStore(nn.Module):
         self.mu = nn.Parameter(torch.empty(total, dtype=dtype, device=device))
         self.rho = nn.Parameter(torch.empty(total, dtype=dtype, device=device))
         self._sigma_cache: tuple[int, int, Tensor] | None = None
+        self.register_load_state_dict_pre_hook(_check_layout_first)
 
     @property
     def numel(self) -> int:
@@ -237,15 +243,21 @@ class GaussianStore(nn.Module):
         rho = self.rho if start == 0 and end == self.numel else self.rho[start:end]
         return F.softplus(rho)
 
-    def get_extra_state(self) -> dict[str, Any]:
+    def layout(self) -> dict[str, Any]:
+        """The slots' names and shapes: what a state dict must match to be loaded."""
         return {"names": list(self.names), "shapes": [list(shape) for shape in self.shapes]}
 
+    def get_extra_state(self) -> Tensor:
+        # A uint8 tensor of JSON, not a dict: a state dict must hold tensors only
+        # (safetensors.torch.save_file refuses anything else).
+        data = json.dumps(self.layout(), separators=(",", ":")).encode()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or "names" not in state or "shapes" not in state:
-            raise FormatError(f"malformed flat-store layout in state_dict: {state!r}")
-        shapes = [torch.Size(shape) for shape in state["shapes"]]
-        if list(state["names"]) != self.names or shapes != self.shapes:
-            diff = sorted(set(state["names"]).symmetric_difference(self.names))
+        layout = _decode_layout(state)
+        shapes = [torch.Size(shape) for shape in layout["shapes"]]
+        if list(layout["names"]) != self.names or shapes != self.shapes:
+            diff = sorted(set(layout["names"]).symmetric_difference(self.names))
             raise FormatError(
                 "the state_dict was saved from a BayesianModule with other reparametrized "
                 f"parameters (differing: {diff[:5] or 'shapes or order'})",
@@ -255,3 +267,24 @@ class GaussianStore(nn.Module):
 
     def extra_repr(self) -> str:
         return f"slots={len(self.names)}, numel={self.numel}, dtype={self.mu.dtype}"
+
+
+def _check_layout_first(module: GaussianStore, state_dict: Any, prefix: str, *args: Any) -> None:
+    """Refuses another layout before torch copies `mu` and `rho` (which come first)."""
+    key = prefix + "_extra_state"
+    if key in state_dict:
+        module.set_extra_state(state_dict[key])
+
+
+def _decode_layout(state: Any) -> dict[str, Any]:
+    """The layout in a saved extra state: JSON in a uint8 tensor (a dict in older files)."""
+    layout = state
+    if isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        try:
+            layout = json.loads(bytes(state.tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            layout = None
+    if not isinstance(layout, dict) or "names" not in layout or "shapes" not in layout:
+        shown = f"tensor {state.dtype} {tuple(state.shape)}" if isinstance(state, Tensor) else state
+        raise FormatError(f"malformed flat-store layout in state_dict: {shown!r}")
+    return layout

@@ -10,6 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from bnnify.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -73,6 +75,8 @@ def convert(
             "default for sharded inputs: their largest shard."
         ),
     ] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
@@ -85,6 +89,7 @@ def convert(
     (pretrained_gaussian with sigma = 0.1 |w|); the default prior is N(0, 1).
     """
     out = Output(json_mode=json, quiet=quiet, verbose=verbose)
+    from bnnify.formats.atomic import check_outputs
     from bnnify.formats.model_files import ModelFormat, load_model
     from bnnify.formats.spec import resolve_spec
     from bnnify.usecases.convert import convert as run_conversion
@@ -103,6 +108,9 @@ def convert(
         seed=seed,
     )
     checkpoint, report_path = output_paths(model, output, report)
+    read = [model, *([spec] if spec else [])]
+    # Before loading: existence is checked by the conversion, once its outputs are known.
+    check_outputs([checkpoint, report_path], force=True, inputs=read)
     shard_bytes = parse_size(shard_size) if shard_size else None
     with load_model(model, device="cpu", trust_pickle=trust_pickle) as loaded:
         out.log(f"Loaded {model} ({loaded.format.value}, {len(loaded.names())} tensors)")
@@ -119,6 +127,9 @@ def convert(
                 mc_samples=mc_samples,
                 shard_bytes=shard_bytes,
                 progress=lambda name, n: advance(n),
+                arch=arch,
+                arch_kwargs=arch_kwargs,
+                inputs=read,
             )
     _render(out, result, resolved)
 

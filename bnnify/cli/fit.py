@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from bnnify.cli.options import (
+    ArchKwargsOpt,
     ArchOpt,
     DeviceOpt,
     ForceOpt,
@@ -80,6 +81,7 @@ def fit(
     ] = False,
     device: DeviceOpt = None,
     arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
@@ -110,7 +112,8 @@ def fit(
 
     device = process_device(resolve_device(device))
     destination = out or checkpoint.with_name(_fit_name(checkpoint))
-    outputs = AtomicOutputs([destination], force=force, inputs=[checkpoint, model, data])
+    read = [checkpoint, model, data, *([val] if val else [])]
+    outputs = AtomicOutputs([destination], force=force, inputs=read)
     with Checkpoint(checkpoint) as ckpt:
         chosen = _task(task, ckpt, resume)
         train = load_dataset(data, x_key=x_key, y_key=y_key, target=target)
@@ -118,7 +121,7 @@ def fit(
         if validation is None and val_split > 0:
             train, validation = _split(train, val_split, seed)
         loaded = load_model(model, device="cpu", trust_pickle=trust_pickle)
-        runner = open_runner(loaded, ckpt, device=device, arch=arch)
+        runner = open_runner(loaded, ckpt, device=device, arch=arch, arch_kwargs=arch_kwargs)
         likelihood = make_likelihood(chosen, ckpt, resume)
         _check_shapes(runner, likelihood, train)
         if validation is not None:

@@ -14,8 +14,10 @@ __all__ = ["app", "main"]
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 runtime failure (unreadable or inconsistent input, failed "
-    "run); 2 usage or spec error (bad option, spec or name, output exists without --force); "
-    "3 input refused as unsafe (pickled code without --trust-pickle); 130 interrupted."
+    "run, disk full); 2 usage or spec error (bad option, spec or name, output exists "
+    "without --force, output folder missing or not writable); 3 input refused as unsafe "
+    "(pickled code without --trust-pickle, code not confirmed with --arch); 130 "
+    "interrupted (Ctrl-C, SIGTERM, SIGHUP)."
 )
 
 app = typer.Typer(
@@ -59,7 +61,7 @@ def main() -> None:
     # tensor of a large model otherwise costs a page fault per 4 KB on first touch.
     # Read once, at torch's first allocation, so it is set before torch is imported.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from bnnify.formats.atomic import install_sigterm_handler
+    from bnnify.formats.interrupts import install_signal_handlers
 
-    install_sigterm_handler()
+    install_signal_handlers()
     app()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 __all__ = [
+    "ArchKwargsOpt",
     "ArchOpt",
     "DeviceOpt",
     "ForceOpt",
@@ -56,8 +57,16 @@ ArchOpt = Annotated[
     str | None,
     typer.Option(
         "--arch",
-        help="For a state-dict model: confirm the architecture the checkpoint names "
-        "(package.module:callable); building it runs that code.",
+        help="For a state-dict model: confirm the architecture the spec or checkpoint "
+        "names (package.module:callable); building it runs that code.",
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch-kwargs",
+        help="Confirm its arch_kwargs too, as a JSON object (e.g. '{\"hidden\": 32}'); "
+        "needed when it has any.",
     ),
 ]
 ModelOpt = Annotated[

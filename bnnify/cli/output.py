@@ -1,13 +1,21 @@
-"""One output sink per command: results to stdout, logs and errors to stderr."""
+"""One output sink per command: results to stdout, logs and errors to stderr.
+
+Everything printed passes through `sanitize`: names and metadata come from files, and
+a control character in them must not reach the terminal as one (an escape sequence can
+recolour, hide or rewrite what the user reads, or plant a hyperlink).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
+import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -17,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from bnnify.errors import (
     EXIT_INTERRUPTED,
@@ -26,7 +35,7 @@ from bnnify.errors import (
     clip,
 )
 
-__all__ = ["Output", "command", "human_bytes", "parse_size"]
+__all__ = ["Output", "command", "human_bytes", "parse_size", "sanitize"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,10 +54,10 @@ class Output:
         self.quiet = quiet
         self.verbose = verbose
         no_color = bool(os.environ.get("NO_COLOR"))
-        self.out = Console(highlight=False, no_color=no_color)
+        self.out = _SafeConsole(highlight=False, no_color=no_color)
         if not self.out.is_terminal and "COLUMNS" not in os.environ:
             # Piped tables would otherwise be folded to 80 columns.
-            self.out = Console(highlight=False, no_color=no_color, width=160)
+            self.out = _SafeConsole(highlight=False, no_color=no_color, width=160)
         self.err = _stderr()
 
     def log(self, message: str) -> None:
@@ -67,6 +76,7 @@ class Output:
 
     def table(self, table: Table) -> None:
         if not self.quiet and not self.json_mode:
+            _sanitize_table(table)
             self.out.print(table)
 
     def line(self, message: str) -> None:
@@ -93,13 +103,56 @@ class Output:
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=self.err, transient=True) as bar:
-            task = bar.add_task(escape(description), total=total)
+            task = bar.add_task(escape(sanitize(description)), total=total)
             yield lambda n: bar.advance(task, n)
+
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def sanitize(text: str) -> str:
+    r"""`text` with control characters written as escapes, safe to print on a terminal.
+
+    C0 and C1 controls (ESC, BEL, CR, NUL, newline, CSI...) and the Unicode line
+    separators and bidirectional overrides become `\xHH` or `\uHHHH`.
+
+    Example:
+        >>> sanitize("fc\x1b[31m.weight\x07")
+        'fc\\x1b[31m.weight\\x07'
+    """
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class _SafeConsole(Console):
+    """A console whose strings (lines, messages, table titles and cells) are sanitized.
+
+    Rich turns every `str` it prints into `Text` through `render_str`, measuring
+    included, so that is where the sanitizer sits; `Text` cells are cleaned by
+    `Output.table`.
+    """
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(sanitize(text), **kwargs)
+
+
+def _sanitize_table(table: Table) -> None:
+    """Cleans, in place, the parts of `table` held as `Text` (they skip `render_str`)."""
+    parts: list[Any] = [table.title, table.caption]
+    for column in table.columns:
+        parts += [column.header, column.footer, *column.cells]
+    for part in parts:
+        if isinstance(part, Text):
+            part.plain = sanitize(part.plain)
 
 
 def _stderr() -> Console:
     """The stderr console; lines are not wrapped when it is not a terminal (logs, pipes)."""
-    console = Console(stderr=True, highlight=False, no_color=bool(os.environ.get("NO_COLOR")))
+    console = _SafeConsole(stderr=True, highlight=False, no_color=bool(os.environ.get("NO_COLOR")))
     if not console.is_terminal:
         console.soft_wrap = True
     return console
@@ -112,26 +165,36 @@ def _jsonable(value: Any) -> Any:
 
 
 def command(function: F) -> F:
-    """Maps bnnify errors to `Error: ...` on stderr and their exit code, no traceback."""
+    """Maps bnnify errors to `Error: ...` on stderr and their exit code, no traceback.
+
+    While the command runs, log records and Python warnings go through the same sink:
+    bnnify's warnings as `Warning:` lines, other libraries' records (torch logs
+    tracebacks of a corrupt file) only with BNNIFY_DEBUG=1.
+    """
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         err = _stderr()
+        debug = bool(os.environ.get("BNNIFY_DEBUG"))
         try:
-            return function(*args, **kwargs)
+            with _routed_logs(err, debug):
+                return function(*args, **kwargs)
         except BnnifyError as error:
             err.print(f"[bold red]Error:[/bold red] {escape(error.message)}")
             if error.hint:
                 err.print(f"[dim]Hint:[/dim] {escape(error.hint)}")
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[bold red]Interrupted[/bold red]; no output was written.")
+            from bnnify.formats.interrupts import remove_tracked
+
+            remove_tracked()
+            err.print("[bold red]Interrupted[/bold red]; no partial or temporary file is left.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:  # a bug, not a user mistake: say so briefly
-            if os.environ.get("BNNIFY_DEBUG"):
-                traceback.print_exc()
+            if debug:
+                _print_lines(err, traceback.format_exc())
             err.print(
                 f"[bold red]Error:[/bold red] internal error: "
                 f"{escape(type(error).__name__)}: {escape(clip(str(error)))}"
@@ -140,6 +203,59 @@ def command(function: F) -> F:
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_lines(err: Console, text: str) -> None:
+    """Multi-line text (a traceback), each line sanitized on its own."""
+    for line in text.rstrip("\n").splitlines():
+        err.print(line, markup=False)
+
+
+class _SinkHandler(logging.Handler):
+    """bnnify's log records on stderr: warnings always, everything in debug mode."""
+
+    def __init__(self, err: Console, debug: bool):
+        super().__init__(logging.DEBUG if debug else logging.WARNING)
+        self.err = err
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.err.print(f"[yellow]Warning:[/yellow] {escape(record.getMessage())}")
+        else:
+            self.err.print(f"[dim]{record.levelname.lower()}:[/dim] {escape(record.getMessage())}")
+
+
+@contextmanager
+def _routed_logs(err: Console, debug: bool) -> Iterator[None]:
+    """Sends bnnify's log records and Python warnings to the sink while a command runs.
+
+    Other libraries' records are switched off (torch logs whole tracebacks on its own
+    stderr handlers when a file is corrupt, and may be imported only later by the
+    command); BNNIFY_DEBUG=1 leaves them on.
+    """
+    own = logging.getLogger("bnnify")
+    sink = _SinkHandler(err, debug)
+    own.addHandler(sink)
+    previous, level = logging.root.manager.disable, own.level
+    if debug:
+        own.setLevel(logging.DEBUG)
+    else:
+        logging.disable(logging.CRITICAL)
+        # The global switch, lifted for bnnify's own logger (an instance attribute).
+        own.isEnabledFor = lambda level: level >= own.getEffectiveLevel()  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, err)
+            yield
+    finally:
+        own.removeHandler(sink)
+        own.__dict__.pop("isEnabledFor", None)
+        own.setLevel(level)
+        logging.disable(previous)
+
+
+def _show_warning(err: Console, message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+    err.print(f"[yellow]Warning:[/yellow] {escape(str(message))}")
 
 
 _UNITS = {

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from bnnify.cli.fit import Task
 from bnnify.cli.options import (
+    ArchKwargsOpt,
     ArchOpt,
     DeviceOpt,
     ForceOpt,
@@ -55,6 +56,7 @@ def predict(
     ] = 0,
     device: DeviceOpt = None,
     arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
@@ -76,14 +78,19 @@ def predict(
     from bnnify.usecases.runner import check_input, open_runner
 
     device = resolve_device(device)
-    outputs = AtomicOutputs([out], force=force, inputs=[checkpoint, model, input]) if out else None
+    read = [checkpoint, model, input, *([targets] if targets else [])]
+    outputs = AtomicOutputs([out], force=force, inputs=read) if out else None
     with Checkpoint(checkpoint) as ckpt:
         chosen = task.value if task else (ckpt.fit or {}).get("task", "regression")
         data = load_dataset(
             input, x_key=x_key, y_key=y_key, with_target=False, targets_path=targets
         )
         runner = open_runner(
-            load_model(model, trust_pickle=trust_pickle), ckpt, device=device, arch=arch
+            load_model(model, trust_pickle=trust_pickle),
+            ckpt,
+            device=device,
+            arch=arch,
+            arch_kwargs=arch_kwargs,
         )
         check_input(runner, data.x)
         noise = noise_of(ckpt.fit_tensors()) if chosen == "regression" else None

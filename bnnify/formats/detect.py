@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import re
 import zipfile
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO, NoReturn
 
 import torch
 
-from bnnify.errors import FormatError, InputError, UnsafeInputError
+from bnnify.errors import FormatError, InputError
 from bnnify.formats.input_file import open_regular, regular_file
 from bnnify.formats.safetensors_reader import looks_like_safetensors
 from bnnify.formats.sharded import INDEX_SUFFIX, read_index
@@ -22,8 +19,6 @@ from bnnify.formats.zip_archive import ZipListing, check_inflation, check_stored
 
 __all__ = [
     "ModelFormat",
-    "check_export_archive",
-    "check_torch_zip",
     "describe",
     "detect_format",
     "refused_global",
@@ -153,134 +148,112 @@ def _sniff(file: Path) -> ModelFormat:
         return ModelFormat.SAFETENSORS
     if head[:1] == b"\x80" and _LEGACY_MAGIC in head:
         return ModelFormat.STATE_DICT
-    try:
-        if head.startswith(b"PK\x03\x04"):
-            return _zip_format(list_zip(file, "model file"))
-        if head.lstrip().startswith(b"{"):
+    if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(file):
+        listing = _bounded_zip(file)
+        fmt = _zip_format(file)
+        if fmt is ModelFormat.STATE_DICT:
+            check_stored(listing, "torch.save")
+        return fmt
+    if head.lstrip().startswith(b"{"):
+        try:
             read_index(file)
-            return ModelFormat.SHARDED
-    except FormatError as error:
-        raise FormatError(error.message, hint=f"{error.hint or ''} {_SUPPORTED}".strip()) from None
+        except FormatError as error:
+            raise FormatError(
+                error.message, hint=f"{error.hint or ''} {_SUPPORTED}".strip()
+            ) from None
+        return ModelFormat.SHARDED
     raise FormatError(f"'{file}' is not a model file bnnify can read", hint=_SUPPORTED)
 
 
-def _zip_format(listing: ZipListing) -> ModelFormat:
-    file = listing.path
-    records = {name.partition("/")[2] for name in listing.names()}
-    if "archive_format" in records:
+def _bounded_zip(file: Path) -> ZipListing:
+    """The archive's members, refused before torch's reader inflates any of them.
+
+    `PyTorchFileReader` reads a version record as it opens an archive, so a bomb is
+    refused here, from the central directory, before `_zip_format` opens it. A
+    torch.save archive must moreover store its records uncompressed, as torch.save
+    writes them (`torch.load(mmap=True)` would take compressed bytes for tensor data).
+    """
+    kind = "torch.export archive" if _first_member(file).startswith(_EXPORT_RECORDS) else None
+    try:
+        listing = list_zip(file, "model file", kind=kind or "zip archive")
+    except FormatError as error:
+        raise FormatError(error.message, hint=f"{error.hint} {_SUPPORTED}") from None
+    check_inflation(
+        listing,
+        hint="Save the model again with torch (torch.save, torch.jit.save or "
+        "torch.export.save), without rewriting the archive.",
+    )
+    return listing
+
+
+def _zip_format(file: Path) -> ModelFormat:
+    """The format of a zip archive, from the records torch's own reader finds in it.
+
+    torch.load, torch.jit.load and torch.export.load all read zips with miniz
+    (`PyTorchFileReader`); Python's zipfile sees another archive in some files (a
+    torch.save archive stored inside a truncated .pt2), so it only words the errors.
+    """
+    try:
+        reader = torch._C.PyTorchFileReader(str(file))
+    except RuntimeError as error:
+        names = _zipfile_names(file)
+        if any(name.rpartition("/")[2] == "archive_format" for name in names):
+            return ModelFormat.EXPORT  # what torch.export.load tries; its loader refuses it
+        raise _unreadable_zip(file, names, error) from None
+    if reader.has_record("archive_format"):
         return ModelFormat.EXPORT
-    if "constants.pkl" in records or any(r.startswith("code/") for r in records):
+    if reader.has_record("constants.pkl"):
         return ModelFormat.TORCHSCRIPT
-    if "data.pkl" in records:
+    if reader.has_record("data.pkl"):
         return ModelFormat.STATE_DICT
-    if "serialized_exported_program.json" in records:
-        raise FormatError(
-            f"'{file}' is a torch.export program in the format of torch < 2.8",
-            hint="Re-save it with torch.export.save from a recent torch.",
-        )
     raise FormatError(f"'{file}' is a zip archive but not a PyTorch file", hint=_SUPPORTED)
 
 
-def check_torch_zip(file: Path, fmt: ModelFormat) -> None:
-    """Refuses a PyTorch zip archive that would inflate beyond the bounds, before torch reads it.
+def _zipfile_names(file: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(file) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
 
-    torch.save archives must store every record uncompressed, as torch.save writes them
-    (`torch.load(mmap=True)` would otherwise take compressed bytes for tensor data);
-    TorchScript and export archives may compress some records, within `check_inflation`.
 
-    Raises:
-        FormatError: A decompression bomb, a compressed torch.save record, or a corrupt zip.
-    """
-    if fmt not in (ModelFormat.STATE_DICT, ModelFormat.TORCHSCRIPT, ModelFormat.EXPORT):
-        return
-    with open_regular(file, "model file") as stream:
-        if stream.read(4) != b"PK\x03\x04":
-            return  # the legacy, non-zip torch.save format
-    listing = list_zip(file, "model file")
-    if fmt is ModelFormat.STATE_DICT:
-        check_stored(listing, "torch.save")
-    check_inflation(
-        listing,
-        hint="Save the model again with torch (torch.save, torch.jit.save "
-        "or torch.export.save) without rewriting the archive.",
+def _unreadable_zip(file: Path, names: list[str], error: RuntimeError) -> FormatError:
+    if "serialized_exported_program.json" in names:
+        return FormatError(
+            f"'{file}' is a torch.export program in the format of torch < 2.8",
+            hint="Re-save it with torch.export.save from a recent torch.",
+        )
+    if _first_member(file).startswith(_EXPORT_RECORDS):
+        kind = "torch.export archive"
+    elif names:  # Python's zipfile reads it whole: not truncated, not PyTorch's
+        return FormatError(f"'{file}' is a zip archive but not a PyTorch file", hint=_SUPPORTED)
+    else:
+        kind = "zip archive"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+    return FormatError(
+        f"'{file}' is a truncated or corrupt {kind}: {reason}",
+        hint="Copy or download the file again. " + _SUPPORTED,
     )
 
 
-# Payloads torch.export.load unpickles in full (custom and opaque script objects).
-_OBJECT_PAYLOADS = ("custom_obj_", "opaque_obj_")
-_OBJECT_RECORDS = tuple(f"data/constants/{prefix}" for prefix in _OBJECT_PAYLOADS)
+# Records torch.export.save writes first, to name the format of a truncated archive.
+_EXPORT_RECORDS = ("data/weights/", "data/constants/", "models/", "archive_format")
 
 
-def check_export_archive(stream: BinaryIO, file: Path) -> None:
-    """Refuses a torch.export archive whose loading could run arbitrary code.
+def _first_member(file: Path) -> str:
+    """The name in the first local header, without its root folder, or "" if none.
 
-    `torch.export.load` unpickles some payloads with `weights_only=False` (tensor
-    subclasses, and its sample inputs when they fail to load with `weights_only=True`),
-    custom and opaque objects with full pickle, and loads AOTInductor native libraries.
-    An archive passes when it holds none of those objects and every pickle in it loads
-    with `weights_only=True`, so torch takes only its safe paths.
-
-    Args:
-        stream: The open archive, later passed to `torch.export.load` (same file).
-        file: Its path, for messages.
-
-    Raises:
-        UnsafeInputError: If loading the archive could run arbitrary code.
-        FormatError: If the archive is corrupt.
+    Read by hand: zipfile reads nothing without the central directory at the end.
     """
-    with zipfile.ZipFile(stream) as archive:
-        records = {name.partition("/")[2]: name for name in archive.namelist()}
-        pickles = [n for r, n in records.items() if r.startswith("data/sample_inputs/")]
-        pickles += [
-            n for r, n in records.items() if re.fullmatch(r"data/(weights|constants)/[^/]*\.pt", r)
-        ]
-        for record, name in records.items():
-            if any(ord(c) < 32 or ord(c) == 127 for c in name):
-                _refuse_pt2(file, f"a record with a control character in its name ({name!r})")
-            if record.startswith("data/aotinductor/"):
-                _refuse_pt2(file, f"AOTInductor native code ({record})")
-            if record.startswith(_OBJECT_RECORDS):
-                _refuse_pt2(file, f"a pickled Python object ({record})")
-            if re.fullmatch(r"data/(weights|constants)/[^/]*_config\.json", record):
-                config = _pt2_config(archive.read(name), file)
-                directory = name.rpartition("/")[0]
-                pickles += [f"{directory}/{p}" for p in config]
-        for name in pickles:
-            try:
-                data = archive.read(name)
-            except (KeyError, zipfile.BadZipFile, OSError) as error:
-                raise FormatError(f"'{file}' is a corrupt torch.export archive: {error}") from None
-            try:
-                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as error:  # any failure makes torch retry without weights_only
-                found = refused_global(error)
-                _refuse_pt2(file, f"a pickle that needs {found or 'more than weights'} ({name})")
+    with open(file, "rb") as stream:
+        header = stream.read(30)
+        if len(header) < 30 or not header.startswith(b"PK\x03\x04"):
+            return ""
+        name = stream.read(int.from_bytes(header[26:28], "little"))
+    return name.decode("utf-8", "replace").partition("/")[2]
 
 
 def refused_global(error: BaseException) -> str | None:
     """The class or function a weights-only `torch.load` refused, from its message."""
     found = re.search(r"GLOBAL (\S+) (?:was not an allowed|whose module)", str(error))
     return found.group(1) if found else None
-
-
-def _pt2_config(data: bytes, file: Path) -> list[str]:
-    """The payload files of a torch.export weights or constants config that are pickles."""
-    try:
-        entries = list(json.loads(data)["config"].values())
-        names = [str(e["path_name"]) for e in entries]
-        pickled = [str(e["path_name"]) for e in entries if e.get("use_pickle")]
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise FormatError(f"'{file}' has a corrupt payload config: {error!r}") from None
-    # torch decides what to unpickle from the config, so the config is what is checked.
-    for path_name in names:
-        if path_name.startswith(_OBJECT_PAYLOADS) or any(ord(c) < 32 for c in path_name):
-            _refuse_pt2(file, f"a pickled Python object ({path_name!r})")
-    return pickled
-
-
-def _refuse_pt2(file: Path, what: str) -> NoReturn:
-    raise UnsafeInputError(
-        f"'{file}' is a torch.export program holding {what}: loading it can run arbitrary code",
-        hint="If you trust this file, pass --trust-pickle (trust_pickle=True). "
-        "Better, export the model without tensor subclasses, custom objects or AOTInductor.",
-    )

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.export.graph_signature import InputKind
 
 from bnnify.errors import (
+    BnnifyError,
     FormatError,
     InputError,
     InvalidArgumentError,
@@ -28,13 +29,12 @@ from bnnify.errors import (
 )
 from bnnify.formats.detect import (
     ModelFormat,
-    check_export_archive,
-    check_torch_zip,
     detect_format,
     refused_global,
     resolve_model_path,
     sha256_file,
 )
+from bnnify.formats.export_archive import load_export
 from bnnify.formats.safetensors_reader import SafetensorsFile
 from bnnify.formats.sharded import read_index
 
@@ -175,10 +175,11 @@ def load_model(path: str | Path, *, device: str = "cpu", trust_pickle: bool = Fa
     - torch.export programs: `torch.export.load` has no `weights_only` switch. It reads a
       JSON graph and raw tensor bytes, but unpickles tensor subclasses, custom and
       opaque objects with full pickle, retries its sample inputs with
-      `weights_only=False` when they fail to load safely, and loads AOTInductor native
-      libraries. Unless `trust_pickle`, bnnify checks the archive first: every pickle
-      in it must load with `weights_only=True`, and it must hold no custom objects and
-      no compiled code; otherwise `UnsafeInputError`.
+      `weights_only=False`, loads AOTInductor native libraries, and evaluates or runs
+      as Python some strings of the graph. Unless `trust_pickle`, bnnify loads it with
+      `bnnify.formats.export_archive.load_export`: torch's own zip reader must see the
+      archive as Python's zipfile does, every unpickle is weights-only, and anything
+      that would run code from the file raises `UnsafeInputError`.
     - `torch.save` files load with `weights_only=True`; one needing more (a pickled whole
       `nn.Module`, arbitrary objects) raises `UnsafeInputError` unless `trust_pickle`,
       which reloads it with `weights_only=False` (this can run arbitrary code).
@@ -202,7 +203,6 @@ def load_model(path: str | Path, *, device: str = "cpu", trust_pickle: bool = Fa
     file = resolve_model_path(path)
     fmt = detect_format(file)
     device = _device(device)
-    check_torch_zip(file, fmt)
     digest = sha256_file(path)
     loader = {
         ModelFormat.TORCHSCRIPT: _load_torchscript,
@@ -242,12 +242,11 @@ def _load_torchscript(file: Path, device: str, trust_pickle: bool) -> _Loaded:
 
 def _load_export(file: Path, device: str, trust_pickle: bool) -> _Loaded:
     with open(file, "rb") as stream:
-        if not trust_pickle:
-            check_export_archive(stream, file)
-            stream.seek(0)
         try:
             # A stream, not a path: torch warns about paths not ending in ".pt2".
-            program = torch.export.load(stream)
+            program = load_export(stream, file, trust_pickle=trust_pickle)
+        except BnnifyError:
+            raise
         except Exception as error:  # deserializing can fail in any layer of torch
             raise FormatError(
                 f"'{file}' is a corrupt torch.export program: {_first_line(error)}",

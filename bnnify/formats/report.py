@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from bnnify.bnn.kl_report import kl_total
 from bnnify.errors import FormatError, InputError, shorten
 from bnnify.formats.safetensors_io import SafetensorsFile, read_header, save_file
 from bnnify.formats.strict_json import load_json
@@ -56,7 +57,7 @@ class KLReport:
 
     @property
     def total(self) -> float:
-        return float(self.per_parameter.sum())
+        return kl_total(self.per_parameter)
 
     @property
     def mean(self) -> float:

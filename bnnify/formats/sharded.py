@@ -10,7 +10,7 @@ from bnnify.errors import FormatError, UnsafeInputError, shorten
 from bnnify.formats.input_file import open_regular, regular_file
 from bnnify.formats.strict_json import load_json
 
-__all__ = ["INDEX_SUFFIX", "MAX_INDEX_BYTES", "ShardedIndex", "read_index"]
+__all__ = ["INDEX_SUFFIX", "MAX_INDEX_BYTES", "ShardedIndex", "read_index", "read_weight_map"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 # A weight map of a million tensors is a few tens of MB; anything larger is not an index.
@@ -48,12 +48,11 @@ class ShardedIndex:
 def read_index(path: str | Path) -> ShardedIndex:
     """Reads and checks a sharded checkpoint's index file and locates every shard.
 
-    The index must be a regular file of at most `MAX_INDEX_BYTES` holding strict JSON (see
-    `load_json`) with a non-empty `"weight_map"` of tensor names to shard names. Each shard
-    name is resolved with symbolic links followed and must land, as a regular file, in the
-    index's folder: the folder it was named in, or the folder it really lies in when it is
-    a link (as in the Hugging Face cache). A shard elsewhere (an absolute name, `..`, or a
-    link pointing out) would read a file the user never named.
+    The index is read by `read_weight_map`. Each shard name is resolved with symbolic
+    links followed and must land, as a regular file, in the index's folder: the folder it
+    was named in, or the folder it really lies in when it is a link (as in the Hugging
+    Face cache). A shard elsewhere (an absolute name, `..`, or a link pointing out) would
+    read a file the user never named.
 
     Raises:
         InputError: The index or a shard is missing or not a regular file.
@@ -61,6 +60,26 @@ def read_index(path: str | Path) -> ShardedIndex:
         UnsafeInputError: A shard lies outside the index's folder.
     """
     path = Path(path)
+    metadata, weight_map = _read(path)
+    roots = (path.parent.resolve(), path.resolve().parent)
+    shards = {shard: _shard_file(path, roots, shard) for shard in sorted(set(weight_map.values()))}
+    return ShardedIndex(path, metadata, weight_map, shards)
+
+
+def read_weight_map(path: str | Path) -> dict[str, str]:
+    """The checked weight map of an index file (tensor -> shard name), shards not located.
+
+    The index must be a regular file of at most `MAX_INDEX_BYTES` holding strict JSON
+    (see `load_json`) with a non-empty `"weight_map"` of tensor names to shard names.
+
+    Raises:
+        InputError: The index is missing or not a regular file.
+        FormatError: The index is not a well-formed index file.
+    """
+    return _read(Path(path))[1]
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     with open_regular(path, "index file") as stream:
         data = stream.read(MAX_INDEX_BYTES + 1)
     if len(data) > MAX_INDEX_BYTES:
@@ -85,9 +104,7 @@ def read_index(path: str | Path) -> ShardedIndex:
     metadata = index.get("metadata", {})
     if not isinstance(metadata, dict):
         raise FormatError(f"'{path}': \"metadata\" is not an object", hint=_SHAPE_HINT)
-    roots = (path.parent.resolve(), path.resolve().parent)
-    shards = {shard: _shard_file(path, roots, shard) for shard in sorted(set(weight_map.values()))}
-    return ShardedIndex(path, metadata, weight_map, shards)
+    return metadata, weight_map
 
 
 def _shard_file(index: Path, roots: tuple[Path, Path], shard: str) -> Path:

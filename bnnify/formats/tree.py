@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import Tensor, nn
 
+from bnnify.bnn.collect import matches
 from bnnify.errors import FormatError, InvalidArgumentError, UsageError
 
 __all__ = ["DEFAULT_BUFFER_PATTERNS", "StateDictTree", "build_tree", "default_deterministic"]
 
-# Glob patterns (fnmatch, case-sensitive, over whole dotted names) of floating-point
+# Glob patterns (case-insensitive, whole dotted names, as --include/--exclude) of floating-point
 # tensors that models keep as buffers: they are not trained, so they stay deterministic.
 DEFAULT_BUFFER_PATTERNS: tuple[str, ...] = (
     # BatchNorm / InstanceNorm statistics, updated by forward passes, not by gradients.
@@ -67,7 +67,7 @@ def default_deterministic(name: str, tensor_or_meta: Any) -> bool:
     """
     if not tensor_or_meta.dtype.is_floating_point:
         return True
-    return any(fnmatchcase(name, pattern) for pattern in DEFAULT_BUFFER_PATTERNS)
+    return matches(name, DEFAULT_BUFFER_PATTERNS)
 
 
 def build_tree(tensors: Mapping[str, Tensor], parameters: Iterable[str]) -> StateDictTree:

@@ -67,8 +67,13 @@ class ZipListing:
         return sorted(name for name, count in Counter(self.names()).items() if count > 1)
 
 
-def list_zip(path: str | Path, what: str = "zip archive") -> ZipListing:
+def list_zip(path: str | Path, what: str = "zip archive", kind: str = "zip archive") -> ZipListing:
     """Lists an archive's members from its central directory, inflating nothing.
+
+    Args:
+        path: The archive.
+        what: What the file is for, for messages about the file itself ("data file").
+        kind: What the archive is, for messages about its content ("torch.export archive").
 
     Raises:
         InputError: The file is missing or not a regular file.
@@ -77,18 +82,32 @@ def list_zip(path: str | Path, what: str = "zip archive") -> ZipListing:
             elsewhere; also a stored member that does not fit in the file.
     """
     path = Path(path)
-    with open_regular(path, what) as stream:
-        size = stream.seek(0, 2)
-        start, count = _directory(stream, size, path)
-        stream.seek(0)
-        try:
-            with zipfile.ZipFile(stream) as archive:
-                infos = archive.infolist()
-                found = archive.start_dir
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-            raise _corrupt(path, clip(str(error))) from None
+    try:
+        with open_regular(path, what) as stream:
+            size = stream.seek(0, 2)
+            return ZipListing(path, size, _members(stream, size))
+    except _Corrupt as problem:
+        raise FormatError(
+            f"'{path}' is a truncated or corrupt {kind}: {problem}",
+            hint="Copy or download the file again.",
+        ) from None
+
+
+class _Corrupt(Exception):
+    """What is wrong with an archive, worded by `list_zip`."""
+
+
+def _members(stream: BinaryIO, size: int) -> list[ZipMember]:
+    start, count = _directory(stream, size)
+    stream.seek(0)
+    try:
+        with zipfile.ZipFile(stream) as archive:
+            infos = archive.infolist()
+            found = archive.start_dir
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise _Corrupt(clip(str(error))) from None
     if found != start or len(infos) != count:
-        raise _corrupt(path, "its central directory is not where its end record says")
+        raise _Corrupt("its central directory is not where its end record says")
     members = [
         ZipMember(
             info.filename,
@@ -100,13 +119,10 @@ def list_zip(path: str | Path, what: str = "zip archive") -> ZipListing:
         for info in infos
     ]
     for member in members:
-        end = member.offset + member.compressed_size
         stored_mismatch = not member.compressed and member.size != member.compressed_size
-        if stored_mismatch or end > start:
-            raise _corrupt(
-                path, f"member {shorten(member.name)} declares sizes that do not fit the file"
-            )
-    return ZipListing(path, size, members)
+        if stored_mismatch or member.offset + member.compressed_size > start:
+            raise _Corrupt(f"member {shorten(member.name)} declares sizes that do not fit the file")
+    return members
 
 
 def check_stored(listing: ZipListing, why: str) -> None:
@@ -160,14 +176,14 @@ def check_inflation(
         )
 
 
-def _directory(stream: BinaryIO, size: int, path: Path) -> tuple[int, int]:
+def _directory(stream: BinaryIO, size: int) -> tuple[int, int]:
     """The central directory's offset and entry count, from an end record at the very end."""
     if size < _EOCD.size:
-        raise _corrupt(path, f"it has {size} bytes, too few for a zip archive")
+        raise _Corrupt(f"it has {size} bytes, too few for a zip archive")
     stream.seek(size - _EOCD.size)
     signature, _, _, _, count, length, start, comment = _EOCD.unpack(stream.read(_EOCD.size))
     if signature != b"PK\x05\x06" or comment:
-        raise _corrupt(path, "it does not end with a zip end record (truncated, or data appended)")
+        raise _Corrupt("it does not end with a zip end record (truncated, or data appended)")
     end = size - _EOCD.size
     locator = size - _EOCD.size - _LOCATOR.size
     if locator >= 0:
@@ -177,16 +193,9 @@ def _directory(stream: BinaryIO, size: int, path: Path) -> tuple[int, int]:
             stream.seek(where)
             record = stream.read(_EOCD64.size)
             if len(record) < _EOCD64.size or record[:4] != b"PK\x06\x06":
-                raise _corrupt(path, "its zip64 end record is missing")
+                raise _Corrupt("its zip64 end record is missing")
             *_, count, length, start = _EOCD64.unpack(record)
             end = where
     if start + length != end:
-        raise _corrupt(path, "its central directory is not where its end record says")
+        raise _Corrupt("its central directory is not where its end record says")
     return start, count
-
-
-def _corrupt(path: Path, problem: str) -> FormatError:
-    return FormatError(
-        f"'{path}' is a truncated or corrupt zip archive: {problem}",
-        hint="Copy or download the file again.",
-    )

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from bnnify.bnn import get_prior
-from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples, parameter_kl
+from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples
+from bnnify.bnn.kl_report import parameter_kl
 from bnnify.bnn.posteriors import restore_posterior
 from bnnify.errors import SpecError
 from bnnify.formats.checkpoint import Checkpoint

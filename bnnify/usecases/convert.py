@@ -9,7 +9,7 @@ is loaded strictly into the named `nn.Module` and the `BayesianModule` path runs
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,11 @@ from torch import Tensor
 
 from bnnify.bnn import BayesianModule, PosteriorFactory, get_posterior, get_prior
 from bnnify.bnn.collect import matches
-from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples, parameter_kl
+from bnnify.bnn.kl import DEFAULT_MC_SAMPLES, default_samples
+from bnnify.bnn.kl_report import kl_total, parameter_kl
 from bnnify.bnn.posteriors import is_flat, restore_posterior
 from bnnify.errors import SpecError, UsageError
-from bnnify.formats.arch import build_arch, load_strict
+from bnnify.formats.arch import build_arch, confirm_arch, load_strict
 from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.checkpoint import (
     ParameterRecord,
@@ -78,7 +79,7 @@ class ConversionResult:
 
     @property
     def kl_sum(self) -> float:
-        return sum(p.kl for p in self.parameters)
+        return kl_total(p.kl for p in self.parameters)
 
     @property
     def kl_mean(self) -> float:
@@ -290,6 +291,9 @@ def convert(
     mc_samples: int | None = None,
     shard_bytes: int | None = None,
     progress: Progress | None = None,
+    arch: str | None = None,
+    arch_kwargs: str | Mapping[str, Any] | None = None,
+    inputs: Sequence[str | Path] = (),
 ) -> ConversionResult:
     """Converts `model` into a variational checkpoint and a KL report, atomically.
 
@@ -303,9 +307,14 @@ def convert(
             else `DEFAULT_MC_SAMPLES`).
         shard_bytes: Write a sharded checkpoint with shards of at most this size.
         progress: Called with (tensor name, elements) as each tensor is done.
+        arch: Confirms the spec's `arch` (building it runs its code); see `confirm_arch`.
+        arch_kwargs: Confirms the spec's `arch_kwargs` (a JSON object or a mapping).
+        inputs: Other files the caller read (the spec file): like the model, never
+            written onto.
 
     Raises:
-        SpecError: If `arch` is given for a program file (TorchScript, export).
+        SpecError: If the spec names an `arch` for a program file (TorchScript, export).
+        UnsafeInputError: If `arch` and `arch_kwargs` do not confirm the spec's.
         OutputExistsError: If an output exists and `force` is false.
     """
     stem = checkpoint.name.removesuffix(".safetensors").removesuffix(".safetensors.index.json")
@@ -313,14 +322,15 @@ def convert(
     early = (
         checkpoint if shard_bytes is None else checkpoint.parent / f"{stem}.safetensors.index.json"
     )
-    AtomicOutputs([early, report], force=force, inputs=[model.path])
+    read = [model.path, *inputs]
+    AtomicOutputs([early, report], force=force, inputs=read)
     source = {
         "name": model.path.name,
         "format": model.format.value,
         "sha256": model.sha256,
     }
     if spec.arch is not None or model.format is ModelFormat.PICKLED_MODULE:
-        plan = _module_plan(model, spec, mc_samples)
+        plan = _module_plan(model, spec, mc_samples, (arch, arch_kwargs))
     else:
         plan = _tensorwise_plan(model, spec, mc_samples, progress)
     records, kept, infos, produce, finish, samples = plan
@@ -328,7 +338,7 @@ def convert(
     targets = (
         [checkpoint] if shard_bytes is None else sharded_paths(checkpoint, stem, infos, shard_bytes)
     )
-    with AtomicOutputs([*targets, report], force=force, inputs=[model.path]) as outputs:
+    with AtomicOutputs([*targets, report], force=force, inputs=read) as outputs:
         write_tensors(
             checkpoint, infos, produce, metadata, outputs.temp, shard_bytes=shard_bytes, stem=stem
         )
@@ -404,7 +414,9 @@ def _tensorwise_plan(
     return records, kept, infos, source.produce, finish, samples
 
 
-def _module_plan(model: LoadedModel, spec: ConversionSpec, mc_samples: int | None) -> tuple:
+def _module_plan(
+    model: LoadedModel, spec: ConversionSpec, mc_samples: int | None, confirmation: tuple
+) -> tuple:
     if model.format in (ModelFormat.TORCHSCRIPT, ModelFormat.EXPORT):
         raise SpecError(
             f"arch applies to state dicts, but {model.path.name!r} is a "
@@ -414,6 +426,7 @@ def _module_plan(model: LoadedModel, spec: ConversionSpec, mc_samples: int | Non
     if model.format is ModelFormat.PICKLED_MODULE:
         module = model.module
     else:
+        confirm_arch(spec.arch, spec.arch_kwargs, *confirmation, where="the conversion spec")
         module = build_arch(spec.arch, spec.arch_kwargs)
         load_strict(module, {n: model.tensor(n) for n in model.names()}, spec.arch)
     module.to(device=spec.device, dtype=spec.torch_dtype())

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -31,12 +31,21 @@ from bnnify.bnn.metrics import (
     expected_calibration_error,
     gaussian_mixture_log_likelihood,
 )
+from bnnify.errors import DivergedError, InputError
 from bnnify.formats.checkpoint import Checkpoint, write_tensors
 from bnnify.formats.data import Dataset
 from bnnify.formats.safetensors_io import TensorInfo
 from bnnify.usecases.runner import Runner
 
-__all__ = ["FitSettings", "evaluate", "fit", "make_likelihood", "save_fitted", "settings_json"]
+__all__ = [
+    "FitSettings",
+    "evaluate",
+    "fit",
+    "make_likelihood",
+    "refuse_overflow",
+    "save_fitted",
+    "settings_json",
+]
 
 
 @dataclass
@@ -137,6 +146,9 @@ def fit(
     if init_noise:
         _init_noise(runner, likelihood, train, settings.batch_size)
     likelihood.to(device)
+    for data in (train, val):
+        if data is not None:
+            refuse_overflow(runner, likelihood, data, settings.batch_size)
     objective: nn.Module = _Objective(runner, likelihood)
     _freeze_deterministic(runner)
     trained = [p for p in objective.parameters() if p.requires_grad]
@@ -166,9 +178,14 @@ def fit(
             nll, loss = _step(
                 objective, runner, likelihood, train, index, n, beta, settings, optimizer, trained
             )
+            if not math.isfinite(loss):
+                where = f"epoch {epoch + 1}, step {step + 1}: the loss or its gradient"
+                _diverged(f"{where} became infinite or NaN", settings)
             totals["nll"] += nll * len(index)
             totals["loss"] += loss * len(index)
             totals["count"] += len(index)
+        if not all(bool(torch.isfinite(p).all()) for p in trained):
+            _diverged(f"epoch {epoch + 1}: the parameters became infinite or NaN", settings)
         record = _epoch_record(runner, likelihood, totals, max(totals["count"], 1), beta, epoch, n)
         if val is not None:
             record["val"] = evaluate(
@@ -200,7 +217,11 @@ def _step(
     loss = nll + settings.kl_weight * beta * kl / n
     loss.backward()
     if settings.clip:
-        torch.nn.utils.clip_grad_norm_(trained, settings.clip)
+        norm = torch.nn.utils.clip_grad_norm_(trained, settings.clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
+    if not _everywhere(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
+        return float(nll.detach()), math.nan
     optimizer.step()
     return float(nll.detach()), float(loss.detach())
 
@@ -228,6 +249,51 @@ def _epoch_record(
     if isinstance(likelihood, GaussianLikelihood):
         record["noise"] = float(likelihood.noise)
     return record
+
+
+def _everywhere(finite: Tensor) -> bool:
+    """Whether `finite` holds in every process: under torchrun all of them stop together
+    (the gradients are averaged already, but each process has its own loss)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+    return bool(finite)
+
+
+@torch.no_grad()
+def refuse_overflow(runner: Runner, likelihood: Likelihood, data: Dataset, batch: int) -> None:
+    """Refuses data on which the mean model's output or its loss is infinite or NaN.
+
+    Data are checked to be finite when read, but values near the floating-point limit
+    (3.4e38 in float32) still overflow in the model or in the likelihood, and training on
+    them can only write NaN.
+
+    Raises:
+        InputError: Naming the data and the first batch that overflows.
+    """
+    for start in range(0, len(data), batch):
+        x, y = data.x[start : start + batch], data.y[start : start + batch]
+        output = runner.mean_forward(x)
+        if torch.isfinite(output).all() and torch.isfinite(likelihood.nll(output, y)).all():
+            continue
+        largest = float(data.x.abs().max()) if data.x.is_floating_point() else math.nan
+        raise InputError(
+            f"{data.source}: the model's output or loss is infinite or NaN on examples "
+            f"{start}-{start + len(x) - 1} (inputs up to {largest:.3g} in magnitude): the "
+            "values are too large for the model's floating-point type",
+            hint="Standardise the inputs and targets (zero mean, unit variance) first.",
+        )
+
+
+def _diverged(where: str, settings: FitSettings) -> NoReturn:
+    raise DivergedError(
+        f"training diverged at {where}; nothing was written",
+        hint=f"Lower the learning rate (--lr, now {settings.lr:g}), keep gradient clipping "
+        "on (--clip), or standardise the inputs and targets.",
+    )
 
 
 def _freeze_deterministic(runner: Runner) -> None:

