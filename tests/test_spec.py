@@ -505,7 +505,7 @@ def test_read_spec_errors(tmp_path):
     with pytest.raises(SpecError, match="not found") as info:
         read_spec(tmp_path / "missing.yaml")
     assert "missing.yaml" in str(info.value) and "--spec" in str(info.value)
-    with pytest.raises(SpecError, match="cannot read"):
+    with pytest.raises(SpecError, match="is a directory, not a regular file"):
         read_spec(tmp_path)
     with pytest.raises(SpecError, match=r"not UTF-8.*0xff at line 2, column 8"):
         read_spec(write(tmp_path, b"seed: 1\nprior: \xff\n"))

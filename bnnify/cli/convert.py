@@ -135,11 +135,10 @@ def convert(
 
 
 def _largest_shard(loaded: Any) -> int:
-    import json as jsonlib
+    from bnnify.formats.detect import resolve_model_path
+    from bnnify.formats.sharded import read_index
 
-    index = loaded.path if loaded.path.is_file() else next(loaded.path.glob("*.index.json"))
-    shards = set(jsonlib.loads(index.read_text())["weight_map"].values())
-    return max((index.parent / s).stat().st_size for s in shards)
+    return max(f.stat().st_size for f in read_index(resolve_model_path(loaded.path)).files)
 
 
 def _render(out: Output, result: Any, spec: Any) -> None:

@@ -27,7 +27,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, InvalidArgumentError
+from bnnify.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    BnnifyError,
+    InvalidArgumentError,
+    clip,
+)
 
 __all__ = ["Output", "command", "human_bytes", "parse_size", "sanitize"]
 
@@ -191,7 +197,7 @@ def command(function: F) -> F:
                 _print_lines(err, traceback.format_exc())
             err.print(
                 f"[bold red]Error:[/bold red] internal error: "
-                f"{escape(type(error).__name__)}: {escape(str(error))}"
+                f"{escape(type(error).__name__)}: {escape(clip(str(error)))}"
             )
             err.print("[dim]Hint:[/dim] set BNNIFY_DEBUG=1 for the traceback and report it.")
             raise typer.Exit(EXIT_RUNTIME) from None

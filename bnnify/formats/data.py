@@ -11,18 +11,24 @@ import csv
 import io
 import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from bnnify.errors import InputError
+from bnnify.errors import InputError, clip, shorten
+from bnnify.formats.input_file import open_regular, regular_file
 from bnnify.formats.safetensors_io import is_safetensors, load_file
+from bnnify.formats.zip_archive import check_inflation, list_zip
 
 __all__ = ["Dataset", "load_dataset", "load_tensor_file"]
 
 _NPY_MAGIC = b"\x93NUMPY"
+_UNCOMPRESSED = "Save the data uncompressed (numpy.savez) or as safetensors."
+# numpy itself refuses headers over 10,000 bytes unless told otherwise.
+_NPY_MAX_HEADER = 1 << 16
 _NPY_DTYPES = {
     "f2": torch.float16,
     "f4": torch.float32,
@@ -48,28 +54,43 @@ class Dataset:
         return self.x.shape[0]
 
 
-def _read_npy(raw: bytes, name: str) -> Tensor:
+def _npy_header(raw: bytes, name: str) -> tuple[torch.dtype, bool, tuple[int, ...], int]:
+    """Dtype, Fortran order, shape and data offset of a .npy file starting with `raw`."""
     if not raw.startswith(_NPY_MAGIC) or len(raw) < 10:
         raise InputError(f"{name}: not a .npy array")
-    major = raw[6]
-    size_bytes = 2 if major == 1 else 4
+    size_bytes = 2 if raw[6] == 1 else 4
     length = int.from_bytes(raw[8 : 8 + size_bytes], "little")
     start = 8 + size_bytes
+    if length > _NPY_MAX_HEADER or len(raw) < start + length:
+        raise InputError(f"{name}: malformed .npy header (length {length})")
     try:
         header = ast.literal_eval(raw[start : start + length].decode("latin1"))
-        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
-    except (ValueError, SyntaxError, KeyError, TypeError):
+        descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    except (ValueError, SyntaxError, KeyError, TypeError, RecursionError, MemoryError):
         raise InputError(f"{name}: malformed .npy header") from None
+    if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+        raise InputError(
+            f"{name}: malformed .npy header: shape {shorten(shape)} is not a tuple of sizes"
+        )
     if not isinstance(descr, str) or descr[1:] not in _NPY_DTYPES or descr[0] == ">":
         raise InputError(
-            f"{name}: unsupported .npy dtype {descr!r}",
+            f"{name}: unsupported .npy dtype {shorten(descr)}",
             hint="Save numeric little-endian arrays (float, int or bool), not objects.",
         )
-    dtype = _NPY_DTYPES[descr[1:]]
+    return _NPY_DTYPES[descr[1:]], bool(fortran), shape, start + length
+
+
+def _npy_bytes(raw: bytes, name: str) -> int:
+    """The size a .npy file declares for itself: its header and its data."""
+    dtype, _, shape, offset = _npy_header(raw, name)
+    return offset + math.prod(shape) * dtype.itemsize
+
+
+def _read_npy(raw: bytes, name: str) -> Tensor:
+    dtype, fortran, shape, offset = _npy_header(raw, name)
     count = math.prod(shape)
-    data = bytearray(raw[start + length :])
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(data) < count * itemsize:
+    data = bytearray(raw[offset:])
+    if len(data) < count * dtype.itemsize:
         raise InputError(f"{name}: truncated .npy data")
     tensor = (
         torch.frombuffer(data, dtype=dtype, count=count) if count else torch.empty(0, dtype=dtype)
@@ -79,12 +100,38 @@ def _read_npy(raw: bytes, name: str) -> Tensor:
     return tensor.reshape(shape)
 
 
-def _read_csv(path: Path) -> tuple[list[str] | None, Tensor]:
+def _read_npz(path: Path) -> dict[str, Tensor]:
+    """The arrays of an .npz, inflated only after their headers bound what they inflate to."""
+    listing = list_zip(path, "data file")
+    members = [m.name for m in listing.members if m.name.endswith(".npy")]
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with zipfile.ZipFile(path) as archive:
+            declared = 0
+            for member in members:
+                with archive.open(member) as stream:
+                    head = stream.read(10 + _NPY_MAX_HEADER)
+                declared += _npy_bytes(head, f"{path}:{member}")
+            check_inflation(listing, declared, hint=_UNCOMPRESSED)
+            return {m[:-4]: _read_npy(archive.read(m), f"{path}:{m}") for m in members}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+        raise InputError(f"{path}: corrupt .npz archive ({clip(str(error))})") from None
+
+
+def _read_csv(path: Path) -> tuple[list[str] | None, Tensor]:
+    with open_regular(path, "data file") as stream:
+        raw = stream.read()
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a UTF-8 text (CSV) file") from None
-    rows = [row for row in csv.reader(io.StringIO(text)) if row and any(c.strip() for c in row)]
+    reader = csv.reader(io.StringIO(text))
+    try:
+        rows = [row for row in reader if row and any(c.strip() for c in row)]
+    except csv.Error as error:
+        raise InputError(
+            f"{path}: line {reader.line_num} is not valid CSV ({clip(str(error))})",
+            hint="Each field holds one number, or a column name in the header row.",
+        ) from None
     if not rows:
         raise InputError(f"{path}: empty CSV file")
     header = None
@@ -98,7 +145,9 @@ def _read_csv(path: Path) -> tuple[list[str] | None, Tensor]:
         try:
             values.append([float(cell) for cell in row])
         except ValueError:
-            raise InputError(f"{path}: line {number} has a non-numeric value: {row!r}") from None
+            raise InputError(
+                f"{path}: line {number} has a non-numeric value: {shorten(row)}"
+            ) from None
     if not values:
         raise InputError(f"{path}: no data rows")
     return header, torch.tensor(values, dtype=torch.float64)
@@ -113,21 +162,20 @@ def _is_number(cell: str) -> bool:
 
 
 def load_tensor_file(path: str | Path, keys: tuple[str, ...] = ("x", "y")) -> dict[str, Tensor]:
-    """Tensors of a safetensors, `.npy` or `.npz` file (a `.npy` holds one array: `keys[0]`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file {str(path)!r} does not exist")
+    """Tensors of a safetensors, `.npy` or `.npz` file (a `.npy` holds one array: `keys[0]`).
+
+    Raises:
+        InputError: The file is missing, not a regular file, or not a supported format.
+    """
+    path = regular_file(path, "data file")
     if is_safetensors(path):
         return load_file(path)
-    raw = path.read_bytes()
-    if raw.startswith(_NPY_MAGIC):
-        return {keys[0]: _read_npy(raw, str(path))}
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            arrays = {}
-            for member in archive.namelist():
-                if member.endswith(".npy"):
-                    arrays[member[:-4]] = _read_npy(archive.read(member), f"{path}:{member}")
+    with open_regular(path, "data file") as stream:
+        head = stream.read(len(_NPY_MAGIC))
+        if head == _NPY_MAGIC:
+            return {keys[0]: _read_npy(head + stream.read(), str(path))}
+    if head.startswith(b"PK"):
+        arrays = _read_npz(path)
         if arrays:
             return arrays
     raise InputError(
@@ -196,10 +244,8 @@ def load_dataset(
         InputError: For a missing or unreadable file, missing tensors, NaN or infinite
             values, or inputs and targets of different lengths.
     """
-    path = Path(path)
+    path = regular_file(path, "data file")
     name = str(path)
-    if not path.is_file():
-        raise InputError(f"data file {name!r} does not exist")
     if path.suffix.lower() in (".csv", ".txt") and not is_safetensors(path):
         x, y = _split_csv(path, target, with_target and targets_path is None)
     else:
@@ -224,6 +270,11 @@ def load_dataset(
         x = x.unsqueeze(1)
     _check_finite(x, "the inputs", name)
     if y is not None:
+        if y.dim() == 0:
+            raise InputError(
+                f"{name}: the targets are a single number (shape ()), not one per example",
+                hint="Store the targets as a vector or a matrix with one row per example.",
+            )
         _check_finite(y, "the targets", name)
         if y.shape[0] != x.shape[0]:
             raise InputError(
@@ -234,6 +285,7 @@ def load_dataset(
 
 
 def _load_targets(path: Path, y_key: str) -> Tensor:
+    regular_file(path, "targets file")
     if path.suffix.lower() in (".csv", ".txt") and not is_safetensors(path):
         _, table = _read_csv(path)
         return table[:, 0] if table.shape[1] == 1 else table

@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from bnnify.errors import SpecError
+from bnnify.errors import SpecError, clip, shorten
 
 __all__ = ["MAX_CHARS", "MAX_DEPTH", "decode_utf8", "dump_yaml", "load_yaml"]
 
@@ -76,7 +76,9 @@ class _Loader(yaml.SafeLoader):
             if isinstance(error, SpecError):
                 raise
             value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
-            problem = f"cannot read {value!r} as {node.tag.rpartition(':')[2]}: {error}"
+            problem = (
+                f"cannot read {shorten(value)} as {node.tag.rpartition(':')[2]}: {clip(str(error))}"
+            )
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from bnnify.bnn import PosteriorFactory, PriorFactory
-from bnnify.errors import SpecError
+from bnnify.errors import InputError, SpecError
 from bnnify.formats import spec_checks as check
+from bnnify.formats.input_file import open_regular
 from bnnify.formats.safe_yaml import MAX_CHARS, decode_utf8, load_yaml
 
 __all__ = [
@@ -127,10 +128,11 @@ def read_spec(path: str | Path) -> ConversionSpec:
     """
     source = str(path)
     try:
-        with open(path, "rb") as file:
+        with open_regular(path, "spec file") as file:
             raw = file.read(4 * MAX_CHARS + 1)
-    except FileNotFoundError:
-        check.fail(source, "", "spec file not found", hint="Check the path given to --spec.")
+    except InputError as error:
+        problem = "spec file not found" if "does not exist" in error.message else error.message
+        check.fail(source, "", problem, hint="Check the path given to --spec.")
     except OSError as error:
         check.fail(source, "", f"cannot read the spec file: {error.strerror or error}")
     if len(raw) > 4 * MAX_CHARS:

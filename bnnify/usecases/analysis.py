@@ -14,15 +14,10 @@ from bnnify.bnn.kl_report import parameter_kl
 from bnnify.bnn.posteriors import restore_posterior
 from bnnify.errors import SpecError
 from bnnify.formats.checkpoint import Checkpoint
-from bnnify.formats.report import KLReport
+from bnnify.formats.report import KLReport, checked_kl
 from bnnify.usecases.seeding import seeded
 
 __all__ = ["DEFAULT_MC_SAMPLES", "checkpoint_kl", "parameter_stats"]
-
-
-def _posterior_state(ckpt: Checkpoint, name: str, device: str) -> dict[str, torch.Tensor]:
-    record = ckpt.parameters[name]
-    return {role: ckpt.tensor(key, device) for role, key in record.tensors.items()}
 
 
 def _prior(
@@ -30,8 +25,8 @@ def _prior(
 ) -> Any:
     prior = get_prior(spec, like)
     if recorded:
-        for buffer, key in ckpt.parameters[name].prior_tensors.items():
-            setattr(prior, buffer, ckpt.tensor(key, device))
+        for buffer, tensor in ckpt.prior_state(name, device).items():
+            setattr(prior, buffer, tensor)
     return prior
 
 
@@ -67,7 +62,7 @@ def checkpoint_kl(
     seed = ckpt.spec.seed if seed is None else seed
     closed_form_checked = mc_samples is not None
     for name, record in ckpt.parameters.items():
-        state = _posterior_state(ckpt, name, device)
+        state = ckpt.posterior_state(name, device)
         like = next(iter(state.values()))
         posterior = restore_posterior(ckpt.spec.posterior, state, like)
         if spec[0] == "empirical_gaussian" and not record.prior_tensors:
@@ -83,8 +78,13 @@ def checkpoint_kl(
         with seeded(seed, f"kl:{name}", device):
             value = parameter_kl(posterior, p, samples)
         names.append(name)
-        values.append(float(value))
         numels.append(math.prod(record.shape))
+        method = "analytic" if samples is None else "monte_carlo"
+        values.append(
+            checked_kl(
+                float(value), name=name, elements=numels[-1], method=method, source=str(ckpt.path)
+            )
+        )
         if progress:
             progress(numels[-1])
     return KLReport(
@@ -104,7 +104,7 @@ def parameter_stats(ckpt: Checkpoint, device: str = "cpu") -> list[dict[str, Any
     """Per parameter: shape, sigma statistics and signal-to-noise ratio |mu| / sigma."""
     rows = []
     for name, record in ckpt.parameters.items():
-        state = _posterior_state(ckpt, name, device)
+        state = ckpt.posterior_state(name, device)
         like = next(iter(state.values()))
         dist = restore_posterior(ckpt.spec.posterior, state, like).distribution
         sigma = dist.stddev.double().reshape(-1)

@@ -34,8 +34,9 @@ from bnnify.formats.checkpoint import (
     sharded_paths,
     write_tensors,
 )
+from bnnify.formats.model_checks import cast_checked, check_module, check_variational, finite_weight
 from bnnify.formats.model_files import LoadedModel, ModelFormat
-from bnnify.formats.report import KLReport, write_report
+from bnnify.formats.report import KLReport, checked_kl, write_report
 from bnnify.formats.safetensors_io import TensorInfo
 from bnnify.formats.spec import ConversionSpec
 from bnnify.formats.tree import default_deterministic
@@ -227,7 +228,7 @@ class _TensorwiseSource:
     def load(self, name: str) -> Tensor:
         tensor = self.model.tensor(name)
         if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
+            tensor = cast_checked(tensor, self.dtype, name, self.model.path.name)
         return tensor
 
     def produce(self, key: str) -> Tensor:
@@ -248,12 +249,16 @@ class _TensorwiseSource:
 
     @torch.no_grad()
     def _convert(self, name: str) -> dict[str, Tensor]:
-        weight = self.load(name).to(self.device)
+        weight = finite_weight(self.load(name), name, self.model.path.name).to(self.device)
         with seeded(self.spec.seed, name, self.device):
             posterior = get_posterior(self.spec.posterior, weight)
             prior = get_prior(self.spec.prior, weight)
         with seeded(self.spec.seed, f"kl:{name}", self.device):
             kl = float(parameter_kl(posterior, prior, self.samples))
+        method = "analytic" if self.samples is None else "monte_carlo"
+        kl = checked_kl(
+            kl, name=name, elements=weight.numel(), method=method, source=self.model.path.name
+        )
         out = {k: t.detach().cpu() for k, t in posterior.state_dict().items()}
         for k, t in prior.named_buffers():
             if t.dim() > 0:
@@ -368,6 +373,9 @@ def _tensorwise_plan(
 ) -> tuple:
     variational, deterministic = _choose(model, spec)
     target_dtype = spec.torch_dtype()
+    for name in variational:
+        meta = model.meta(name)
+        check_variational(name, meta.dtype, meta.shape, model.path.name, target_dtype)
     first = model.meta(next(iter(variational)))
     probe_dtype = target_dtype or first.dtype
     samples = _kl_samples(spec, mc_samples, torch.zeros(3, dtype=probe_dtype))
@@ -422,6 +430,7 @@ def _module_plan(
         module = build_arch(spec.arch, spec.arch_kwargs)
         load_strict(module, {n: model.tensor(n) for n in model.names()}, spec.arch)
     module.to(device=spec.device, dtype=spec.torch_dtype())
+    check_module(module, spec.include, spec.exclude, model.path.name)
     probe = next(module.parameters())
     samples = _kl_samples(spec, mc_samples, torch.zeros(3, dtype=probe.dtype))
     with seeded(spec.seed, "", spec.device):
@@ -429,7 +438,7 @@ def _module_plan(
             module, spec.posterior, spec.prior, include=spec.include, exclude=list(spec.exclude)
         )
     state = {k: v.detach().cpu() for k, v in bnn.variational_state().items()}
-    kls = _slot_kls(bnn, state, spec, samples)
+    kls = _slot_kls(bnn, state, spec, samples, model.path.name)
     kept_params = {n for n, _ in bnn.module.named_parameters()}
     deterministic = {k: v.detach().cpu() for k, v in bnn.module.state_dict().items()}
     records, summaries, infos = [], [], []
@@ -467,7 +476,9 @@ def _module_plan(
 
 
 @torch.no_grad()
-def _slot_kls(bnn: BayesianModule, state: dict, spec: ConversionSpec, samples: int | None) -> dict:
+def _slot_kls(
+    bnn: BayesianModule, state: dict, spec: ConversionSpec, samples: int | None, source: str
+) -> dict:
     """KL of each parameter, seeded per parameter like the tensor-wise path (and `kl`)."""
     kls = {}
     for slot, prior in zip(bnn._slots, bnn.priors, strict=True):
@@ -476,7 +487,14 @@ def _slot_kls(bnn: BayesianModule, state: dict, spec: ConversionSpec, samples: i
         own = {k: v for k, v in own.items() if not k.startswith("prior.")}
         posterior = restore_posterior(spec.posterior, own, next(iter(own.values())))
         with seeded(spec.seed, f"kl:{slot.name}", spec.device):
-            kls[slot.name] = float(parameter_kl(posterior.to(spec.device), prior, samples))
+            value = float(parameter_kl(posterior.to(spec.device), prior, samples))
+        kls[slot.name] = checked_kl(
+            value,
+            name=slot.name,
+            elements=math.prod(slot.shape),
+            method="analytic" if samples is None else "monte_carlo",
+            source=source,
+        )
     return kls
 
 
