@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,8 +13,9 @@ from torch.distributions import Distribution, Normal
 
 from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
 from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
+from bnnify.bnn.keys import posterior_key, prior_key
 from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, initialize_into, is_flat
-from bnnify.bnn.priors import get_prior
+from bnnify.bnn.priors import Prior, get_prior
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
 from bnnify.bnn.store import GaussianStore
@@ -26,9 +27,19 @@ from bnnify.errors import (
     UsageError,
 )
 
-__all__ = ["BayesianModule"]
+__all__ = ["BayesianModule", "Reparametrized"]
 
 logger = logging.getLogger("bnnify")
+
+
+class Reparametrized(NamedTuple):
+    """A reparametrized parameter: its names, shape, posterior (views of the storage), prior."""
+
+    name: str
+    aliases: tuple[str, ...]
+    shape: torch.Size
+    posterior: Distribution
+    prior: Prior
 
 
 class BayesianModule(nn.Module):
@@ -319,14 +330,14 @@ class BayesianModule(nn.Module):
         for i, slot in enumerate(self._slots):
             if slot.store is None:
                 for key, tensor in self.posteriors[slot.index].state_dict().items():
-                    state[f"{slot.name}.{key}"] = tensor
+                    state[posterior_key(slot.name, key)] = tensor
             else:
                 store = self.variational[slot.store]
-                state[f"{slot.name}.mu"] = store.view(store.mu.detach(), slot.index)
-                state[f"{slot.name}.rho"] = store.view(store.rho.detach(), slot.index)
+                state[posterior_key(slot.name, "mu")] = store.view(store.mu.detach(), slot.index)
+                state[posterior_key(slot.name, "rho")] = store.view(store.rho.detach(), slot.index)
             for key, tensor in self.priors[i].named_buffers():
                 if tensor.dim() > 0:
-                    state[f"{slot.name}.prior.{key}"] = tensor
+                    state[prior_key(slot.name, key)] = tensor
         return state
 
     @torch.no_grad()
@@ -365,16 +376,44 @@ class BayesianModule(nn.Module):
         """The posterior of parameter `name` as a distribution (views of the storage)."""
         for slot in self._slots:
             if name in slot.aliases:
-                if slot.store is None:
-                    return self.posteriors[slot.index].distribution
-                store = self.variational[slot.store]
-                start, end = store.span(slot.index)
-                sigma = store.sigma(start, end).view(slot.shape)
-                return Normal(store.view(store.mu, slot.index), sigma)
+                return self._distribution(slot)
         raise InvalidArgumentError(
             f"{name!r} is not a reparametrized parameter",
             hint=f"Reparametrized: {', '.join(self.reparametrized_names()[:10])}.",
         )
+
+    def _distribution(self, slot: Slot) -> Distribution:
+        if slot.store is None:
+            return self.posteriors[slot.index].distribution
+        store = self.variational[slot.store]
+        start, end = store.span(slot.index)
+        sigma = store.sigma(start, end).view(slot.shape)
+        return Normal(store.view(store.mu, slot.index), sigma)
+
+    # ------------------------------------------ public view for the upper layers
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the KL result (of the `_kl_meta` buffer, which follows `.to()`)."""
+        return self._kl_meta.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the KL result (of the `_kl_meta` buffer, which follows `.to()`)."""
+        return self._kl_meta.dtype
+
+    def variational_parameters(self) -> Iterator[nn.Parameter]:
+        """The posteriors' trainable parameters (not the parameters kept deterministic)."""
+        for store in self.variational:
+            yield from store.parameters()
+        yield from self.posteriors.parameters()
+
+    def reparametrized_parameters(self) -> Iterator[Reparametrized]:
+        """Every reparametrized parameter with its posterior and prior, in storage order."""
+        for slot, prior in zip(self._slots, self.priors, strict=True):
+            yield Reparametrized(
+                slot.name, tuple(slot.aliases), slot.shape, self._distribution(slot), prior
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -398,7 +437,7 @@ def _check_module(module: Any) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(
             "a TorchScript module cannot be reparametrized in place",
-            hint="Convert TorchScript files with `bnnify convert` or bnnify.io.load_model.",
+            hint="Convert TorchScript files with `bnnify convert` (bnnify.convert in Python).",
         )
 
 
