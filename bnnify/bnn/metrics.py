@@ -1,4 +1,8 @@
-"""Predictive summaries and metrics from Monte Carlo samples of a Bayesian network."""
+"""Predictive summaries and metrics from Monte Carlo samples of a Bayesian network.
+
+`fit` (validation) and `predict` (test metrics) both report these, through
+`regression_metrics` and `classification_metrics`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "classification_metrics",
     "classification_summary",
     "expected_calibration_error",
     "gaussian_mixture_log_likelihood",
+    "regression_metrics",
     "regression_summary",
 ]
 
@@ -86,3 +92,41 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
             gap = correct[inside].mean() - confidence[inside].double().mean()
             ece += count / n * float(gap.abs())
     return ece
+
+
+def regression_metrics(samples: Tensor, y: Tensor, noise: float) -> dict[str, float]:
+    """RMSE of the predictive mean and, when `noise > 0`, the mean test log-likelihood.
+
+    Args:
+        samples: Outputs `(S, batch, ...)` of S weight samples.
+        y: Targets, one row per example.
+        noise: The Gaussian noise scale of the likelihood (0: the log-likelihood is
+            undefined and left out).
+    """
+    mean = samples.mean(0).reshape(y.shape[0], -1).double()
+    target = y.reshape(y.shape[0], -1).double()
+    metrics = {"rmse": float((mean - target).square().mean().sqrt())}
+    if noise > 0:
+        log_likelihood = gaussian_mixture_log_likelihood(samples, noise, y)
+        metrics["log_likelihood"] = float(log_likelihood.mean())
+    return metrics
+
+
+def classification_metrics(logit_samples: Tensor, labels: Tensor) -> dict[str, float]:
+    """Accuracy, mean test log-likelihood and expected calibration error of the mean probabilities.
+
+    Example:
+        >>> logits = torch.tensor([[[4.0, 0.0], [0.0, 4.0]]])
+        >>> metrics = classification_metrics(logits, torch.tensor([0, 0]))
+        >>> metrics["accuracy"], round(metrics["log_likelihood"], 3)
+        (0.5, -2.018)
+    """
+    summary = classification_summary(logit_samples)
+    labels = labels.long().reshape(-1)
+    probs = summary["probs"]
+    picked = probs[torch.arange(labels.shape[0]), labels]
+    return {
+        "accuracy": float((summary["predicted"] == labels).double().mean()),
+        "log_likelihood": float(picked.clamp_min(1e-300).log().mean()),
+        "ece": expected_calibration_error(probs, labels),
+    }
