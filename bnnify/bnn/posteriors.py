@@ -334,8 +334,6 @@ def get_posterior(posterior: Spec | None, param: Tensor) -> VariationalPosterior
         KeyError: (`UnknownNameError`) For an unregistered name.
         ValueError: (`InvalidArgumentError`) For invalid keyword arguments.
     """
-    if isinstance(posterior, Tensor):
-        posterior, param = param, posterior
     name, kwargs = parse_spec(posterior, "gaussian", "posterior")
     cls = PosteriorFactory[name]
     try:

@@ -334,8 +334,6 @@ def get_prior(prior: Spec | None, param: Tensor | None = None, **factory: Any) -
         KeyError: (`UnknownNameError`) For an unregistered name.
         ValueError: (`InvalidArgumentError`) For invalid keyword arguments.
     """
-    if isinstance(prior, Tensor) and not isinstance(param, Tensor):
-        prior, param = param, prior
     name, kwargs = parse_spec(prior, "gaussian", "prior")
     cls = PriorFactory[name]
     try:

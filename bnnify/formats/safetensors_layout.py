@@ -19,7 +19,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "METADATA_KEY",
     "RANK",
-    "Entry",
+    "HeaderEntry",
     "Malformed",
     "encode_header",
     "parse_header",
@@ -63,14 +63,14 @@ DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in CODES.items()}
 RANK: dict[torch.dtype, int] = {dtype: rank for rank, dtype in enumerate(CODES)}
 
 # Name, dtype, shape, and the data offsets [begin, end) of one tensor.
-Entry = tuple[str, torch.dtype, tuple[int, ...], int, int]
+HeaderEntry = tuple[str, torch.dtype, tuple[int, ...], int, int]
 
 
 class Malformed(Exception):
     """A problem in a header, reported by the caller with the file name."""
 
 
-def encode_header(entries: Sequence[Entry], metadata: dict[str, str] | None) -> bytes:
+def encode_header(entries: Sequence[HeaderEntry], metadata: dict[str, str] | None) -> bytes:
     """Returns the length prefix and the space-padded JSON header of a file."""
     header: dict[str, Any] = {} if metadata is None else {METADATA_KEY: metadata}
     for name, dtype, shape, begin, end in entries:
@@ -135,7 +135,7 @@ def read_raw_header(path: Path) -> tuple[bytes, int]:
     return raw, size - 8 - length
 
 
-def parse_header(raw: bytes, data_bytes: int) -> tuple[dict[str, str], list[Entry]]:
+def parse_header(raw: bytes, data_bytes: int) -> tuple[dict[str, str], list[HeaderEntry]]:
     """Validates a header followed by `data_bytes` bytes of data.
 
     Returns:
@@ -183,7 +183,7 @@ def parse_header(raw: bytes, data_bytes: int) -> tuple[dict[str, str], list[Entr
     return metadata, entries
 
 
-def _parse_entry(name: str, entry: object) -> Entry:
+def _parse_entry(name: str, entry: object) -> HeaderEntry:
     if not _is_unicode(name):
         raise Malformed(f"tensor name {name!r} is not valid Unicode")
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:

@@ -20,10 +20,10 @@ __all__ = [
     "ConversionSpec",
     "load_yaml",
     "parse_key_values",
-    "parse_spec",
     "read_spec",
     "resolve_device",
     "resolve_spec",
+    "validate_spec",
 ]
 
 ALLOWED_KEYS = (
@@ -41,7 +41,7 @@ ALLOWED_KEYS = (
 
 @dataclass(frozen=True)
 class ConversionSpec:
-    """A validated conversion spec; build it with `parse_spec`, `read_spec` or `resolve_spec`.
+    """A validated conversion spec; build it with `validate_spec`, `read_spec` or `resolve_spec`.
 
     Attributes:
         posterior: Canonical (lower-case) posterior name and its keyword arguments.
@@ -55,7 +55,7 @@ class ConversionSpec:
         arch_kwargs: Keyword arguments of `arch`.
 
     Example:
-        >>> spec = parse_spec({"prior": {"name": "Gaussian", "kwargs": {"sigma": 0.5}}})
+        >>> spec = validate_spec({"prior": {"name": "Gaussian", "kwargs": {"sigma": 0.5}}})
         >>> spec.prior, spec.posterior
         (('gaussian', {'sigma': 0.5}), ('pretrained_gaussian', {'delta': 0.1}))
         >>> ConversionSpec.from_json(spec.to_json()) == spec
@@ -98,7 +98,7 @@ class ConversionSpec:
         Raises:
             ValueError: (`SpecError`) If `data` is not a valid spec.
         """
-        return parse_spec(data, source="<json>", available_only=not recorded)
+        return validate_spec(data, source="<json>", available_only=not recorded)
 
     def torch_dtype(self) -> torch.dtype | None:
         """The `torch.dtype` named by `dtype`, or None to keep the model's."""
@@ -135,10 +135,10 @@ def read_spec(path: str | Path) -> ConversionSpec:
         check.fail(source, "", f"cannot read the spec file: {error.strerror or error}")
     if len(raw) > 4 * MAX_CHARS:
         check.fail(source, "", f"too large for a spec (over {4 * MAX_CHARS} bytes)")
-    return parse_spec(load_yaml(decode_utf8(raw, source), source), source)
+    return validate_spec(load_yaml(decode_utf8(raw, source), source), source)
 
 
-def parse_spec(
+def validate_spec(
     document: Any, source: str = "<string>", *, available_only: bool = True
 ) -> ConversionSpec:
     """Validates a loaded spec document; a missing or null key takes its default.
@@ -277,7 +277,7 @@ def resolve_spec(
         if patterns:
             data[key] = patterns if isinstance(patterns, str) else list(patterns)
     source = "command-line flags" if path is None else f"command-line flags over {path}"
-    return parse_spec(data, source)
+    return validate_spec(data, source)
 
 
 def _override(current: dict, name: str | None, args: dict[str, Any]) -> dict:
