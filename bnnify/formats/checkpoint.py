@@ -3,9 +3,10 @@
 Layout (format version 1), documented for other tools in `docs/format.md`:
 tensors `<param>.mu` / `<param>.rho` (Gaussian posteriors; other posteriors store
 their own state as `<param>.<name>`), `<param>.prior.<buffer>` for non-scalar prior
-tensors, `<name>` for every tensor kept deterministic, and `bnnify.fit.*` tensors
-written by `bnnify fit`. The metadata (all strings, JSON where structured) carries
-the format version, tool versions, source file, resolved spec and the parameter map.
+tensors (names made by `bnnify.bnn.keys`), `<name>` for every tensor kept
+deterministic, and `bnnify.fit.*` tensors written by `bnnify fit`. The metadata (all
+strings, JSON where structured) carries the format version, tool versions, source
+file, resolved spec and the parameter map.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 import bnnify
+from bnnify.bnn.keys import posterior_key, prior_key
+from bnnify.bnn.posteriors import VariationalPosterior, restore_posterior
 from bnnify.errors import FormatError, InputError
 from bnnify.formats.detect import shard_path
 from bnnify.formats.safetensors_io import (
@@ -231,15 +234,28 @@ class Checkpoint:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return handle.get_tensor(key).to(device)
 
-    def variational_state(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-        """`"<param>.<role>"` and `"<param>.prior.<buffer>"` tensors of every parameter."""
-        state = {}
+    def state_keys(self, *, priors: bool = True) -> dict[str, str]:
+        """`BayesianModule.variational_state()` keys -> the keys of their tensors in the file."""
+        keys = {}
         for name, record in self.parameters.items():
-            for role, key in record.tensors.items():
-                state[f"{name}.{role}"] = self.tensor(key, device)
-            for buffer, key in record.prior_tensors.items():
-                state[f"{name}.prior.{buffer}"] = self.tensor(key, device)
-        return state
+            keys.update({posterior_key(name, role): key for role, key in record.tensors.items()})
+            if priors:
+                keys.update({prior_key(name, b): key for b, key in record.prior_tensors.items()})
+        return keys
+
+    def variational_state(
+        self, device: str | torch.device = "cpu", *, priors: bool = True
+    ) -> dict[str, Tensor]:
+        """`"<param>.<role>"` and (with `priors`) `"<param>.prior.<buffer>"` tensors."""
+        return {
+            state: self.tensor(key, device) for state, key in self.state_keys(priors=priors).items()
+        }
+
+    def posterior(self, name: str, device: str | torch.device = "cpu") -> VariationalPosterior:
+        """The posterior of parameter `name`, rebuilt from its tensors."""
+        record = self.parameters[name]
+        state = {role: self.tensor(key, device) for role, key in record.tensors.items()}
+        return restore_posterior(self.spec.posterior, state, next(iter(state.values())))
 
     def deterministic_state(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
         return {name: self.tensor(name, device) for name in self.deterministic}
@@ -281,7 +297,7 @@ class Checkpoint:
         from bnnify.bnn import BayesianModule
         from bnnify.formats.tree import build_tree
 
-        state = self.variational_state(device)
+        state = self.variational_state(device, priors=prior is None)
         deterministic = self.deterministic_state(device)
         if module is None:
             tensors = {name: self._placeholder(name, state) for name in self.parameters}
@@ -296,26 +312,23 @@ class Checkpoint:
             prior if prior is not None else self.spec.prior,
             include=include or [glob.escape(n) for n in self.parameters],
         )
-        if prior is not None:
-            state = {k: v for k, v in state.items() if ".prior." not in k}
         bnn.load_variational_state(state, strict=prior is None)
         _load_deterministic(bnn.module, deterministic, self.path)
         return bnn
 
     def _placeholder(self, name: str, state: Mapping[str, Tensor]) -> Tensor:
         record = self.parameters[name]
-        if f"{name}.mu" in state:
-            return state[f"{name}.mu"]
-        return torch.zeros(record.shape, dtype=getattr(torch, record.dtype))
-
-    def close(self) -> None:
-        """Nothing stays open between reads; kept for the context-manager protocol."""
+        mu = state.get(posterior_key(name, "mu"))
+        return (
+            mu if mu is not None else torch.zeros(record.shape, dtype=getattr(torch, record.dtype))
+        )
 
     def __enter__(self) -> Checkpoint:
+        # Nothing stays open between reads: `with` only scopes the object.
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        pass
 
 
 def _load_deterministic(module: nn.Module, tensors: Mapping[str, Tensor], path: Path) -> None:

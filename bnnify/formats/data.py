@@ -20,7 +20,7 @@ from torch import Tensor
 from bnnify.errors import InputError
 from bnnify.formats.safetensors_io import is_safetensors, load_file
 
-__all__ = ["Dataset", "load_dataset", "load_tensor_file"]
+__all__ = ["Dataset", "load_dataset", "load_targets", "load_tensor_file", "make_dataset"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_DTYPES = {
@@ -217,23 +217,44 @@ def load_dataset(
                 hint="Name the targets with --y-key.",
             )
     if targets_path is not None:
-        y = _load_targets(Path(targets_path), y_key)
+        y = load_targets(targets_path, y_key)
+    return make_dataset(x, y, name)
+
+
+def make_dataset(x: Tensor, y: Tensor | None, source: str) -> Dataset:
+    """Inputs and targets checked like a data file's (`source` names them in errors).
+
+    A 1-D `x` is one feature per example.
+
+    Raises:
+        InputError: For no examples, NaN or infinite values, or inputs and targets of
+            different lengths.
+    """
     if x.dim() == 0 or x.shape[0] == 0:
-        raise InputError(f"{name}: no examples in the inputs (shape {tuple(x.shape)})")
+        raise InputError(f"{source}: no examples in the inputs (shape {tuple(x.shape)})")
     if x.dim() == 1:
         x = x.unsqueeze(1)
-    _check_finite(x, "the inputs", name)
+    _check_finite(x, "the inputs", source)
     if y is not None:
-        _check_finite(y, "the targets", name)
-        if y.shape[0] != x.shape[0]:
+        _check_finite(y, "the targets", source)
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:
+            count = y.shape[0] if y.dim() else 0
             raise InputError(
-                f"{name}: {x.shape[0]} input examples but {y.shape[0]} targets",
+                f"{source}: {x.shape[0]} input examples but {count} targets",
                 hint="Inputs and targets must have the same first dimension.",
             )
-    return Dataset(x=x, y=y, source=name)
+    return Dataset(x=x, y=y, source=source)
 
 
-def _load_targets(path: Path, y_key: str) -> Tensor:
+def load_targets(path: str | Path, y_key: str = "y") -> Tensor:
+    """Targets kept in a file of their own: CSV, or the tensor `y_key` (or the only one).
+
+    Raises:
+        InputError: For an unreadable file, or several tensors none of which is `y_key`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {str(path)!r} does not exist")
     if path.suffix.lower() in (".csv", ".txt") and not is_safetensors(path):
         _, table = _read_csv(path)
         return table[:, 0] if table.shape[1] == 1 else table

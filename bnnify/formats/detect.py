@@ -47,6 +47,8 @@ class ModelFormat(str, Enum):
     SAFETENSORS = "safetensors"
     SHARDED = "sharded_safetensors"
     PICKLED_MODULE = "pickled_module"
+    # Not a file: an `nn.Module` handed to the Python API (`model_files.from_module`).
+    MODULE = "module"
 
 
 def detect_format(path: str | Path) -> ModelFormat:

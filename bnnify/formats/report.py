@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bnnify.enums import KLMethod
 from bnnify.errors import FormatError, InputError
 from bnnify.formats.safetensors_io import load_file, read_header, save_file
 
@@ -26,7 +27,7 @@ class KLReport:
         names: Parameter names, in the order of the vectors below.
         per_parameter: Summed KL of each parameter (float64).
         numels: Number of elements of each parameter (int64).
-        method: "analytic" or "monte_carlo".
+        method: How the KL was computed: analytic or Monte Carlo.
         samples: Monte Carlo samples per element (None when analytic).
         posterior: Posterior spec `{"name": ..., "kwargs": {...}}`.
         prior: Prior spec `{"name": ..., "kwargs": {...}}`.
@@ -36,7 +37,7 @@ class KLReport:
     names: list[str]
     per_parameter: torch.Tensor
     numels: torch.Tensor
-    method: str
+    method: KLMethod
     samples: int | None
     posterior: dict[str, Any]
     prior: dict[str, Any]
@@ -56,7 +57,7 @@ class KLReport:
             "kl_sum": self.total,
             "kl_mean": self.mean,
             "elements": int(self.numels.sum()),
-            "method": self.method,
+            "method": KLMethod(self.method).value,
             "samples": self.samples,
             "posterior": self.posterior,
             "prior": self.prior,
@@ -80,7 +81,7 @@ def write_report(report: KLReport, path: str | Path) -> None:
         "bnnify.format": REPORT_FORMAT,
         "bnnify.format_version": REPORT_VERSION,
         "bnnify.names": json.dumps(report.names),
-        "bnnify.method": report.method,
+        "bnnify.method": KLMethod(report.method).value,
         "bnnify.samples": json.dumps(report.samples),
         "bnnify.posterior": json.dumps(report.posterior, sort_keys=True),
         "bnnify.prior": json.dumps(report.prior, sort_keys=True),
@@ -121,7 +122,7 @@ def read_report(path: str | Path) -> KLReport:
             names=names,
             per_parameter=tensors["kl.per_parameter"],
             numels=tensors["numel.per_parameter"],
-            method=metadata["bnnify.method"],
+            method=KLMethod(metadata["bnnify.method"]),
             samples=json.loads(metadata["bnnify.samples"]),
             posterior=json.loads(metadata["bnnify.posterior"]),
             prior=json.loads(metadata["bnnify.prior"]),
