@@ -158,9 +158,7 @@ def convert_file(model: Path, checkpoint: Path, spec=None, **flags) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load
         with load_model(model) as loaded:
-            convert(
-                loaded, spec or resolve_spec(None, **flags), checkpoint=checkpoint, report=report
-            )
+            convert(loaded, spec or resolve_spec(None, **flags), output=checkpoint, report=report)
     return checkpoint
 
 
@@ -193,8 +191,8 @@ class FitFiles:
 def _short_fit(folder: Path, model: Path, prefix: str, task: str, epochs: int, lr: float) -> None:
     from bnnify.formats.checkpoint import Checkpoint
     from bnnify.formats.data import load_dataset
-    from bnnify.usecases.fit import FitSettings, fit, make_likelihood, save_fitted
     from bnnify.usecases.runner import open_runner
+    from bnnify.usecases.training import FitSettings, make_likelihood, save_fitted, train
 
     with Checkpoint(folder / f"{prefix}.bnn.safetensors") as ckpt:
         with warnings.catch_warnings():
@@ -203,7 +201,7 @@ def _short_fit(folder: Path, model: Path, prefix: str, task: str, epochs: int, l
         likelihood = make_likelihood(task, ckpt, resume=False)
         data = load_dataset(folder / f"{prefix}.train.safetensors")
         settings = FitSettings(task=task, epochs=epochs, lr=lr, batch_size=64)
-        history = fit(runner, likelihood, data, settings)
+        history = train(runner, likelihood, data, settings)
         info = {"task": task, "history": history, "final": history[-1]}
         target = folder / f"{prefix}.fit.safetensors"
         save_fitted(target, target, ckpt, runner, likelihood, info)

@@ -1,3 +1,3 @@
-"""bnnify's use cases: convert, fit, predict, kl and inspect, over the file formats."""
+"""bnnify's use cases, one module per command: the Python API (re-exported by `bnnify.api`)."""
 
 __all__: list[str] = []
