@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import traceback
@@ -18,9 +17,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, InvalidArgumentError
+from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError
 
-__all__ = ["Output", "command", "human_bytes", "parse_size"]
+__all__ = ["Output", "command", "human_bytes"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,41 +133,6 @@ def command(function: F) -> F:
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 10**3,
-    "KB": 10**3,
-    "M": 10**6,
-    "MB": 10**6,
-    "G": 10**9,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "T": 10**12,
-    "TB": 10**12,
-}
-
-
-def parse_size(text: str) -> int:
-    """Parses "2GB", "500MiB" or "1048576" into bytes (for --shard-size)."""
-    raw = text.strip().upper().replace(" ", "")
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number) :]
-    try:
-        size = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        size = 0.0
-    if not (math.isfinite(size) and size >= 1):
-        # A usage error (exit 2): typer.BadParameter raised here would be an internal error.
-        raise InvalidArgumentError(
-            f"--shard-size: {text!r} is not a size such as 2GB or 500MiB",
-            hint="Units: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB (powers of 1024).",
-        )
-    return int(size)
 
 
 def human_bytes(count: float) -> str:
