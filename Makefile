@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench bench-peers real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers real-models clean
 
 install: $(STAMP)
 

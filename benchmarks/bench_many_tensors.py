@@ -47,7 +47,7 @@ def time_one(model: Path, out: Path) -> tuple[float, float]:
         convert(
             loaded,
             resolve_spec(None),
-            checkpoint=out / "c.bnn.safetensors",
+            output=out / "c.bnn.safetensors",
             report=out / "c.kl.safetensors",
             force=True,
         )

@@ -28,14 +28,12 @@ def models(tmp_path_factory):
 
 
 def make(models, folder, model="cnn", fmt="state_dict", **spec_args):
-    shard_bytes = spec_args.pop("shard_bytes", None)
+    shard_size = spec_args.pop("shard_size", None)
     spec = resolve_spec(None, **spec_args)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint, report = folder / "c.bnn.safetensors", folder / "c.kl.safetensors"
     with load_model(models.path(model, fmt)) as loaded:
-        result = convert(
-            loaded, spec, checkpoint=checkpoint, report=report, shard_bytes=shard_bytes
-        )
+        result = convert(loaded, spec, output=checkpoint, report=report, shard_size=shard_size)
     return spec, result.outputs[-2], report
 
 
@@ -127,7 +125,7 @@ def test_to_bayesian_refuses_another_architecture(empirical):
 
 def test_a_sharded_checkpoint_reads_like_one_file(models, tmp_path):
     _, single, _ = make(models, tmp_path / "one", prior="laplace")
-    _, index, _ = make(models, tmp_path / "many", prior="laplace", shard_bytes=400)
+    _, index, _ = make(models, tmp_path / "many", prior="laplace", shard_size=400)
     assert index.name == "c.bnn.safetensors.index.json"
     with Checkpoint(single) as one, Checkpoint(index) as many:
         assert len(set(many.files.values())) > 1
@@ -179,7 +177,7 @@ def test_malformed_metadata_is_a_format_error(empirical, tmp_path):
 
 
 def test_broken_sharded_checkpoints_are_refused(models, tmp_path):
-    _, index, _ = make(models, tmp_path, shard_bytes=400)
+    _, index, _ = make(models, tmp_path, shard_size=400)
     shard = sorted(tmp_path.glob("c.bnn-*.safetensors"))[0]
     shard.rename(tmp_path / "moved")
     with pytest.raises(InputError, match="does not exist"):
@@ -239,7 +237,7 @@ def small(tmp_path_factory):
     save_file({"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}, folder / "m.safetensors")
     with load_model(folder / "m.safetensors") as loaded:
         spec = resolve_spec(None, prior="empirical_gaussian")
-        convert(loaded, spec, checkpoint=folder / "c.safetensors", report=folder / "r.safetensors")
+        convert(loaded, spec, output=folder / "c.safetensors", report=folder / "r.safetensors")
     metadata, _ = read_header(folder / "c.safetensors")
     return metadata, load_file(folder / "c.safetensors"), (folder / "c.safetensors").read_bytes()
 
@@ -247,7 +245,8 @@ def small(tmp_path_factory):
 def check_opening(path) -> None:
     """Opening refuses with a bnnify error, or every KL it then gives is finite and >= 0."""
     from bnnify.errors import BnnifyError
-    from bnnify.usecases.analysis import checkpoint_kl, parameter_stats
+    from bnnify.usecases.inspect import parameter_stats
+    from bnnify.usecases.kl import checkpoint_kl
 
     try:
         with Checkpoint(path) as ckpt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ from torch import nn
 
 from bnnify.errors import (
     EXIT_UNSAFE,
+    ArgumentTypeError,
     FormatError,
     InputError,
     InvalidArgumentError,
@@ -30,6 +32,7 @@ from bnnify.formats.model_files import (
     ModelFormat,
     TensorMeta,
     detect_format,
+    from_module,
     load_model,
     sha256_file,
 )
@@ -567,3 +570,21 @@ def test_an_invalid_device_is_an_argument_error(tmp_path):
     torch.save({"w": torch.ones(1)}, path)
     with pytest.raises(InvalidArgumentError, match="device"):
         load_model(path, device="gpu0")
+
+
+def test_a_module_in_memory_is_a_model_of_format_module():
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    model = from_module(net)
+    assert model.format is ModelFormat.MODULE and model.module is net
+    assert model.names() == list(net.state_dict())
+    assert model.meta("1.running_mean").kind == "buffer"
+    assert model.meta("0.weight").kind == "parameter"
+    assert torch.equal(model.tensor("0.weight"), net[0].weight.detach())
+    # The digest is that of the state dict: equal for equal weights, else different.
+    twin = copy.deepcopy(net)
+    assert from_module(twin).sha256 == model.sha256
+    with torch.no_grad():
+        twin[0].bias.add_(1e-6)
+    assert from_module(twin).sha256 != model.sha256
+    with pytest.raises(ArgumentTypeError, match="got dict"):
+        from_module({"weight": torch.ones(1)})

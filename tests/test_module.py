@@ -558,6 +558,47 @@ def test_variational_state_round_trip():
         fresh.load_variational_state({**state, "0.bias.mu": torch.zeros(4)})
 
 
+# ------------------------------------------------ public view for the upper layers
+
+
+def test_device_dtype_and_variational_parameters(device, dtype):
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = bnn.BayesianModule(net, exclude=["1.*"]).to(device, dtype)
+    assert (model.device.type, model.dtype) == (device.type, dtype)
+    assert model.kl_divergence().dtype == dtype
+    trained = list(model.variational_parameters())
+    assert {id(p) for p in trained} == {id(p) for s in model.variational for p in s.parameters()}
+    kept = {id(p) for p in net[1].parameters()}
+    assert kept and not kept & {id(p) for p in trained}
+    assert {id(p) for p in model.parameters()} == {id(p) for p in trained} | kept
+
+
+def test_reparametrized_parameters_with_their_posterior_and_prior(device, dtype):
+    net = nn.Linear(3, 2).to(device, dtype)
+    weight = net.weight.detach().clone()
+    model = bnn.BayesianModule(net, "pretrained_gaussian", ("laplace", {"scale": 0.5}))
+    params = list(model.reparametrized_parameters())
+    assert [p.name for p in params] == model.reparametrized_names() == ["weight", "bias"]
+    first = params[0]
+    assert first.aliases == ("weight",) and first.shape == (2, 3)
+    assert torch.equal(first.posterior.mean, weight)
+    assert first.posterior.mean.device.type == device.type
+    assert isinstance(first.prior, bnn.LaplacePrior) and float(first.prior.scale) == 0.5
+    # The posterior reads the storage: a change of mu shows through.
+    with torch.no_grad():
+        model.variational[0].mu.zero_()
+    assert not first.posterior.mean.any()
+
+
+def test_variational_state_keys_are_the_key_scheme():
+    from bnnify.bnn.keys import posterior_key, prior_key
+
+    model = bnn.BayesianModule(nn.Linear(2, 2), prior="empirical_gaussian")
+    expected = {posterior_key(n, r) for n in ("weight", "bias") for r in ("mu", "rho")}
+    expected |= {prior_key(n, "mu") for n in ("weight", "bias")}
+    assert set(model.variational_state()) == expected
+
+
 # ---------------------------------------------------------------- logging
 
 

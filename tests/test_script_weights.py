@@ -23,8 +23,8 @@ from bnnify.errors import InputError
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset
 from bnnify.formats.model_files import load_model
-from bnnify.usecases.fit import FitSettings, fit
 from bnnify.usecases.runner import ModuleRunner, ScriptRunner, open_runner
+from bnnify.usecases.training import FitSettings, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -177,7 +177,7 @@ def test_fit_trains_the_lstm_as_the_in_place_module_does(tmp_path):
     settings = FitSettings(task="regression", epochs=2, lr=0.01, batch_size=10, kl_weight=0.0)
     before = {k: v.clone() for k, v in script.bnn.variational_state().items()}
     for runner in (script, module):
-        fit(runner, GaussianLikelihood().double(), data, settings)
+        train(runner, GaussianLikelihood().double(), data, settings)
     after = script.bnn.variational_state()
     for name in script.names:
         for role in ("mu", "rho"):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnnify.enums import Task
 from bnnify.errors import InputError
 
 __all__ = ["CategoricalLikelihood", "GaussianLikelihood", "Likelihood"]
@@ -18,7 +19,7 @@ _LOG_2PI = math.log(2 * math.pi)
 class Likelihood(nn.Module):
     """Base class: the negative log-likelihood of targets given model outputs."""
 
-    task = ""
+    task: Task
 
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-example negative log-likelihood, shape `(batch,)`."""
@@ -35,7 +36,7 @@ class GaussianLikelihood(Likelihood):
         noise: Initial noise scale (> 0).
     """
 
-    task = "regression"
+    task = Task.REGRESSION
 
     def __init__(self, noise: float = 1.0):
         super().__init__()
@@ -65,7 +66,7 @@ class GaussianLikelihood(Likelihood):
 class CategoricalLikelihood(Likelihood):
     """y ~ Categorical(softmax(f(x))): the model outputs logits, the targets are classes."""
 
-    task = "classification"
+    task = Task.CLASSIFICATION
 
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target.long(), reduction="none")

@@ -1,4 +1,9 @@
-"""Predictive summaries and metrics from Monte Carlo samples of a Bayesian network."""
+"""Predictive summaries and metrics from Monte Carlo samples of a Bayesian network.
+
+Each metric is computed in one place: `regression_scores` and `classification_scores`
+report them all; `regression_metrics` and `classification_metrics`, the few that `fit`
+(validation) and `predict` (test metrics) print, select from the same functions.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ __all__ = [
     "OOD_SCORES",
     "auroc",
     "average_precision",
+    "classification_metrics",
     "classification_scores",
     "classification_summary",
     "expected_calibration_error",
@@ -30,6 +36,7 @@ __all__ = [
     "ood_detection",
     "quantile_calibration_error",
     "quantile_coverage",
+    "regression_metrics",
     "regression_scores",
     "regression_summary",
     "reliability_bins",
@@ -153,11 +160,9 @@ def regression_scores(samples: Tensor, noise: float | Tensor, y: Tensor) -> dict
         InvalidArgumentError: A noise scale is not positive or does not broadcast.
     """
     pit = gaussian_mixture_cdf(samples, noise, y)  # checks the shapes and scales
-    error = samples.double().mean(0).reshape(-1) - y.double().reshape(-1)
     scores = {
-        "rmse": float(error.square().mean().sqrt()),
-        "mae": float(error.abs().mean()),
-        "nll": -float(gaussian_mixture_log_likelihood(samples, noise, y).mean()),
+        **_point_scores(samples, y),
+        "nll": _nll(samples, noise, y),
         "crps": float(gaussian_mixture_crps(samples, noise, y).mean()),
         "calibration_error": quantile_calibration_error(pit),
     }
@@ -169,6 +174,33 @@ def regression_scores(samples: Tensor, noise: float | Tensor, y: Tensor) -> dict
         scores[f"coverage_{round(100 * c)}"] = float(covered)
         scores[f"width_{round(100 * c)}"] = float(width)
     return scores
+
+
+def regression_metrics(samples: Tensor, y: Tensor, noise: float) -> dict[str, float]:
+    """`rmse` and, when `noise > 0`, `log_likelihood` (= -`nll`) of `regression_scores`.
+
+    What `fit` (validation) and `predict` print, without the quantiles and CRPS that
+    make `regression_scores` far slower.
+
+    Args:
+        samples: Outputs `(S, batch, ...)` of S weight samples.
+        y: Targets, one row per example.
+        noise: The Gaussian noise scale of the likelihood (0: the log-likelihood is
+            undefined and left out).
+    """
+    metrics = {"rmse": _point_scores(samples, y)["rmse"]}
+    if noise > 0:
+        metrics["log_likelihood"] = -_nll(samples, noise, y)
+    return metrics
+
+
+def _point_scores(samples: Tensor, y: Tensor) -> dict[str, float]:
+    error = samples.double().mean(0).reshape(-1) - y.double().reshape(-1)
+    return {"rmse": float(error.square().mean().sqrt()), "mae": float(error.abs().mean())}
+
+
+def _nll(samples: Tensor, noise: float | Tensor, y: Tensor) -> float:
+    return -float(gaussian_mixture_log_likelihood(samples, noise, y).mean())
 
 
 # -------------------------------------------------------------- classification
@@ -260,6 +292,26 @@ def classification_scores(
         "brier": float((flat - one_hot).square().sum(-1).mean()),
         "ece": expected_calibration_error(flat, target, bins),
         "ece_bins": bins,
+    }
+
+
+def classification_metrics(logit_samples: Tensor, labels: Tensor) -> dict[str, float]:
+    """`accuracy`, `log_likelihood` (= -`nll`) and `ece` of `classification_scores`.
+
+    The scores of the mean probabilities over the logit samples `(S, ..., C)`: what `fit`
+    (validation) and `predict` print.
+
+    Example:
+        >>> logits = torch.tensor([[[4.0, 0.0], [0.0, 4.0]]])
+        >>> metrics = classification_metrics(logits, torch.tensor([0, 0]))
+        >>> metrics["accuracy"], round(metrics["log_likelihood"], 3)
+        (0.5, -2.018)
+    """
+    scores = classification_scores(classification_summary(logit_samples)["probs"], labels)
+    return {
+        "accuracy": scores["accuracy"],
+        "log_likelihood": -scores["nll"],
+        "ece": scores["ece"],
     }
 
 

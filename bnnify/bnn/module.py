@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -11,25 +10,17 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
+from bnnify.bnn.build import Reparametrized, allocate_stores, build_parameters
+from bnnify.bnn.collect import collect_parameters, linear_pairs, select
 from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
-from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, initialize_into, is_flat
-from bnnify.bnn.priors import get_prior
+from bnnify.bnn.keys import posterior_key, prior_key
+from bnnify.bnn.posteriors import PosteriorFactory, is_flat
 from bnnify.bnn.registry import Spec, parse_spec
-from bnnify.bnn.reparametrize import Sampler, Slot, install_
+from bnnify.bnn.reparametrize import Sampler, Slot
 from bnnify.bnn.rowwise import Estimator, EstimatorChoice, choose_estimator
-from bnnify.bnn.store import GaussianStore
-from bnnify.errors import (
-    ArgumentTypeError,
-    BnnifyError,
-    FormatError,
-    InvalidArgumentError,
-    UsageError,
-)
+from bnnify.errors import ArgumentTypeError, FormatError, InvalidArgumentError, UsageError
 
-__all__ = ["BayesianModule"]
-
-logger = logging.getLogger("bnnify")
+__all__ = ["BayesianModule", "Reparametrized"]
 
 
 class BayesianModule(nn.Module):
@@ -98,11 +89,9 @@ class BayesianModule(nn.Module):
         first = entries[0].param
         lrt = linear_pairs(module, entries) if packed else {}
         self.module = module
-        self.variational = nn.ModuleList()
+        stores, lrt_ends = allocate_stores(entries, lrt) if packed else ([], [])
+        self.variational = nn.ModuleList(stores)
         self.posteriors = nn.ModuleDict()
-        self.priors = nn.ModuleList()
-        self._slots: list[Slot] = []
-        lrt_ends = self._allocate(entries, lrt) if packed else []
         self._sampler = Sampler(self.variational, self.posteriors, lrt_ends)
         self._sampler.local = bool(local_reparameterization)
         self.register_buffer(
@@ -111,69 +100,18 @@ class BayesianModule(nn.Module):
             persistent=False,
         )
         del first
-        with _verbose_logging(verbose or bool(debug)):
-            self._build(entries)
+        specs = (self.posterior_spec, self.prior_spec)
+        slots, priors = build_parameters(
+            entries, specs, self.variational, self.posteriors, self._sampler, verbose or bool(debug)
+        )
+        self._slots: list[Slot] = slots
+        self.priors = nn.ModuleList(priors)
         for layer, (weight, bias) in lrt.items():
             layer.__dict__["_bnnify_lrt"] = (weight.slot, None if bias is None else bias.slot)
         self._divergence = Divergence(self.variational, self._slots, self.priors, self.posteriors)
         # Loading a state_dict changes the priors' values, which the segments read.
         self.register_load_state_dict_post_hook(_refresh_segments)
         self.training = module.training
-
-    def _allocate(self, entries: list[Entry], lrt: dict) -> list[int]:
-        """Creates the flat stores and orders their slots, local-trick Linears first."""
-        eligible = {id(e) for pair in lrt.values() for e in pair if e is not None}
-        groups: dict[tuple, list[Entry]] = {}
-        for entry in entries:
-            groups.setdefault((entry.param.dtype, entry.param.device), []).append(entry)
-        lrt_ends = []
-        for (dtype, device), group in groups.items():
-            group.sort(key=lambda e: id(e) not in eligible)
-            shapes = [e.param.shape for e in group]
-            store = GaussianStore([e.name for e in group], shapes, dtype, device)
-            for index, entry in enumerate(group):
-                entry.store, entry.index = len(self.variational), index
-            self.variational.append(store)
-            lrt_ends.append(sum(id(e) in eligible for e in group))
-        entries.sort(key=lambda e: (e.store, e.index))
-        return lrt_ends
-
-    def _build(self, entries: list[Entry]) -> None:
-        for entry in entries:
-            param, entry.param = entry.param.detach(), None
-            slot = Slot(entry.name, entry.aliases, param.shape, self._sampler)
-            try:
-                if entry.store is not None:
-                    # Written straight into the flat storage: no parameter-sized copies.
-                    store = self.variational[entry.store]
-                    with torch.no_grad():
-                        mu, rho = (store.view(t, entry.index) for t in (store.mu, store.rho))
-                        initialize_into(self.posterior_spec, mu, rho, param)
-                    slot.store, slot.index = entry.store, entry.index
-                else:
-                    slot.index = entry.name.replace(".", ":")
-                    self.posteriors[slot.index] = get_posterior(self.posterior_spec, param)
-                prior = get_prior(self.prior_spec, param)
-            except BnnifyError as error:
-                message = f"parameter {entry.name!r}: {error.message}"
-                raise type(error)(message, hint=error.hint) from None
-            self.priors.append(prior)
-            entry.slot = slot
-            self._slots.append(slot)
-            logger.info(
-                "reparametrized %s shape=%s elements=%d dtype=%s posterior=%s prior=%s",
-                entry.name,
-                tuple(param.shape),
-                param.numel(),
-                str(param.dtype).removeprefix("torch."),
-                self.posterior_spec[0],
-                self.prior_spec[0],
-            )
-            del param
-        # Only once every posterior and prior is built: a bad spec leaves the module untouched.
-        for entry in entries:
-            for owner, attr in entry.owners:
-                install_(owner, attr, entry.slot)
 
     # ------------------------------------------------------------------ forward
 
@@ -345,14 +283,14 @@ class BayesianModule(nn.Module):
         for i, slot in enumerate(self._slots):
             if slot.store is None:
                 for key, tensor in self.posteriors[slot.index].state_dict().items():
-                    state[f"{slot.name}.{key}"] = tensor
+                    state[posterior_key(slot.name, key)] = tensor
             else:
                 store = self.variational[slot.store]
-                state[f"{slot.name}.mu"] = store.view(store.mu.detach(), slot.index)
-                state[f"{slot.name}.rho"] = store.view(store.rho.detach(), slot.index)
+                state[posterior_key(slot.name, "mu")] = store.view(store.mu.detach(), slot.index)
+                state[posterior_key(slot.name, "rho")] = store.view(store.rho.detach(), slot.index)
             for key, tensor in self.priors[i].named_buffers():
                 if tensor.dim() > 0:
-                    state[f"{slot.name}.prior.{key}"] = tensor
+                    state[prior_key(slot.name, key)] = tensor
         return state
 
     @torch.no_grad()
@@ -391,16 +329,44 @@ class BayesianModule(nn.Module):
         """The posterior of parameter `name` as a distribution (views of the storage)."""
         for slot in self._slots:
             if name in slot.aliases:
-                if slot.store is None:
-                    return self.posteriors[slot.index].distribution
-                store = self.variational[slot.store]
-                start, end = store.span(slot.index)
-                sigma = store.sigma(start, end).view(slot.shape)
-                return Normal(store.view(store.mu, slot.index), sigma)
+                return self._distribution(slot)
         raise InvalidArgumentError(
             f"{name!r} is not a reparametrized parameter",
             hint=f"Reparametrized: {', '.join(self.reparametrized_names()[:10])}.",
         )
+
+    def _distribution(self, slot: Slot) -> Distribution:
+        if slot.store is None:
+            return self.posteriors[slot.index].distribution
+        store = self.variational[slot.store]
+        start, end = store.span(slot.index)
+        sigma = store.sigma(start, end).view(slot.shape)
+        return Normal(store.view(store.mu, slot.index), sigma)
+
+    # ------------------------------------------ public view for the upper layers
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the KL result (of the `_kl_meta` buffer, which follows `.to()`)."""
+        return self._kl_meta.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the KL result (of the `_kl_meta` buffer, which follows `.to()`)."""
+        return self._kl_meta.dtype
+
+    def variational_parameters(self) -> Iterator[nn.Parameter]:
+        """The posteriors' trainable parameters (not the parameters kept deterministic)."""
+        for store in self.variational:
+            yield from store.parameters()
+        yield from self.posteriors.parameters()
+
+    def reparametrized_parameters(self) -> Iterator[Reparametrized]:
+        """Every reparametrized parameter with its posterior and prior, in storage order."""
+        for slot, prior in zip(self._slots, self.priors, strict=True):
+            yield Reparametrized(
+                slot.name, tuple(slot.aliases), slot.shape, self._distribution(slot), prior
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -424,26 +390,5 @@ def _check_module(module: Any) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(
             "a TorchScript module cannot be reparametrized in place",
-            hint="Convert TorchScript files with `bnnify convert` or `bnnify.convert()`.",
+            hint="Convert TorchScript files with `bnnify convert` (bnnify.convert in Python).",
         )
-
-
-@contextmanager
-def _verbose_logging(enabled: bool) -> Iterator[None]:
-    """Shows INFO records of the "bnnify" logger on stderr when nothing else would."""
-    if not enabled:
-        yield
-        return
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    handler = None
-    if not logger.hasHandlers():
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("bnnify: %(message)s"))
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-        if handler is not None:
-            logger.removeHandler(handler)

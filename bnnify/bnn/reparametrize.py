@@ -113,7 +113,7 @@ def install_(module: nn.Module, name: str, slot: Slot) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(
             f"cannot reparametrize {name!r} of a TorchScript module in place",
-            hint="Convert TorchScript files with `bnnify convert`, which works tensor-wise.",
+            hint="Convert TorchScript files with `bnnify convert` (bnnify.convert in Python).",
         )
     del module._parameters[name]
     base = getattr(type(module), "_bnnify_base", type(module))

@@ -3,17 +3,17 @@
 Layout (format version 1), documented for other tools in `docs/format.md`:
 tensors `<param>.mu` / `<param>.rho` (Gaussian posteriors; other posteriors store
 their own state as `<param>.<name>`), `<param>.prior.<buffer>` for non-scalar prior
-tensors, `<name>` for every tensor kept deterministic, and `bnnify.fit.*` tensors
-written by `bnnify fit`. The metadata (all strings, JSON where structured) carries
-the format version, tool versions, source file, resolved spec and the parameter map.
+tensors (names made by `bnnify.bnn.keys`), `<name>` for every tensor kept
+deterministic, and `bnnify.fit.*` tensors written by `bnnify fit`. The metadata (all
+strings, JSON where structured) carries the format version, tool versions, source
+file, resolved spec and the parameter map.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 import bnnify
+from bnnify.bnn.keys import posterior_key, prior_key
+from bnnify.bnn.posteriors import VariationalPosterior, restore_posterior
 from bnnify.errors import BnnifyError, FormatError, shorten
 from bnnify.formats.checkpoint_checks import (
     LOG_NOISE_KEY,
@@ -37,7 +39,7 @@ from bnnify.formats.checkpoint_checks import (
 )
 from bnnify.formats.detect import describe
 from bnnify.formats.input_file import open_regular, regular_file
-from bnnify.formats.safetensors_io import SafetensorsWriter, ShardedWriter, TensorInfo
+from bnnify.formats.safetensors_io import TensorInfo
 from bnnify.formats.safetensors_reader import SafetensorsFile, looks_like_safetensors
 from bnnify.formats.sharded import read_index
 from bnnify.formats.spec import ConversionSpec
@@ -48,9 +50,7 @@ __all__ = [
     "Checkpoint",
     "ParameterRecord",
     "TensorRecord",
-    "checkpoint_metadata",
     "dtype_name",
-    "write_tensors",
 ]
 
 FORMAT = "bnnify.variational"
@@ -96,67 +96,6 @@ class TensorRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape, "dtype": self.dtype}
-
-
-def checkpoint_metadata(
-    *,
-    source: Mapping[str, Any],
-    spec: ConversionSpec,
-    parameters: Sequence[ParameterRecord],
-    deterministic: Sequence[TensorRecord],
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
-    """The metadata strings of a checkpoint (namespaced keys, JSON values)."""
-    metadata = {
-        "bnnify.format": FORMAT,
-        "bnnify.format_version": FORMAT_VERSION,
-        "bnnify.version": bnnify.__version__,
-        "torch.version": torch.__version__,
-        "bnnify.source": json.dumps(dict(source), sort_keys=True),
-        "bnnify.spec": json.dumps(spec.to_json(), sort_keys=True),
-        "bnnify.parameters": json.dumps({r.name: r.to_json() for r in parameters}),
-        "bnnify.deterministic": json.dumps({r.name: r.to_json() for r in deterministic}),
-    }
-    for key, value in (extra or {}).items():
-        metadata[f"bnnify.{key}"] = json.dumps(value, sort_keys=True)
-    return metadata
-
-
-def write_tensors(
-    target: Path,
-    infos: Sequence[TensorInfo],
-    produce: Callable[[str], Tensor],
-    metadata: Mapping[str, str],
-    temp_path: Callable[[Path], Path],
-    *,
-    shard_bytes: int | None = None,
-    stem: str | None = None,
-) -> None:
-    """Streams tensors into `target` (or shards under its folder) in storage order.
-
-    `produce(key)` is called once per tensor, in the writer's order, so that only
-    one tensor (or one parameter's tensors) is in memory at a time.
-    """
-    if shard_bytes is None:
-        with open(temp_path(target), "wb") as file:
-            writer = SafetensorsWriter(file, infos, metadata)
-            for key in writer.order:
-                writer.write(key, produce(key))
-            writer.finish()
-        return
-    assert stem is not None
-    with ShardedWriter(target.parent, stem, infos, metadata, shard_bytes) as writer:
-        writer.temp_path = temp_path
-        for key in writer.order:
-            writer.write(key, produce(key))
-        writer.finish()
-
-
-def sharded_paths(
-    target: Path, stem: str, infos: Sequence[TensorInfo], shard_bytes: int
-) -> list[Path]:
-    """Files a sharded checkpoint of `infos` will consist of (shards, then the index)."""
-    return ShardedWriter(target.parent, stem, infos, None, shard_bytes).paths()
 
 
 class Checkpoint:
@@ -295,15 +234,32 @@ class Checkpoint:
         record = self.parameters[name]
         return {buffer: self._finite(key, device) for buffer, key in record.prior_tensors.items()}
 
-    def variational_state(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-        """`"<param>.<role>"` and `"<param>.prior.<buffer>"` tensors of every parameter."""
+    def state_keys(self, *, priors: bool = True) -> dict[str, str]:
+        """`BayesianModule.variational_state()` keys -> the keys of their tensors in the file."""
+        keys = {}
+        for name, record in self.parameters.items():
+            keys.update({posterior_key(name, role): key for role, key in record.tensors.items()})
+            if priors:
+                keys.update({prior_key(name, b): key for b, key in record.prior_tensors.items()})
+        return keys
+
+    def variational_state(
+        self, device: str | torch.device = "cpu", *, priors: bool = True
+    ) -> dict[str, Tensor]:
+        """`"<param>.<role>"` and (with `priors`) `"<param>.prior.<buffer>"` tensors, checked."""
         state = {}
         for name in self.parameters:
             for role, tensor in self.posterior_state(name, device).items():
-                state[f"{name}.{role}"] = tensor
-            for buffer, tensor in self.prior_state(name, device).items():
-                state[f"{name}.prior.{buffer}"] = tensor
+                state[posterior_key(name, role)] = tensor
+            if priors:
+                for buffer, tensor in self.prior_state(name, device).items():
+                    state[prior_key(name, buffer)] = tensor
         return state
+
+    def posterior(self, name: str, device: str | torch.device = "cpu") -> VariationalPosterior:
+        """The posterior of parameter `name`, rebuilt from its tensors (checked finite)."""
+        state = self.posterior_state(name, device)
+        return restore_posterior(self.spec.posterior, state, next(iter(state.values())))
 
     def deterministic_state(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
         return {name: self.tensor(name, device) for name in self.deterministic}
@@ -352,7 +308,7 @@ class Checkpoint:
         from bnnify.bnn import BayesianModule
         from bnnify.formats.tree import build_tree
 
-        state = self.variational_state(device)
+        state = self.variational_state(device, priors=prior is None)
         deterministic = self.deterministic_state(device)
         if module is None:
             tensors = {name: self._placeholder(name, state) for name in self.parameters}
@@ -367,26 +323,23 @@ class Checkpoint:
             prior if prior is not None else self.spec.prior,
             include=include or [glob.escape(n) for n in self.parameters],
         )
-        if prior is not None:
-            state = {k: v for k, v in state.items() if ".prior." not in k}
         bnn.load_variational_state(state, strict=prior is None)
         _load_deterministic(bnn.module, deterministic, self.path)
         return bnn
 
     def _placeholder(self, name: str, state: Mapping[str, Tensor]) -> Tensor:
         record = self.parameters[name]
-        if f"{name}.mu" in state:
-            return state[f"{name}.mu"]
+        mu = state.get(posterior_key(name, "mu"))
+        if mu is not None:
+            return mu
         return torch.zeros(record.shape, dtype=parse_dtype(record.dtype, str(self.path)))
 
-    def close(self) -> None:
-        """Nothing stays open between reads; kept for the context-manager protocol."""
-
     def __enter__(self) -> Checkpoint:
+        # Nothing stays open between reads: `with` only scopes the object.
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        pass
 
 
 def _load_deterministic(module: nn.Module, tensors: Mapping[str, Tensor], path: Path) -> None:

@@ -23,7 +23,7 @@ from bnnify.formats.input_file import open_regular, regular_file
 from bnnify.formats.safetensors_io import is_safetensors, load_file
 from bnnify.formats.zip_archive import check_inflation, list_zip
 
-__all__ = ["Dataset", "load_dataset", "load_tensor_file"]
+__all__ = ["Dataset", "load_dataset", "load_targets", "load_tensor_file", "make_dataset"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _UNCOMPRESSED = "Save the data uncompressed (numpy.savez) or as safetensors."
@@ -263,29 +263,47 @@ def load_dataset(
                 hint="Name the targets with --y-key.",
             )
     if targets_path is not None:
-        y = _load_targets(Path(targets_path), y_key)
+        y = load_targets(targets_path, y_key)
+    return make_dataset(x, y, name)
+
+
+def make_dataset(x: Tensor, y: Tensor | None, source: str) -> Dataset:
+    """Inputs and targets checked like a data file's (`source` names them in errors).
+
+    A 1-D `x` is one feature per example.
+
+    Raises:
+        InputError: For no examples, NaN or infinite values, or inputs and targets of
+            different lengths.
+    """
     if x.dim() == 0 or x.shape[0] == 0:
-        raise InputError(f"{name}: no examples in the inputs (shape {tuple(x.shape)})")
+        raise InputError(f"{source}: no examples in the inputs (shape {tuple(x.shape)})")
     if x.dim() == 1:
         x = x.unsqueeze(1)
-    _check_finite(x, "the inputs", name)
+    _check_finite(x, "the inputs", source)
     if y is not None:
         if y.dim() == 0:
             raise InputError(
-                f"{name}: the targets are a single number (shape ()), not one per example",
+                f"{source}: the targets are a single number (shape ()), not one per example",
                 hint="Store the targets as a vector or a matrix with one row per example.",
             )
-        _check_finite(y, "the targets", name)
+        _check_finite(y, "the targets", source)
         if y.shape[0] != x.shape[0]:
             raise InputError(
-                f"{name}: {x.shape[0]} input examples but {y.shape[0]} targets",
+                f"{source}: {x.shape[0]} input examples but {y.shape[0]} targets",
                 hint="Inputs and targets must have the same first dimension.",
             )
-    return Dataset(x=x, y=y, source=name)
+    return Dataset(x=x, y=y, source=source)
 
 
-def _load_targets(path: Path, y_key: str) -> Tensor:
-    regular_file(path, "targets file")
+def load_targets(path: str | Path, y_key: str = "y") -> Tensor:
+    """Targets kept in a file of their own: CSV, or the tensor `y_key` (or the only one).
+
+    Raises:
+        InputError: For a missing, unreadable or non-regular file, or several tensors
+            none of which is `y_key`.
+    """
+    path = regular_file(path, "targets file")
     if path.suffix.lower() in (".csv", ".txt") and not is_safetensors(path):
         _, table = _read_csv(path)
         return table[:, 0] if table.shape[1] == 1 else table

@@ -45,6 +45,8 @@ class ModelFormat(str, Enum):
     SAFETENSORS = "safetensors"
     SHARDED = "sharded_safetensors"
     PICKLED_MODULE = "pickled_module"
+    # Not a file: an `nn.Module` handed to the Python API (`model_files.from_module`).
+    MODULE = "module"
 
 
 _DESCRIPTIONS = {

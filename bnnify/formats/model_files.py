@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import pickle
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.export.graph_signature import InputKind
 
 from bnnify.errors import (
+    ArgumentTypeError,
     BnnifyError,
     FormatError,
     InputError,
@@ -35,14 +37,17 @@ from bnnify.formats.detect import (
     sha256_file,
 )
 from bnnify.formats.export_archive import load_export
+from bnnify.formats.safetensors_io import SafetensorsWriter, TensorInfo
 from bnnify.formats.safetensors_reader import SafetensorsFile
 from bnnify.formats.sharded import read_index
+from bnnify.formats.ties import alias_key, find_ties
 
 __all__ = [
     "LoadedModel",
     "ModelFormat",
     "TensorMeta",
     "detect_format",
+    "from_module",
     "load_model",
     "sha256_file",
 ]
@@ -142,6 +147,16 @@ class LoadedModel:
             )
         return self._fetch(name).detach()
 
+    def ties(self) -> dict[str, str]:
+        """Tensors sharing an earlier one's memory (tied weights) -> its name.
+
+        Only a state dict lists tied tensors under each name: the formats that hold
+        a module list each distinct tensor once, and safetensors files cannot tie.
+        """
+        if self.format is not ModelFormat.STATE_DICT:
+            return {}
+        return find_ties((name, self.tensor(name)) for name in self.names())
+
     def close(self) -> None:
         """Releases the open files and memory maps; `tensor()` fails afterwards."""
         self._fetch = None
@@ -214,6 +229,44 @@ def load_model(path: str | Path, *, device: str = "cpu", trust_pickle: bool = Fa
     fmt, module, metas, fetch, close = loader(file, device, trust_pickle)
     logger.info("loaded %s: %s, %d tensors, sha256 %s", path, fmt.value, len(metas), digest)
     return LoadedModel(Path(path), fmt, digest, module, metas, fetch, close)
+
+
+def from_module(module: nn.Module) -> LoadedModel:
+    """An `nn.Module` held in memory, as a model of format `MODULE` (nothing is copied).
+
+    Its `sha256` is the digest of its state dict written as a safetensors file without
+    metadata, so that `fit` and `predict` recognize the module a checkpoint came from.
+
+    Raises:
+        ArgumentTypeError: If `module` is not an `nn.Module`.
+    """
+    if not isinstance(module, nn.Module):
+        raise ArgumentTypeError(
+            f"expected a model file or an nn.Module, got {type(module).__name__}",
+            hint="Pass a path, a LoadedModel or the nn.Module itself.",
+        )
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    writer = SafetensorsWriter(_Digest(digest), [TensorInfo.of(n, t) for n, t in state.items()])
+    for name in writer.order:
+        writer.write(name, state[name])
+    fmt, module, metas, fetch, close = _from_module(module, ModelFormat.MODULE)
+    path = Path(f"<{type(module).__name__}>")
+    return LoadedModel(path, fmt, digest.hexdigest(), module, metas, fetch, close)
+
+
+class _Digest:
+    """A write-only file that hashes what is written to it."""
+
+    def __init__(self, digest: Any):
+        self.digest = digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def _device(device: str | torch.device) -> str:
@@ -415,29 +468,14 @@ def _eager(
     metas: dict[str, TensorMeta] = {}
     seen: set[tuple] = set()
     for name, tensor, kind in entries:
-        key = _alias_key(tensor)
-        if dedup and key in seen:
+        key = alias_key(tensor)
+        if dedup and key is not None and key in seen:
             logger.debug("%s is tied to an earlier tensor: listed once", name)
             continue
         seen.add(key)
         tensors[name] = tensor.detach()
         metas[name] = TensorMeta(name, tensor.dtype, tuple(tensor.shape), kind)
     return tensors, metas
-
-
-def _alias_key(tensor: Tensor) -> tuple:
-    """Equal for two views of the same memory with the same layout (tied weights)."""
-    storage = tensor.untyped_storage()
-    if storage.nbytes() == 0:
-        return (id(tensor),)
-    return (
-        storage.data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tensor.stride(),
-        tensor.dtype,
-        tensor.device,
-    )
 
 
 def _reason(error: BaseException) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from bnnify.bnn.kl_report import kl_total
+from bnnify.enums import KLMethod
 from bnnify.errors import FormatError, InputError, shorten
 from bnnify.formats.safetensors_io import SafetensorsFile, read_header, save_file
 from bnnify.formats.strict_json import load_json
@@ -39,7 +40,7 @@ class KLReport:
         names: Parameter names, in the order of the vectors below.
         per_parameter: Summed KL of each parameter (float64).
         numels: Number of elements of each parameter (int64).
-        method: "analytic" or "monte_carlo".
+        method: How the KL was computed: analytic or Monte Carlo.
         samples: Monte Carlo samples per element (None when analytic).
         posterior: Posterior spec `{"name": ..., "kwargs": {...}}`.
         prior: Prior spec `{"name": ..., "kwargs": {...}}`.
@@ -49,7 +50,7 @@ class KLReport:
     names: list[str]
     per_parameter: torch.Tensor
     numels: torch.Tensor
-    method: str
+    method: KLMethod
     samples: int | None
     posterior: dict[str, Any]
     prior: dict[str, Any]
@@ -69,7 +70,7 @@ class KLReport:
             "kl_sum": self.total,
             "kl_mean": self.mean,
             "elements": int(self.numels.sum()),
-            "method": self.method,
+            "method": KLMethod(self.method).value,
             "samples": self.samples,
             "posterior": self.posterior,
             "prior": self.prior,
@@ -93,7 +94,7 @@ def write_report(report: KLReport, path: str | Path) -> None:
         "bnnify.format": REPORT_FORMAT,
         "bnnify.format_version": REPORT_VERSION,
         "bnnify.names": json.dumps(report.names),
-        "bnnify.method": report.method,
+        "bnnify.method": KLMethod(report.method).value,
         "bnnify.samples": json.dumps(report.samples),
         "bnnify.posterior": json.dumps(report.posterior, sort_keys=True),
         "bnnify.prior": json.dumps(report.prior, sort_keys=True),
@@ -111,7 +112,7 @@ def is_report(path: str | Path) -> bool:
     return metadata.get("bnnify.format") == REPORT_FORMAT
 
 
-def checked_kl(value: float, *, name: str, elements: int, method: str, source: str) -> float:
+def checked_kl(value: float, *, name: str, elements: int, method: KLMethod, source: str) -> float:
     """A parameter's KL divergence as it may be reported: finite and not negative.
 
     KL >= 0 always. A closed form below zero by more than rounding means the posterior
@@ -131,7 +132,7 @@ def checked_kl(value: float, *, name: str, elements: int, method: str, source: s
     if value >= 0:
         return value
     rounding = _ROUNDING * max(elements, 1)
-    if method == "monte_carlo" or value >= -rounding:
+    if method == KLMethod.MONTE_CARLO or value >= -rounding:
         if value < -rounding:
             logger.warning("the Monte Carlo KL estimate of %s, %.6g, is reported as 0", name, value)
         return 0.0
@@ -175,6 +176,7 @@ def read_report(path: str | Path) -> KLReport:
     except KeyError as error:
         raise _malformed(path, f"no {error}") from None
     _check(report, path)
+    report.method = KLMethod(report.method)
     return report
 
 
@@ -205,10 +207,10 @@ def _check(report: KLReport, path: str | Path) -> None:
         raise _malformed(path, "the names are not a list of strings")
     if not len(names) == len(values) == len(numels):
         raise _malformed(path, "names and values differ in length")
-    if report.method not in ("analytic", "monte_carlo"):
+    if report.method not in {m.value for m in KLMethod}:
         raise _malformed(path, f"unknown method {shorten(report.method)}")
     samples = report.samples
-    if (samples is None) != (report.method == "analytic") or not (
+    if (samples is None) != (report.method == KLMethod.ANALYTIC) or not (
         samples is None or (type(samples) is int and samples > 0)
     ):
         raise _malformed(path, f"{shorten(samples)} samples for method {report.method!r}")

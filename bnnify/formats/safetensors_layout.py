@@ -20,7 +20,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "METADATA_KEY",
     "RANK",
-    "Entry",
+    "HeaderEntry",
     "TensorInfo",
     "encode_header",
     "write_tensor_bytes",
@@ -61,7 +61,7 @@ DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in CODES.items()}
 RANK: dict[torch.dtype, int] = {dtype: rank for rank, dtype in enumerate(CODES)}
 
 # Name, dtype, shape, and the data offsets [begin, end) of one tensor.
-Entry = tuple[str, torch.dtype, tuple[int, ...], int, int]
+HeaderEntry = tuple[str, torch.dtype, tuple[int, ...], int, int]
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class TensorInfo:
         return cls(name, tensor.dtype, tuple(tensor.shape))
 
 
-def encode_header(entries: Sequence[Entry], metadata: dict[str, str] | None) -> bytes:
+def encode_header(entries: Sequence[HeaderEntry], metadata: dict[str, str] | None) -> bytes:
     """Returns the length prefix and the space-padded JSON header of a file."""
     header: dict[str, Any] = {} if metadata is None else {METADATA_KEY: metadata}
     for name, dtype, shape, begin, end in entries:

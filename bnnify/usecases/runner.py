@@ -9,6 +9,7 @@ back to `mu` and `rho` (the chain rule of the reparameterization trick).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,7 @@ class Runner(nn.Module):
 
     def cast_input(self, x: Tensor) -> Tensor:
         """`x` in the model's floating dtype: CSV and numpy data come as float64."""
-        dtype = self.bnn._kl_meta.dtype
+        dtype = self.bnn.dtype
         if x.is_floating_point() and x.dtype != dtype:
             return x.to(dtype)
         return x
@@ -51,6 +52,20 @@ class Runner(nn.Module):
     def predict_samples(self, x: Tensor, num_samples: int) -> Tensor:
         """`num_samples` outputs for `x`, stacked on a new first dimension."""
         return torch.stack([self(x) for _ in range(num_samples)])
+
+    @torch.no_grad()
+    def predict_batches(
+        self, x: Tensor, num_samples: int, batch_size: int, *, mean: bool = False
+    ) -> Tensor:
+        """`predict_samples` of `x` batch by batch, on the CPU (`mean`: one mean pass)."""
+        parts = []
+        for start in range(0, x.shape[0], batch_size):
+            chunk = x[start : start + batch_size].to(self.bnn.device)
+            if mean:
+                parts.append(self.mean_forward(chunk).unsqueeze(0).cpu())
+            else:
+                parts.append(self.predict_samples(chunk, num_samples).cpu())
+        return torch.cat(parts, 1)
 
 
 class ModuleRunner(Runner):
@@ -134,7 +149,7 @@ class ScriptRunner(Runner):
 @torch.no_grad()
 def check_input(runner: Runner, x: Tensor) -> Tensor:
     """Runs the mean model on two examples; a failure becomes an `InputError`."""
-    sample = runner.cast_input(x[:2].to(runner.bnn._kl_meta.device))
+    sample = runner.cast_input(x[:2].to(runner.bnn.device))
     try:
         return runner.mean_forward(sample)
     except Exception as error:  # the model's own code: any failure means bad input
@@ -204,8 +219,9 @@ def open_runner(
         return ScriptRunner(model.module, checkpoint, device)
     if model.format is ModelFormat.EXPORT:
         return ModuleRunner(unlift(model.module, model.path), checkpoint, device)
-    if model.format is ModelFormat.PICKLED_MODULE:
-        return ModuleRunner(model.module, checkpoint, device)
+    if model.format in (ModelFormat.PICKLED_MODULE, ModelFormat.MODULE):
+        # Reparametrized in place: the caller's module stays as it was.
+        return ModuleRunner(copy.deepcopy(model.module), checkpoint, device)
     recorded = checkpoint.spec.arch
     if recorded is None:
         raise UsageError(
