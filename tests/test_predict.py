@@ -79,6 +79,11 @@ def test_regression_outputs_decompose_the_spread(toy):
         "task": "regression",
         "samples": 16,
         "mean_weights": False,
+        "estimator": {
+            "estimator": "weight_sampling",
+            "reason": "a TorchScript model runs once per sample, every weight drawn from its "
+            "posterior",
+        },
     }
     assert result.metrics == {}
 
@@ -251,3 +256,69 @@ def test_predict_confirms_a_recorded_arch_with_its_kwargs(tmp_path):
         ckpt, tmp_path / "demo.pt", x, samples=2, arch=spec.arch, arch_kwargs=spec.arch_kwargs
     )
     assert result.summary["examples"] == 6
+
+
+# ------------------------------------------ the estimator, classes beyond (N, C)
+
+
+def test_the_estimator_is_the_proven_one_and_is_reported(tmp_path):
+    from multi_input_models import mlp, token_classifier
+
+    torch.manual_seed(0)
+    net, tokens = mlp().eval(), token_classifier().eval()
+    ckpt = bnnify.convert(net, output=tmp_path / "mlp.bnn.safetensors").outputs[0]
+    x = torch.randn(12, 8)
+    result = bnnify.predict(ckpt, net, x, samples=8, output=tmp_path / "p.safetensors")
+    assert result.summary["estimator"]["estimator"] == "local_reparameterization"
+    assert "nn.Sequential of row-wise layers" in result.summary["estimator"]["reason"]
+    assert read_predictions(tmp_path / "p.safetensors").estimator == result.summary["estimator"]
+
+    ckpt = bnnify.convert(tokens, output=tmp_path / "tokens.bnn.safetensors").outputs[0]
+    per_token = bnnify.predict(ckpt, tokens, torch.randn(6, 5, 4), task="classification")
+    assert per_token.summary["estimator"] == {
+        "estimator": "weight_sampling",
+        "reason": "the input has shape (6, 5, 4), not (batch, features)",
+    }
+    mean = bnnify.predict(ckpt, tokens, torch.randn(6, 5, 4), mean_weights=True)
+    assert mean.summary["estimator"]["estimator"] == "posterior_mean"
+
+
+def test_classes_along_another_dimension_and_labels_with_a_unit_axis(tmp_path):
+    from multi_input_models import token_classifier
+
+    class ClassesFirst(torch.nn.Module):  # (batch, classes, tokens), as segmentation models
+        def __init__(self):
+            super().__init__()
+            self.net = token_classifier()
+
+        def forward(self, x):
+            return self.net(x).transpose(1, 2)
+
+    torch.manual_seed(1)
+    model = ClassesFirst().eval()
+    ckpt = bnnify.convert(model, output=tmp_path / "c.bnn.safetensors").outputs[0]
+    x, labels = torch.randn(10, 5, 4), torch.randint(0, 3, (10, 5))
+    result = bnnify.predict(ckpt, model, x, targets=labels, task="classification",
+                            class_dim=1, mean_weights=True)  # fmt: skip
+    with torch.no_grad():
+        probs = model(x).double().softmax(1).transpose(1, 2)
+    assert torch.allclose(result.tensors["probs"], probs)
+    assert result.summary["positions"] == 50
+    accuracy = float((probs.argmax(-1) == labels).double().mean())
+    assert result.metrics["mean_weights"]["accuracy"] == pytest.approx(accuracy)
+    with pytest.raises(InputError, match=r"labels of shape \(10, 3\) do not match"):
+        bnnify.predict(ckpt, model, x, targets=labels[:, :3], task="classification", class_dim=1)
+
+
+def test_labels_of_shape_n_1_score_as_labels_of_shape_n(classifier, files):
+    test = load_dataset(files.cls_test)
+    column = Dataset(test.x, test.y.reshape(-1, 1), "column")
+    flat = predict_dataset(classifier, test, task="classification", samples=4)
+    torch.manual_seed(0)
+    again = predict_dataset(classifier, column, task="classification", samples=4)
+    for name, value in flat.metrics["mean_weights"].items():
+        assert again.metrics["mean_weights"][name] == pytest.approx(value, rel=1e-12)
+    assert set(again.metrics["bayesian"]) == set(flat.metrics["bayesian"])
+    two = Dataset(test.x, test.y.reshape(-1, 1).expand(-1, 2), "two")
+    with pytest.raises(InputError, match=r"labels of shape \(150, 2\) do not match"):
+        predict_dataset(classifier, two, task="classification", samples=2)

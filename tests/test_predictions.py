@@ -81,3 +81,19 @@ def test_other_files_are_refused(tmp_path, metadata, match):
     save_file({"mean": torch.zeros(2)}, path, metadata)
     with pytest.raises(FormatError, match=match):
         read_predictions(path)
+
+
+def test_the_estimator_and_the_call_round_trip(tmp_path):
+    predictions = example()
+    predictions.estimator = {
+        "estimator": "weight_sampling",
+        "reason": "the input has shape (5, 2, 3)",
+    }
+    predictions.call = {"x": "input x", "sr": 16000}
+    write_predictions(predictions, tmp_path / "p.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["bnnify.estimator"] == "weight_sampling"
+    assert metadata["bnnify.estimator_reason"] == "the input has shape (5, 2, 3)"
+    again = read_predictions(tmp_path / "p.safetensors")
+    assert again.estimator == predictions.estimator and again.call == predictions.call

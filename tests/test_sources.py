@@ -17,11 +17,11 @@ def test_a_dataset_from_a_file_tensors_or_a_dataset(tmp_path):
     x, y = torch.randn(6, 2), torch.randn(6)
     save_file({"x": x, "y": y}, str(tmp_path / "d.safetensors"))
     from_file = as_dataset(tmp_path / "d.safetensors")
-    assert torch.equal(from_file.x, x) and torch.equal(from_file.y, y)
+    assert torch.equal(from_file.x.tensors["x"], x) and torch.equal(from_file.y, y)
     from_tensors = as_dataset((x, y))
-    assert torch.equal(from_tensors.x, x) and from_tensors.source == "<tensors>"
+    assert torch.equal(from_tensors.x.tensors["x"], x) and from_tensors.source == "<tensors>"
     one_feature = as_dataset(torch.arange(4.0), with_target=False)
-    assert one_feature.x.shape == (4, 1) and one_feature.y is None
+    assert one_feature.x.tensors["x"].shape == (4, 1) and one_feature.y is None
     assert as_dataset(Dataset(x, y, "mine")).source == "mine"
 
 

@@ -207,8 +207,12 @@ def test_a_diverging_fit_stops_before_a_non_finite_step(files, clip):
 def test_data_that_overflow_the_model_are_refused(files, where):
     _, runner = open_toy(files)
     good = subset(load_dataset(files.reg_train), 64)
-    huge = Dataset(good.x / good.x.abs().max() * 3e38, good.y, "huge.safetensors")
-    assert torch.isfinite(huge.x).all()  # finite data, yet the model's output overflows
+    huge = Dataset(
+        good.x.tensors["x"] / good.x.tensors["x"].abs().max() * 3e38, good.y, "huge.safetensors"
+    )
+    assert torch.isfinite(
+        huge.x.tensors["x"]
+    ).all()  # finite data, yet the model's output overflows
     data, val = (huge, good) if where == "train" else (good, huge)
     settings = FitSettings(task="regression", epochs=1, batch_size=32)
     with pytest.raises(InputError, match=r"huge\.safetensors: the model's output or loss"):

@@ -17,9 +17,9 @@ from bnnify.bnn.priors import Prior, get_prior
 from bnnify.bnn.registry import Spec
 from bnnify.bnn.reparametrize import Sampler, Slot, install_
 from bnnify.bnn.store import GaussianStore
-from bnnify.errors import BnnifyError
+from bnnify.errors import ArgumentTypeError, BnnifyError, UsageError
 
-__all__ = ["Reparametrized", "allocate_stores", "build_parameters"]
+__all__ = ["Reparametrized", "allocate_stores", "build_parameters", "check_module"]
 
 logger = logging.getLogger("bnnify")
 
@@ -143,3 +143,22 @@ def _verbose_logging(enabled: bool) -> Iterator[None]:
         logger.setLevel(previous)
         if handler is not None:
             logger.removeHandler(handler)
+
+
+def check_module(module: object) -> None:
+    """Refuses what `BayesianModule` cannot convert in place.
+
+    Raises:
+        ArgumentTypeError: If `module` is not an `nn.Module`.
+        UsageError: If it is a TorchScript module.
+    """
+    if not isinstance(module, nn.Module):
+        raise ArgumentTypeError(
+            f"BayesianModule needs an nn.Module, got {type(module).__name__}",
+            hint="Pass the model itself, e.g. BayesianModule(net).",
+        )
+    if isinstance(module, torch.jit.ScriptModule):
+        raise UsageError(
+            "a TorchScript module cannot be reparametrized in place",
+            hint="Convert TorchScript files with `bnnify convert` (bnnify.convert in Python).",
+        )

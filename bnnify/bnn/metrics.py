@@ -13,12 +13,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from bnnify.bnn.likelihood import class_labels, classes_last
 from bnnify.bnn.mixture import (
     gaussian_mixture_cdf,
     gaussian_mixture_crps,
     gaussian_mixture_quantile,
 )
-from bnnify.errors import InputError, InvalidArgumentError
+from bnnify.errors import InvalidArgumentError
 
 __all__ = [
     "CALIBRATION_LEVELS",
@@ -209,27 +210,10 @@ def _nll(samples: Tensor, noise: float | Tensor, y: Tensor) -> float:
 def _flat_classes(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Probabilities `(M, C)` in float64 and labels `(M,)` from `(..., C)` and `(...)`.
 
-    Labels `(..., 1)` lose their last axis; any other shape than the predictions'
-    leading shape is refused, never broadcast.
+    The labels' shape and values are checked by `class_labels`, the likelihood's rule.
     """
-    lead, classes = probs.shape[:-1], probs.shape[-1]
-    if labels.dim() == len(lead) + 1 and labels.shape[-1] == 1:
-        labels = labels.squeeze(-1)
-    if probs.dim() < 2 or labels.shape != lead:
-        raise InputError(
-            f"labels of shape {tuple(labels.shape)} do not match predictions of shape "
-            f"{tuple(probs.shape)}",
-            hint=f"Give one class index per prediction, labels of shape {tuple(lead)}.",
-        )
-    if labels.numel() == 0:
-        raise InputError("there are no examples to score")
-    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
-        raise InputError("classification labels must be class indices (integers)")
-    labels = labels.long().reshape(-1)
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= classes:
-        raise InputError(f"labels must lie in [0, {classes - 1}]; found {low}..{high}")
-    return probs.double().reshape(-1, classes), labels
+    labels = class_labels(classes_last(probs), labels)
+    return probs.double().reshape(-1, probs.shape[-1]), labels.long().reshape(-1)
 
 
 def reliability_bins(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> dict[str, Tensor]:

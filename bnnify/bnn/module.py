@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from bnnify.bnn.build import Reparametrized, allocate_stores, build_parameters
+from bnnify.bnn.build import Reparametrized, allocate_stores, build_parameters, check_module
 from bnnify.bnn.collect import collect_parameters, linear_pairs, select
 from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
 from bnnify.bnn.keys import posterior_key, prior_key
 from bnnify.bnn.posteriors import PosteriorFactory, is_flat
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot
-from bnnify.bnn.rowwise import Estimator, EstimatorChoice, choose_estimator
-from bnnify.errors import ArgumentTypeError, FormatError, InvalidArgumentError, UsageError
+from bnnify.bnn.rowwise import Estimator, EstimatorChoice, batch_refusal, choose_estimator
+from bnnify.errors import FormatError, InvalidArgumentError, UsageError
 
 __all__ = ["BayesianModule", "Reparametrized"]
 
@@ -81,7 +81,9 @@ class BayesianModule(nn.Module):
         debug: bool | None = None,
     ):
         super().__init__()
-        _check_module(module)
+        check_module(module)
+        if isinstance(module, BayesianModule):
+            raise UsageError("the module is already a BayesianModule", hint="Wrap a module once.")
         self.posterior_spec = parse_spec(variational_posterior, "gaussian", "posterior")
         self.prior_spec = parse_spec(prior, "gaussian", "prior")
         packed = is_flat(PosteriorFactory[self.posterior_spec[0]])
@@ -124,35 +126,50 @@ class BayesianModule(nn.Module):
             self._sampler.end(draw)
 
     @contextmanager
-    def mean_weights(self) -> Iterator[None]:
-        """Context in which forward passes use the posterior means (deterministic)."""
-        previous, self._sampler.mode = self._sampler.mode, "mean"
+    def _sampler_state(self, attribute: str, value: Any) -> Iterator[None]:
+        previous = getattr(self._sampler, attribute)
+        setattr(self._sampler, attribute, value)
         try:
             yield
         finally:
-            self._sampler.mode = previous
+            setattr(self._sampler, attribute, previous)
 
-    @contextmanager
-    def frozen_sample(self) -> Iterator[None]:
+    def mean_weights(self) -> AbstractContextManager[None]:
+        """Context in which forward passes use the posterior means (deterministic)."""
+        return self._sampler_state("mode", "mean")
+
+    def frozen_sample(self) -> AbstractContextManager[None]:
         """Context in which every forward pass reuses one weight sample.
 
         The noise is drawn once on entry; each pass recomputes the weights from it,
         so gradients reach the current `mu` and `rho` and several backward passes work.
         """
-        previous, self._sampler.frozen = self._sampler.frozen, self._sampler.freeze()
-        try:
-            yield
-        finally:
-            self._sampler.frozen = previous
+        return self._sampler_state("frozen", self._sampler.freeze())
 
-    @contextmanager
-    def local_reparameterization(self, enabled: bool = True) -> Iterator[None]:
+    def given_weights(self, values: Mapping[str, Tensor]) -> AbstractContextManager[None]:
+        """Context in which forward passes use `values` (by parameter name) as the weights.
+
+        The other parameters are sampled as usual. Gradients flow to the given tensors,
+        not to the posterior: run the model with weights of your choice, or check with
+        leaf tensors that every weight reaches the output (`bnnify.bnn.reach`).
+
+        Raises:
+            InvalidArgumentError: For a name that is not reparametrized, or a shape
+                that is not the parameter's.
+        """
+        slots = {alias: slot for slot in self._slots for alias in slot.aliases}
+        given = {}
+        for name, value in values.items():
+            slot = slots.get(name)
+            if slot is None or tuple(value.shape) != tuple(slot.shape):
+                what = "is not reparametrized" if slot is None else f"has shape {slot.shape}"
+                raise InvalidArgumentError(f"{name!r} {what}: cannot give it {value.shape}")
+            given[id(slot)] = value
+        return self._sampler_state("given", given)
+
+    def local_reparameterization(self, enabled: bool = True) -> AbstractContextManager[None]:
         """Context switching the local reparameterization trick on (or off)."""
-        previous, self._sampler.local = self._sampler.local, bool(enabled)
-        try:
-            yield
-        finally:
-            self._sampler.local = previous
+        return self._sampler_state("local", bool(enabled))
 
     def sample_parameters(self, *, mean: bool = False) -> dict[str, Tensor]:
         """One draw of every reparametrized parameter, by name (tied aliases included)."""
@@ -165,7 +182,7 @@ class BayesianModule(nn.Module):
                 self._sampler.end(draw)
 
     @torch.no_grad()
-    def predict_samples(self, *inputs: Tensor, num_samples: int) -> Tensor:
+    def predict_samples(self, *inputs: Any, num_samples: int, **kwargs: Any) -> Tensor:
         """`num_samples` outputs for the same inputs, stacked on a new first dimension.
 
         By default one forward pass per sample, every weight drawn from its posterior.
@@ -177,18 +194,23 @@ class BayesianModule(nn.Module):
         built with `local_reparameterization=True`, the user's assertion that rows
         are independent examples. Either way samples of different examples are then
         independent, not drawn from shared weights. `predictive_estimator(*inputs)`
-        says which estimator is used, and why.
+        says which estimator is used, and why. Several inputs, or keyword arguments,
+        are passed as they are to every pass (one pass per sample).
         """
         if num_samples < 1:
             raise InvalidArgumentError(f"num_samples must be >= 1, got {num_samples!r}")
-        choice = self.predictive_estimator(*inputs)
-        if choice.estimator is Estimator.LOCAL_REPARAMETERIZATION and not self._batch_refusal():
+        choice = self.predictive_estimator(*inputs, **kwargs)
+        one_tensor = len(inputs) == 1 and isinstance(inputs[0], Tensor) and not kwargs
+        lrt = choice.estimator is Estimator.LOCAL_REPARAMETERIZATION
+        if lrt and one_tensor and not self._batch_refusal():
             output = self._sampler.repeated_pass(self.module, inputs, num_samples)
             if output is not None:
                 return output
-        return torch.stack([self(*inputs) for _ in range(num_samples)])
+            # Only under the user's assertion (a Linear fed 3-D inputs sampled weights).
+            assert self._sampler.local, "the row-wise proof admitted a weight-sampling pass"
+        return torch.stack([self(*inputs, **kwargs) for _ in range(num_samples)])
 
-    def predictive_estimator(self, *inputs: Tensor) -> EstimatorChoice:
+    def predictive_estimator(self, *inputs: Any, **kwargs: Any) -> EstimatorChoice:
         """The estimator `predict_samples(*inputs, ...)` uses, with the reason.
 
         Example:
@@ -199,20 +221,14 @@ class BayesianModule(nn.Module):
             'the input has shape (5, 2, 3), not (batch, features)'
         """
         sampler = self._sampler
-        modes = (sampler.mode, sampler.frozen is not None, sampler.local)
-        return choose_estimator(modes, self._batch_refusal, self.module, inputs)
+        fixed = sampler.frozen is not None or sampler.given is not None
+        modes = (sampler.mode, fixed, sampler.local)
+        return choose_estimator(modes, self._batch_refusal, self.module, inputs, kwargs)
 
     def _batch_refusal(self) -> str | None:
         """Why one batched local-trick pass cannot serve all samples, or None."""
-        sampler = self._sampler
-        for k, slots in enumerate(self._divergence.store_slots):
-            if len(slots) != sampler.lrt_ends[k]:
-                name = slots[sampler.lrt_ends[k]][1].name
-                return f"{name!r} is not the weight or bias of a plain nn.Linear used once"
-        for slot in self._slots:
-            if slot.store is None:
-                return f"{slot.name!r} has a posterior that is not stored flat"
-        return None
+        slots = self._divergence.store_slots
+        return batch_refusal(slots, self._sampler.lrt_ends, self._slots)
 
     # ---------------------------------------------------------------------- KL
 
@@ -377,18 +393,3 @@ class BayesianModule(nn.Module):
 
 def _refresh_segments(module: BayesianModule, incompatible_keys: Any) -> None:
     module._divergence.refresh()
-
-
-def _check_module(module: Any) -> None:
-    if not isinstance(module, nn.Module):
-        raise ArgumentTypeError(
-            f"BayesianModule needs an nn.Module, got {type(module).__name__}",
-            hint="Pass the model itself, e.g. BayesianModule(net).",
-        )
-    if isinstance(module, BayesianModule):
-        raise UsageError("the module is already a BayesianModule", hint="Wrap a module once.")
-    if isinstance(module, torch.jit.ScriptModule):
-        raise UsageError(
-            "a TorchScript module cannot be reparametrized in place",
-            hint="Convert TorchScript files with `bnnify convert` (bnnify.convert in Python).",
-        )

@@ -147,6 +147,8 @@ class Sampler:
         self.mode = "sample"
         self.local = False
         self.frozen: dict[str, Any] | None = None
+        # id(slot) -> the tensor every read returns (`BayesianModule.given_weights`).
+        self.given: dict[int, Tensor] | None = None
         self.draw: Draw | None = None
 
     def store_of(self, slot: Slot) -> GaussianStore:
@@ -165,6 +167,8 @@ class Sampler:
 
     def lone_value(self, slot: Slot) -> Tensor:
         """A value for one slot read outside any forward pass."""
+        if self.given is not None and id(slot) in self.given:
+            return self.given[id(slot)]
         if slot.store is None:
             return self._posterior_value(slot)
         store = self.store_of(slot)
@@ -219,6 +223,8 @@ class Sampler:
         draw = self.draw
         if draw is None or not self.local or self.mode != "sample" or self.frozen is not None:
             return None
+        if self.given is not None:
+            return None  # the given weights, whichever layer they belong to
         if input.dim() > 2:
             return None
         return draw.local_linear(module, input, lrt)
@@ -235,7 +241,7 @@ class Draw:
 
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
-        self.values: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = dict(sampler.given or {})
         self.flat: dict[int, list[Tensor]] = {}
         self.local: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         self.local_used: set[int] = set()

@@ -30,9 +30,11 @@ def fit(
     clip: opt.ClipOpt = 10.0,
     seed: opt.SeedOpt = 0,
     val_samples: opt.ValSamplesOpt = 16,
-    x_key: opt.XKeyOpt = "x",
+    input_key: opt.InputKeyOpt = None,
     y_key: opt.YKeyOpt = "y",
     target: opt.TargetOpt = None,
+    model_arg: opt.ModelArgOpt = None,
+    class_dim: opt.ClassDimOpt = None,
     out: opt.FitOutOpt = None,
     resume: opt.ResumeOpt = False,
     device: opt.DeviceOpt = None,
@@ -56,9 +58,9 @@ def fit(
     settings = dict(task=task, val=val, val_split=val_split, epochs=epochs, lr=lr)
     settings |= dict(batch_size=batch_size, mc_samples=mc_samples, kl_weight=kl_weight)
     settings |= dict(warmup_epochs=warmup_epochs, clip=clip, seed=seed, val_samples=val_samples)
-    files = dict(x_key=x_key, y_key=y_key, target=target, output=out, resume=resume)
-    files |= dict(device=device, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-    files |= dict(force=force)
+    settings |= dict(class_dim=class_dim, model_args=model_arg, force=force, resume=resume)
+    files = dict(x_key=input_key or "x", y_key=y_key, target=target, output=out, device=device)
+    files |= dict(arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     with reporting(sink, "Fitting") as progress:
 
         def on_epoch(record: dict[str, Any]) -> None:
@@ -93,4 +95,6 @@ def _render(out: Output, info: dict, destination: Path) -> None:
     )
     for key, value in (final.get("val") or {}).items():
         out.line(f"  validation {key}: {value:.5g}")
+    if info.get("val_estimator"):
+        out.line("  validation estimator: {estimator} ({reason})".format(**info["val_estimator"]))
     out.line(f"  wrote {destination}")

@@ -15,6 +15,7 @@ __all__ = [
     "BatchSizeOpt",
     "CheckpointArg",
     "CheckpointOutOpt",
+    "ClassDimOpt",
     "ClipOpt",
     "ConvertSeedOpt",
     "DataOpt",
@@ -27,11 +28,13 @@ __all__ = [
     "FitTaskOpt",
     "ForceOpt",
     "IncludeOpt",
+    "InputKeyOpt",
     "JsonOpt",
     "KlWeightOpt",
     "LrOpt",
     "McSamplesOpt",
     "ModelArg",
+    "ModelArgOpt",
     "ModelOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
@@ -50,7 +53,6 @@ __all__ = [
     "ValSplitOpt",
     "VerboseOpt",
     "WarmupOpt",
-    "XKeyOpt",
     "YKeyOpt",
 ]
 
@@ -180,7 +182,31 @@ WarmupOpt = Annotated[
 ClipOpt = Annotated[float, typer.Option(min=0.0, help="Gradient norm clipping (0: off).")]
 SeedOpt = Annotated[int, typer.Option(min=0, max=2**31 - 1)]
 ValSamplesOpt = Annotated[int, typer.Option(min=1, help="Weight samples for validation metrics.")]
-XKeyOpt = Annotated[str, typer.Option(help="Input tensor name in the data file.")]
+InputKeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-key",
+        "--x-key",
+        help="Input tensor name in the data file (default: x); repeat for a model with "
+        "several inputs (each goes to forward's parameter of its name, else in order); "
+        "ARG=NAME passes tensor NAME as forward's ARG.",
+    ),
+]
+ModelArgOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-arg",
+        help="Constant argument of the model's forward, NAME=VALUE (repeatable), e.g. "
+        "sr=16000; the value is a number, boolean or string.",
+    ),
+]
+ClassDimOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Classification: the dimension of the classes in the model's output "
+        "(default: the last, -1; 1 for (batch, classes, H, W) segmentation).",
+    ),
+]
 YKeyOpt = Annotated[str, typer.Option(help="Target tensor name in the data file.")]
 TargetOpt = Annotated[
     str | None, typer.Option(help="CSV target column (name or index; default: last).")

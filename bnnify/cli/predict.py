@@ -40,8 +40,10 @@ def predict(
     targets: TargetsOpt = None,
     task: TaskOpt = None,
     batch_size: Annotated[int, Opt(min=1, help="Inputs per batch (bounds memory).")] = 256,
-    x_key: Annotated[str, Opt(help="Input tensor name.")] = "x",
-    y_key: Annotated[str, Opt(help="Target tensor name.")] = "y",
+    input_key: opt.InputKeyOpt = None,
+    y_key: opt.YKeyOpt = "y",
+    model_arg: opt.ModelArgOpt = None,
+    class_dim: opt.ClassDimOpt = None,
     seed: SeedOpt = 0,
     device: opt.DeviceOpt = None,
     arch: opt.ArchOpt = None,
@@ -58,8 +60,8 @@ def predict(
 
     options = dict(samples=samples, targets=targets, task=task, output=out, seed=seed)
     options |= dict(keep_samples=keep_samples, mean_weights=mean_weights, batch_size=batch_size)
-    options |= dict(x_key=x_key, y_key=y_key, device=device, arch=arch, force=force)
-    options |= dict(arch_kwargs=arch_kwargs)
+    options |= dict(x_key=input_key or "x", y_key=y_key, device=device, arch=arch, force=force)
+    options |= dict(arch_kwargs=arch_kwargs, model_args=model_arg, class_dim=class_dim)
     with reporting(sink, "Predicting"):
         result = bnnify.predict(checkpoint, model, input, trust_pickle=trust_pickle, **options)
     _render(sink, result)
@@ -72,9 +74,10 @@ def _render(out: Output, result: Any) -> None:
         f"Predicted {summary['examples']} examples ({summary['task']}, "
         f"{summary['samples']} weight sample(s))"
     )
+    out.line("  estimator: {estimator} ({reason})".format(**summary["estimator"]))
     for key, value in summary.items():
-        if key not in ("examples", "task", "samples", "mean_weights"):
-            out.line(f"  {key}: {value if isinstance(value, list) else f'{value:.5g}'}")
+        if isinstance(value, float) or key in ("positions", "class_counts"):
+            out.line(f"  {key}: {f'{value:.5g}' if isinstance(value, float) else value}")
     if result.metrics:
         names = list(result.metrics)
         table = Table(title="Metrics", title_justify="left")

@@ -12,6 +12,7 @@ import io
 import math
 import zipfile
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from bnnify.errors import InputError, clip, shorten
 from bnnify.formats.input_file import open_regular, regular_file
+from bnnify.formats.model_inputs import Inputs, as_inputs, parse_input_keys
 from bnnify.formats.safetensors_io import is_safetensors, load_file
 from bnnify.formats.zip_archive import check_inflation, list_zip
 
@@ -44,14 +46,20 @@ _NPY_DTYPES = {
 
 @dataclass
 class Dataset:
-    """Inputs `x` (first dimension: examples) and optional targets `y`."""
+    """Inputs `x` (first dimension: examples) and optional targets `y`.
 
-    x: Tensor
+    `x` is given as one tensor (the input "x") or tensors by name, kept as `Inputs`.
+    """
+
+    x: Inputs
     y: Tensor | None
     source: str
 
+    def __post_init__(self) -> None:
+        self.x = as_inputs(self.x)
+
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return len(self.x)
 
 
 def _npy_header(raw: bytes, name: str) -> tuple[torch.dtype, bool, tuple[int, ...], int]:
@@ -222,7 +230,7 @@ def _check_finite(tensor: Tensor, what: str, source: str) -> None:
 def load_dataset(
     path: str | Path,
     *,
-    x_key: str = "x",
+    x_key: str | Sequence[str] = "x",
     y_key: str = "y",
     target: str | None = None,
     with_target: bool = True,
@@ -234,7 +242,8 @@ def load_dataset(
         path: A safetensors file (tensors `x_key`, `y_key`), `.npy` (inputs only),
             `.npz` (arrays `x_key`, `y_key`) or CSV (last column the target, or
             `target`: a header name or column index).
-        x_key: Name of the input tensor.
+        x_key: Name of the input tensor, or names of several (`NAME` or
+            `NAME=TENSOR`, see `parse_input_keys`); a CSV or `.npy` file holds one.
         y_key: Name of the target tensor.
         target: CSV target column.
         with_target: Whether targets are expected in `path`.
@@ -246,16 +255,20 @@ def load_dataset(
     """
     path = regular_file(path, "data file")
     name = str(path)
+    keys = parse_input_keys(x_key)
+    x: dict[str, Tensor] = {}
     if path.suffix.lower() in (".csv", ".txt") and not is_safetensors(path):
-        x, y = _split_csv(path, target, with_target and targets_path is None)
+        _one_input(keys, name, "a CSV file holds one input (its feature columns)")
+        x[keys[0][0]], y = _split_csv(path, target, with_target and targets_path is None)
     else:
-        tensors = load_tensor_file(path, (x_key, y_key))
-        if x_key not in tensors:
-            raise InputError(
-                f"{name}: no tensor {x_key!r} (found: {', '.join(tensors)})",
-                hint="Name the inputs with --x-key.",
-            )
-        x = tensors[x_key]
+        tensors = load_tensor_file(path, (keys[0][1], y_key))
+        for input_name, key in keys:
+            if key not in tensors:
+                raise InputError(
+                    f"{name}: no tensor {key!r} (found: {', '.join(tensors)})",
+                    hint="Name the inputs with --input-key (--x-key).",
+                )
+            x[input_name] = tensors[key]
         y = tensors.get(y_key) if with_target and targets_path is None else None
         if with_target and targets_path is None and y is None:
             raise InputError(
@@ -267,20 +280,31 @@ def load_dataset(
     return make_dataset(x, y, name)
 
 
-def make_dataset(x: Tensor, y: Tensor | None, source: str) -> Dataset:
+def make_dataset(
+    x: Tensor | Mapping[str, Tensor] | Inputs, y: Tensor | None, source: str
+) -> Dataset:
     """Inputs and targets checked like a data file's (`source` names them in errors).
 
-    A 1-D `x` is one feature per example.
+    A single 1-D input is one feature per example; among several inputs, a 1-D one
+    is one value per example.
 
     Raises:
-        InputError: For no examples, NaN or infinite values, or inputs and targets of
-            different lengths.
+        InputError: For no examples, NaN or infinite values, inputs of different
+            lengths, or inputs and targets of different lengths.
     """
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise InputError(f"{source}: no examples in the inputs (shape {tuple(x.shape)})")
-    if x.dim() == 1:
-        x = x.unsqueeze(1)
-    _check_finite(x, "the inputs", source)
+    tensors = x.tensors if isinstance(x, Inputs) else {"x": x} if isinstance(x, Tensor) else x
+    for key, tensor in tensors.items():
+        if tensor.dim() == 0 or tensor.shape[0] == 0:
+            what = "the inputs" if len(tensors) == 1 else f"input {key!r}"
+            raise InputError(f"{source}: no examples in {what} (shape {tuple(tensor.shape)})")
+    if len(tensors) == 1:
+        tensors = {k: t.unsqueeze(1) if t.dim() == 1 else t for k, t in tensors.items()}
+    for key, tensor in tensors.items():
+        _check_finite(tensor, "the inputs" if len(tensors) == 1 else f"input {key!r}", source)
+    try:
+        x = Inputs(tensors)
+    except InputError as error:
+        raise InputError(f"{source}: {error.message}", hint=error.hint) from None
     if y is not None:
         if y.dim() == 0:
             raise InputError(
@@ -288,12 +312,21 @@ def make_dataset(x: Tensor, y: Tensor | None, source: str) -> Dataset:
                 hint="Store the targets as a vector or a matrix with one row per example.",
             )
         _check_finite(y, "the targets", source)
-        if y.shape[0] != x.shape[0]:
+        if y.shape[0] != len(x):
             raise InputError(
-                f"{source}: {x.shape[0]} input examples but {y.shape[0]} targets",
+                f"{source}: {len(x)} input examples but {y.shape[0]} targets",
                 hint="Inputs and targets must have the same first dimension.",
             )
     return Dataset(x=x, y=y, source=source)
+
+
+def _one_input(keys: list[tuple[str, str]], source: str, why: str) -> None:
+    if len(keys) > 1:
+        names = ", ".join(name for name, _ in keys)
+        raise InputError(
+            f"{source}: {why}, but {len(keys)} inputs are named ({names})",
+            hint="Store several inputs as tensors of a safetensors or .npz file.",
+        )
 
 
 def load_targets(path: str | Path, y_key: str = "y") -> Tensor:

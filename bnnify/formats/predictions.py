@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -11,6 +13,7 @@ from bnnify.enums import Task
 from bnnify.errors import FormatError, clip, shorten
 from bnnify.formats.safetensors_io import save_file
 from bnnify.formats.safetensors_reader import SafetensorsFile
+from bnnify.formats.strict_json import load_json
 
 __all__ = [
     "PREDICTIONS_FORMAT",
@@ -35,12 +38,18 @@ class Predictions:
         task: The task the model was run for.
         samples: Weight samples per prediction (1 for the posterior means).
         checkpoint: File name of the checkpoint that made them.
+        estimator: How the samples were drawn, `{"estimator": ..., "reason": ...}`
+            (see `bnnify.bnn.EstimatorChoice`).
+        call: What each parameter of the model's forward received (`"input NAME"`
+            or a constant argument).
     """
 
     tensors: dict[str, Tensor]
     task: Task
     samples: int
     checkpoint: str
+    estimator: dict[str, str] | None = None
+    call: dict[str, Any] | None = None
 
 
 def write_predictions(predictions: Predictions, path: str | Path) -> None:
@@ -52,6 +61,11 @@ def write_predictions(predictions: Predictions, path: str | Path) -> None:
         "bnnify.samples": str(predictions.samples),
         "bnnify.checkpoint": predictions.checkpoint,
     }
+    if predictions.estimator is not None:
+        metadata["bnnify.estimator"] = predictions.estimator["estimator"]
+        metadata["bnnify.estimator_reason"] = predictions.estimator["reason"]
+    if predictions.call is not None:
+        metadata["bnnify.call"] = json.dumps(predictions.call, sort_keys=True)
     tensors = {k: v.contiguous() for k, v in predictions.tensors.items()}
     save_file(tensors, path, metadata)
 
@@ -78,11 +92,20 @@ def read_predictions(path: str | Path) -> Predictions:
             hint="Predict again with this version of bnnify.",
         )
     try:
+        estimator = None
+        if "bnnify.estimator" in metadata:
+            estimator = {
+                "estimator": metadata["bnnify.estimator"],
+                "reason": metadata.get("bnnify.estimator_reason", ""),
+            }
+        call = metadata.get("bnnify.call")
         return Predictions(
             tensors={name: reader.tensor(name) for name in reader.infos},
             task=Task(metadata["bnnify.task"]),
             samples=int(metadata["bnnify.samples"]),
             checkpoint=metadata["bnnify.checkpoint"],
+            estimator=estimator,
+            call=None if call is None else load_json(call, str(path), "metadata 'bnnify.call'"),
         )
     except (KeyError, ValueError) as error:
         raise FormatError(f"{path}: malformed predictions metadata ({clip(str(error))})") from None

@@ -13,8 +13,8 @@ The loop itself, and its distributed form under `torchrun`, is in `training`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,13 @@ import torch
 
 from bnnify.bnn.likelihood import Likelihood
 from bnnify.enums import Task
-from bnnify.errors import InvalidArgumentError, UsageError
+from bnnify.errors import InputError, InvalidArgumentError, UsageError
 from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset
 from bnnify.formats.spec import resolve_device
 from bnnify.usecases import LOGGER_NAME
+from bnnify.usecases.model_call import model_arguments
 from bnnify.usecases.runner import Runner, check_input, open_runner
 from bnnify.usecases.sources import (
     CheckpointLike,
@@ -68,6 +69,11 @@ class FitResult:
         model: `{"name": ..., "sha256": ...}` of the model file.
         history: One record per epoch, those of the fits resumed included: loss,
             nll, kl, elbo (per example), beta, noise, and `val` metrics.
+        inputs: The names of the model's per-example inputs, in order.
+        model_args: The constant arguments of the model's `forward`.
+        call: What each parameter of `forward` received (`"input NAME"` or a constant).
+        val_estimator: How the validation predictions were sampled
+            (`{"estimator": ..., "reason": ...}`), None without validation.
     """
 
     output: Path
@@ -78,6 +84,10 @@ class FitResult:
     data: str
     model: dict[str, str]
     history: list[dict[str, Any]]
+    inputs: list[str] = field(default_factory=lambda: ["x"])
+    model_args: dict[str, Any] = field(default_factory=dict)
+    call: dict[str, Any] = field(default_factory=dict)
+    val_estimator: dict[str, str] | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -93,6 +103,10 @@ class FitResult:
             "n_val": self.n_val,
             "data": self.data,
             "model": self.model,
+            "inputs": self.inputs,
+            "model_args": self.model_args,
+            "call": self.call,
+            "val_estimator": self.val_estimator,
             "history": self.history,
             "final": self.final,
         }
@@ -119,9 +133,11 @@ def fit(
     clip: float | None = 10.0,
     seed: int = 0,
     val_samples: int = 16,
-    x_key: str = "x",
+    class_dim: int | None = None,
+    x_key: str | Sequence[str] = "x",
     y_key: str = "y",
     target: str | None = None,
+    model_args: Mapping[str, Any] | Sequence[str] | None = None,
     output: str | Path | None = None,
     resume: bool = False,
     device: str | None = None,
@@ -140,7 +156,7 @@ def fit(
         checkpoint: The checkpoint to fit (a file or a `Checkpoint`).
         model: The model it was converted from (a file, `LoadedModel` or `nn.Module`).
         data: Training data: a file (safetensors `x`/`y`, .npz, CSV), a `Dataset`
-            or a tuple `(x, y)` of tensors.
+            or a tuple `(x, y)`, `x` a tensor or tensors by name (several inputs).
         task: "regression" (Gaussian likelihood, learned noise) or "classification"
             (logits); default: the task of a resumed fit.
         val: Validation data, as `data`.
@@ -154,9 +170,15 @@ def fit(
         clip: Gradient norm clipping (None or 0: off).
         seed: Seed of the data order and the weight noise.
         val_samples: Weight samples for the validation metrics.
-        x_key: Input tensor name in data files.
+        class_dim: Classification: the dimension of the classes in the model's
+            output (0 is the batch; default: a resumed fit's, else the last, -1).
+        x_key: Input tensor name in data files, or names of several inputs (`NAME`
+            or `NAME=TENSOR`); each goes to forward's parameter of its name, or
+            fills its first free parameters in order.
         y_key: Target tensor name in data files.
         target: CSV target column (name or index; default: the last).
+        model_args: Constant arguments of the model's forward, by name (a mapping,
+            or `NAME=VALUE` strings with YAML scalar values), e.g. `{"sr": 16000}`.
         output: The fitted checkpoint [default: `<checkpoint>.fit.safetensors`].
         resume: Continue a previous fit (its noise scale, history and task).
         device: Where to train (default "cpu").
@@ -168,7 +190,8 @@ def fit(
         on_epoch: Called with each epoch's record (on rank 0).
 
     Raises:
-        UsageError: For a missing or conflicting task, or an invalid setting.
+        UsageError: For a missing or conflicting task, an invalid setting, or inputs
+            and model arguments that do not fit the model's forward.
         InputError: If the model is not the checkpoint's, or the data do not fit it or
             overflow it.
         UnsafeInputError: If the checkpoint names an architecture that `arch` and
@@ -196,20 +219,34 @@ def fit(
         clip=clip or None,
         seed=seed,
         val_samples=val_samples,
+        class_dim=_class_dim(class_dim, ckpt, resume),
     )
+    constants = model_arguments(model_args)
     keys = {"x_key": x_key, "y_key": y_key, "target": target}
     train_data = as_dataset(data, **keys)
     validation = as_dataset(val, **keys) if val is not None else None
     if validation is None and val_split > 0:
         train_data, validation = _split(train_data, val_split, seed)
+    if validation is not None and validation.x.names != train_data.x.names:
+        raise InputError(
+            f"the validation inputs ({', '.join(validation.x.names)}) are not the training "
+            f"inputs ({', '.join(train_data.x.names)})",
+            hint="Store the same input tensors in both files.",
+        )
     with opened_model(model, trust_pickle=trust_pickle) as loaded:
-        runner = open_runner(loaded, ckpt, device=device, arch=arch, arch_kwargs=arch_kwargs)
+        confirm = {"arch": arch, "arch_kwargs": arch_kwargs, "model_args": constants}
+        runner = open_runner(loaded, ckpt, device=device, **confirm)
         source = {"name": loaded.path.name, "sha256": loaded.sha256}
         what = f"{loaded.path.name} ({loaded.format.value})"
-    likelihood = make_likelihood(chosen, ckpt, resume)
+    likelihood = make_likelihood(chosen, ckpt, resume, settings.class_dim)
     for part in (train_data, validation):
         if part is not None:
             _check_fits(runner, likelihood, part)
+    val_estimator = None
+    if validation is not None:
+        choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
+        val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
+        logger.info("Validation predictions: %s", choice)
     previous = (ckpt.fit or {}).get("history", []) if resume else []
     logger.info(
         "Fitting %d Bayesian parameters of %s on %d examples, %s",
@@ -237,6 +274,10 @@ def fit(
         data=_name(data, train_data),
         model=source,
         history=previous + history,
+        inputs=train_data.x.names,
+        model_args=constants,
+        call=runner.call.describe(train_data.x.names),
+        val_estimator=val_estimator,
     )
     if process_rank() == 0:
         with outputs:
@@ -280,6 +321,13 @@ def _task(task: Task | str | None, ckpt: Checkpoint, resume: bool) -> Task:
     if resume and task.value != fitted:
         raise UsageError(f"--task {task.value} differs from the resumed fit's task {fitted!r}")
     return task
+
+
+def _class_dim(class_dim: int | None, ckpt: Checkpoint, resume: bool) -> int:
+    if class_dim is not None:
+        return class_dim
+    settings = ((ckpt.fit or {}).get("settings") or {}) if resume else {}
+    return settings.get("class_dim", -1)
 
 
 def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

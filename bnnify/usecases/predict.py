@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood
+from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood, classes_last
 from bnnify.bnn.metrics import (
     classification_metrics,
     classification_summary,
@@ -26,6 +26,7 @@ from bnnify.formats.data import Dataset
 from bnnify.formats.predictions import Predictions, write_predictions
 from bnnify.formats.spec import resolve_device
 from bnnify.usecases import LOGGER_NAME
+from bnnify.usecases.model_call import model_arguments
 from bnnify.usecases.runner import Runner, check_input, open_runner
 from bnnify.usecases.sources import (
     CheckpointLike,
@@ -48,7 +49,9 @@ class PredictionResult:
 
     Attributes:
         tensors: The tensors of the predictions file (see `formats.predictions`).
-        summary: Examples, task, samples and mean uncertainties.
+        summary: Examples, task, samples, the estimator (`{"estimator": ...,
+            "reason": ...}`) and mean uncertainties; classification: the class
+            counts over every position.
         metrics: With targets, the metrics of the Bayesian model and of the
             mean-weights model (`{"bayesian": {...}, "mean_weights": {...}}`).
         output: Where the predictions were written, if they were.
@@ -77,8 +80,10 @@ def predict(
     keep_samples: bool = False,
     mean_weights: bool = False,
     batch_size: int = 256,
-    x_key: str = "x",
+    class_dim: int | None = None,
+    x_key: str | Sequence[str] = "x",
     y_key: str = "y",
+    model_args: Mapping[str, Any] | Sequence[str] | None = None,
     seed: int = 0,
     device: str | None = None,
     arch: str | None = None,
@@ -98,7 +103,7 @@ def predict(
         checkpoint: The checkpoint (a file or a `Checkpoint`).
         model: The model it was converted from (a file, `LoadedModel` or `nn.Module`).
         inputs: A data file (safetensors `x_key`, .npy, .npz, CSV), a `Dataset`, the
-            input tensor, or `(x, y)`.
+            input tensor, tensors by name (several inputs of the model), or `(x, y)`.
         samples: Weight samples.
         targets: Targets or labels (a file or a tensor): report metrics.
         task: "regression" or "classification" (default: the fitted task, else
@@ -107,8 +112,12 @@ def predict(
         keep_samples: Also keep every sampled output (tensor `samples`).
         mean_weights: Predict once with the posterior means instead.
         batch_size: Inputs per batch (bounds memory).
-        x_key: Input tensor name in a data file.
+        class_dim: Classification: the dimension of the classes in the model's
+            output (default: the fitted one, else the last).
+        x_key: Input tensor name in a data file, or names of several inputs (see
+            `fit`).
         y_key: Target tensor name in a data file.
+        model_args: Constant arguments of the model's forward (see `fit`).
         seed: Seed of the weight samples.
         device: Where to run (default "cpu").
         arch: For a state dict: confirms the architecture the checkpoint names.
@@ -130,10 +139,15 @@ def predict(
     paths = file_paths(checkpoint, model, inputs, targets)
     outputs = AtomicOutputs([output], force=force, inputs=paths) if output else None
     ckpt = as_checkpoint(checkpoint)
-    chosen = Task.parse(task if task is not None else (ckpt.fit or {}).get("task", "regression"))
+    fitted = ckpt.fit or {}
+    chosen = Task.parse(task if task is not None else fitted.get("task", "regression"))
+    if class_dim is None:
+        class_dim = (fitted.get("settings") or {}).get("class_dim", -1)
     data = as_dataset(inputs, with_target=False, targets=targets, x_key=x_key, y_key=y_key)
+    constants = model_arguments(model_args)
     with opened_model(model, trust_pickle=trust_pickle) as loaded:
-        runner = open_runner(loaded, ckpt, device=device, arch=arch, arch_kwargs=arch_kwargs)
+        confirm = {"arch": arch, "arch_kwargs": arch_kwargs, "model_args": constants}
+        runner = open_runner(loaded, ckpt, device=device, **confirm)
     check_input(runner, data.x)
     noise = noise_of(ckpt.fit_tensors()) if chosen is Task.REGRESSION else None
     if chosen is Task.REGRESSION and noise is None:
@@ -153,9 +167,19 @@ def predict(
             noise=noise,
             keep_samples=keep_samples,
             mean_weights=mean_weights,
+            class_dim=class_dim,
         )
+    result.summary["model_args"] = constants
     if outputs is not None:
-        predictions = Predictions(result.tensors, chosen, result.summary["samples"], ckpt.path.name)
+        summary = result.summary
+        predictions = Predictions(
+            result.tensors,
+            chosen,
+            summary["samples"],
+            ckpt.path.name,
+            estimator=summary["estimator"],
+            call=runner.call.describe(data.x.names),
+        )
         with outputs:
             write_predictions(predictions, outputs.temp(output))
         result.output = Path(output)
@@ -172,14 +196,20 @@ def predict_dataset(
     noise: float | None = None,
     keep_samples: bool = False,
     mean_weights: bool = False,
+    class_dim: int = -1,
 ) -> PredictionResult:
     """Predicts `data.x` with `samples` weight samples (or the posterior means).
 
-    What `predict` computes, given an open runner: see there.
+    What `predict` computes, given an open runner: see there. Classification
+    tensors have the classes last (`probs` `(examples, ..., classes)`).
     """
     task = Task.parse(task)
     noise = 0.0 if noise is None else noise
+    choice = runner.estimator(data.x[:batch_size], mean=mean_weights)  # that of every batch
+    logger.info("Predicting by %s", choice)
     draws = runner.predict_batches(data.x, samples, batch_size, mean=mean_weights)
+    if task is Task.CLASSIFICATION:
+        draws = classes_last(draws, class_dim, leading=1)
     if task is Task.REGRESSION:
         tensors = regression_summary(draws, noise)
         summary = {
@@ -189,19 +219,22 @@ def predict_dataset(
         }
     else:
         tensors = classification_summary(draws)
+        predicted = tensors["predicted"].reshape(-1)
         summary = {
             "mean_predictive_entropy": float(tensors["predictive_entropy"].mean()),
             "mean_mutual_information": float(tensors["mutual_information"].mean()),
-            "class_counts": torch.bincount(tensors["predicted"]).tolist(),
+            "positions": predicted.numel(),
+            "class_counts": torch.bincount(predicted, minlength=draws.shape[-1]).tolist(),
         }
     if keep_samples:
         tensors["samples"] = draws
     summary.update(
         {
-            "examples": int(data.x.shape[0]),
+            "examples": len(data),
             "task": task.value,
             "samples": 1 if mean_weights else samples,
             "mean_weights": mean_weights,
+            "estimator": {"estimator": choice.estimator.value, "reason": choice.reason},
         }
     )
     result = PredictionResult({k: v.contiguous() for k, v in tensors.items()}, summary)
@@ -209,8 +242,10 @@ def predict_dataset(
         # Labels out of range or targets of another width would fail in indexing or
         # broadcast silently: refuse them with the likelihood's own message.
         likelihood = GaussianLikelihood() if task is Task.REGRESSION else CategoricalLikelihood()
-        likelihood.check(draws[0], data.y)
+        likelihood.check(draws[0], data.y)  # classes last already
         means = draws if mean_weights else runner.predict_batches(data.x, 1, batch_size, mean=True)
+        if task is Task.CLASSIFICATION and not mean_weights:
+            means = classes_last(means, class_dim, leading=1)
         models = (
             {"mean_weights": means} if mean_weights else {"bayesian": draws, "mean_weights": means}
         )

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnnify.bnn.reach import refuse_unreached
 from bnnify.errors import InputError
 
 __all__ = ["ScriptWeights"]
@@ -87,40 +88,16 @@ class ScriptWeights:
     def check_reach(self, run: Callable[[], Any], weights: Sequence[Tensor]) -> None:
         """Refuses unless the output of `run()` depends on every weight `install` puts in.
 
-        One forward and one backward pass on whatever `run` computes (keep it small):
-        a weight the output's autograd graph does not reach is read from somewhere else
-        (a cache computed from it) or not used at all, and a sample of it would leave
-        the spread of the predictions too small.
+        One forward and one backward pass on whatever `run` computes (keep it small),
+        by `bnnify.bnn.reach.refuse_unreached`.
 
         Raises:
             InputError: Naming the parameters that do not reach the output.
         """
         with torch.inference_mode(False), torch.enable_grad():
             leaves = self.install([w.detach().clone().requires_grad_() for w in weights])
-            output = _tensors_in(run())
-            outputs = [t for t in output if t.requires_grad]
-            if not outputs:
-                dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in output}))
-                raise InputError(
-                    f"the output of the TorchScript model (dtype {dtypes or 'none'}) carries no "
-                    "gradient, so bnnify cannot check that the sampled weights reach it",
-                    hint="Save a model that returns floating-point scores computed with "
-                    f"autograd (not under torch.no_grad), or: {_FIX}",
-                )
-            ones = [torch.ones_like(t) for t in outputs]
-            grads = torch.autograd.grad(outputs, leaves, ones, allow_unused=True)
-        unreached = [name for name, grad in zip(self.names, grads, strict=True) if grad is None]
-        if unreached:
-            shown = ", ".join(repr(n) for n in unreached[:5])
-            more = f" and {len(unreached) - 5} more" if len(unreached) > 5 else ""
-            raise InputError(
-                f"the output of the TorchScript model does not depend on the Bayesian "
-                f"parameter(s) {shown}{more}: the model reads them from a place bnnify cannot "
-                "replace (a tensor computed from them when the model was built), or does not "
-                "use them, so their samples would never reach the predictions",
-                hint=f"{_FIX} If the parameters are unused, keep them deterministic with "
-                f"--exclude {unreached[0]!r}.",
-            )
+            output = run()
+        refuse_unreached(output, leaves, self.names, model="the TorchScript model", fix=_FIX)
 
 
 class _Matcher:
@@ -260,10 +237,6 @@ def _rebuild(value: Any, found: dict[Position, int], leaves: list, position: Pos
     if isinstance(value, dict):
         return {k: _rebuild(v, found, leaves, (*position, k)) for k, v in value.items()}
     return value
-
-
-def _tensors_in(output: Any) -> list[Tensor]:
-    return [tensor for _, tensor in _positions(output, ())]
 
 
 def _storage(tensor: Tensor) -> int:

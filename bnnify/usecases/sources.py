@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,10 +13,12 @@ from bnnify.errors import ArgumentTypeError, InputError
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset, load_dataset, load_targets, make_dataset
 from bnnify.formats.model_files import LoadedModel, from_module, load_model
+from bnnify.formats.model_inputs import Inputs
 
 __all__ = [
     "CheckpointLike",
     "DataLike",
+    "InputsLike",
     "ModelLike",
     "Progress",
     "as_checkpoint",
@@ -28,7 +30,9 @@ __all__ = [
 
 ModelLike = str | Path | LoadedModel | nn.Module
 CheckpointLike = str | Path | Checkpoint
-DataLike = str | Path | Dataset | Tensor | tuple[Tensor, Tensor]
+# Inputs: one tensor, or tensors by name (several inputs of the model's forward).
+InputsLike = Tensor | Mapping[str, Tensor] | Inputs
+DataLike = str | Path | Dataset | InputsLike | tuple[InputsLike, Tensor]
 # Called with (units just done, total units): elements converted, epochs fitted...
 Progress = Callable[[int, int], None]
 
@@ -61,18 +65,18 @@ def as_dataset(
     *,
     with_target: bool = True,
     targets: str | Path | Tensor | None = None,
-    x_key: str = "x",
+    x_key: str | Sequence[str] = "x",
     y_key: str = "y",
     target: str | None = None,
 ) -> Dataset:
     """`data` as a checked `Dataset`.
 
     Args:
-        data: A data file (see `load_dataset`), a `Dataset`, the input tensor, or a
-            tuple `(x, y)` of tensors.
+        data: A data file (see `load_dataset`), a `Dataset`, the inputs (a tensor,
+            or tensors by name: several inputs of the model), or a tuple `(x, y)`.
         with_target: Whether targets are required.
         targets: Targets given apart: a file (see `load_targets`) or a tensor.
-        x_key: Name of the input tensor in a data file.
+        x_key: Name of the input tensor in a data file, or names of several.
         y_key: Name of the target tensor in a data file.
         target: CSV target column (a header name or an index).
 
@@ -87,13 +91,14 @@ def as_dataset(
         x, y, source = load_dataset(data, x_key=x_key, with_target=False).x, None, str(data)
     elif isinstance(data, Dataset):
         x, y, source = data.x, data.y, data.source
-    elif isinstance(data, Tensor):
-        x, y, source = data, None, "<tensor>"
+    elif isinstance(data, (Tensor, Mapping, Inputs)):
+        x, y, source = data, None, "<tensor>" if isinstance(data, Tensor) else "<tensors>"
     elif isinstance(data, tuple) and len(data) == 2:
         (x, y), source = data, "<tensors>"
     else:
         raise ArgumentTypeError(
-            f"data: expected a path, a Dataset, a tensor or (x, y), got {type(data).__name__}"
+            f"data: expected a path, a Dataset, a tensor, tensors by name or (x, y), got "
+            f"{type(data).__name__}"
         )
     if targets is not None:
         y = targets if isinstance(targets, Tensor) else load_targets(targets, y_key)

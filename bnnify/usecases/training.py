@@ -25,7 +25,12 @@ import torch
 from torch import Tensor, nn
 
 import bnnify
-from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood, Likelihood
+from bnnify.bnn.likelihood import (
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    classes_last,
+)
 from bnnify.bnn.metrics import classification_metrics, regression_metrics
 from bnnify.enums import Task
 from bnnify.errors import DivergedError, InputError, InvalidArgumentError
@@ -66,9 +71,16 @@ class FitSettings:
     clip: float | None = 10.0
     seed: int = 0
     val_samples: int = 16
+    class_dim: int = -1
 
     def __post_init__(self) -> None:
         self.task = Task.parse(self.task)
+        if isinstance(self.class_dim, bool) or not isinstance(self.class_dim, int):
+            raise InvalidArgumentError(f"class_dim must be an integer, got {self.class_dim!r}")
+        if self.class_dim == 0:
+            raise InvalidArgumentError(
+                "class_dim 0 is the batch dimension", hint="Use 1 or more, or -1 for the last."
+            )
         lowest = {"epochs": 1, "batch_size": 1, "mc_samples": 1, "val_samples": 1}
         lowest |= {"warmup_epochs": 0, "seed": 0, "lr": 0.0, "kl_weight": 0.0, "clip": 0.0}
         for name, low in lowest.items():
@@ -83,10 +95,12 @@ class FitSettings:
                 raise InvalidArgumentError(f"{name} must be at least {low}, got {value!r}")
 
 
-def make_likelihood(task: Task | str, checkpoint: Checkpoint, resume: bool) -> Likelihood:
+def make_likelihood(
+    task: Task | str, checkpoint: Checkpoint, resume: bool, class_dim: int = -1
+) -> Likelihood:
     """The likelihood of `task`; with `resume`, the noise scale fitted before."""
     if Task.parse(task) is Task.CLASSIFICATION:
-        return CategoricalLikelihood()
+        return CategoricalLikelihood(class_dim)
     likelihood = GaussianLikelihood()
     tensors = checkpoint.fit_tensors()
     if resume and "bnnify.fit.log_noise" in tensors:
@@ -128,8 +142,8 @@ class _Objective(nn.Module):
         self.runner = runner
         self.likelihood = likelihood
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.runner(x)
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        return self.runner(inputs)
 
 
 @torch.no_grad()
@@ -235,7 +249,8 @@ def _step(
 ) -> tuple[float, float]:
     x, y = data.x[index], data.y[index]
     optimizer.zero_grad(set_to_none=True)
-    nll = sum(likelihood.nll(objective(x), y).mean() for _ in range(settings.mc_samples))
+    # A dict of tensors: what DistributedDataParallel knows how to pass on.
+    nll = sum(likelihood.nll(objective(x.tensors), y).mean() for _ in range(settings.mc_samples))
     nll = nll / settings.mc_samples
     kl = runner.bnn.kl_divergence().to(nll.dtype)
     loss = nll + settings.kl_weight * beta * kl / n
@@ -303,7 +318,7 @@ def refuse_overflow(runner: Runner, likelihood: Likelihood, data: Dataset, batch
         output = runner.mean_forward(x)
         if torch.isfinite(output).all() and torch.isfinite(likelihood.nll(output, y)).all():
             continue
-        largest = float(data.x.abs().max()) if data.x.is_floating_point() else math.nan
+        largest = data.x.largest()
         raise InputError(
             f"{data.source}: the model's output or loss is infinite or NaN on examples "
             f"{start}-{start + len(x) - 1} (inputs up to {largest:.3g} in magnitude): the "
@@ -336,7 +351,9 @@ def evaluate(
     draws = runner.predict_batches(data.x, samples, batch_size)
     if isinstance(likelihood, GaussianLikelihood):
         return regression_metrics(draws, data.y, float(likelihood.noise))
-    return classification_metrics(draws, data.y)
+    assert isinstance(likelihood, CategoricalLikelihood)
+    logits = classes_last(draws, likelihood.class_dim, leading=1)
+    return classification_metrics(logits, data.y)
 
 
 def save_fitted(
