@@ -28,6 +28,7 @@ __all__ = [
     "ForceOpt",
     "IncludeOpt",
     "JsonOpt",
+    "KeyOpt",
     "KlWeightOpt",
     "LrOpt",
     "McSamplesOpt",
@@ -133,6 +134,13 @@ IncludeOpt = Annotated[
 ]
 ExcludeOpt = Annotated[
     list[str] | None, typer.Option(help="Glob of parameter names to keep deterministic.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="In a torch.save checkpoint dict, the state dict's dotted key (e.g. "
+        "model.state_dict, ema); default: found in common layouts."
+    ),
 ]
 ConvertSeedOpt = Annotated[int | None, typer.Option(min=0, help="Random seed (default 0).")]
 CheckpointOutOpt = Annotated[

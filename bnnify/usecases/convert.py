@@ -110,6 +110,7 @@ def convert(
     mc_samples: int | None = None,
     shard_size: int | str | None = None,
     trust_pickle: bool = False,
+    key: str | None = None,
     progress: Progress | None = None,
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
@@ -131,6 +132,10 @@ def convert(
         shard_size: Write a sharded checkpoint with shards up to this many bytes (or
             a size such as "2GB"); default for sharded inputs: their largest shard.
         trust_pickle: Load a pickled `nn.Module` file (this runs its code).
+        key: In a torch.save checkpoint dict, the dotted path of the state dict
+            ("model.state_dict", "ema"); by default it is found (see `find_state_dict`).
+            The key used is recorded in the checkpoint's source (`fit` and `predict`
+            read the model file with it).
         progress: Called with (elements done, total elements) as tensors are written.
         arch: Confirms the spec's `arch` (building it runs its code); see `confirm_arch`.
         arch_kwargs: Confirms the spec's `arch_kwargs` (a JSON object or a mapping).
@@ -172,9 +177,16 @@ def convert(
     # Before loading: existence is checked once the outputs are known (sharded or not).
     check_outputs([checkpoint, report_path], force=True, inputs=read)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
-        logger.info("Loaded %s (%s, %d tensors)", loaded.path, loaded.format.value, len(loaded))
-        if shard_bytes is None and loaded.format is ModelFormat.SHARDED:
+    with opened_model(model, trust_pickle=trust_pickle, key=key) as loaded:
+        logger.info(
+            "Loaded %s (%s%s, %d tensors)",
+            loaded.path,
+            loaded.format.value,
+            _where(loaded),
+            len(loaded),
+        )
+        sharded = (ModelFormat.SHARDED, ModelFormat.SHARDED_STATE_DICT)
+        if shard_bytes is None and loaded.format in sharded:
             shard_bytes = _largest_shard(loaded)
         return _convert(
             loaded,
@@ -208,6 +220,8 @@ def _convert(
     index = checkpoint.parent / f"{stem}.safetensors.index.json"
     AtomicOutputs([checkpoint if shard_bytes is None else index, report], force=force, inputs=read)
     source = {"name": model.path.name, "format": model.format.value, "sha256": model.sha256}
+    # Where the weights were inside the file: `fit` and `predict` read them there again.
+    source |= {k: v for k, v in (("key", model.key), ("prefix", model.prefix)) if v is not None}
     arch, arch_kwargs = confirmation
     plan = plan_conversion(model, spec, mc_samples, progress, arch=arch, arch_kwargs=arch_kwargs)
     metadata = checkpoint_metadata(
@@ -236,6 +250,14 @@ def _convert(
         samples=plan.samples,
         outputs=[*targets, report],
     )
+
+
+def _where(loaded: LoadedModel) -> str:
+    """Where the weights were in a checkpoint dict, as the log line says it."""
+    where = f", the state dict under {loaded.key!r}" if loaded.key else ""
+    if loaded.prefix:
+        where += f", {loaded.prefix!r} removed from every name"
+    return where
 
 
 def _report(plan: ConversionPlan, spec: ConversionSpec, name: str, sha256: str) -> KLReport:
@@ -285,7 +307,7 @@ def _stem(model_path: Path) -> str:
     name = model_path.name
     if model_path.is_dir():
         return name
-    for suffix in (".safetensors.index.json", ".index.json"):
+    for suffix in (".safetensors.index.json", ".bin.index.json", ".index.json"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem or name

@@ -202,7 +202,7 @@ def fit(
     validation = as_dataset(val, **keys) if val is not None else None
     if validation is None and val_split > 0:
         train_data, validation = _split(train_data, val_split, seed)
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
+    with opened_model(model, trust_pickle=trust_pickle, key=ckpt.source.get("key")) as loaded:
         runner = open_runner(loaded, ckpt, device=device, arch=arch, arch_kwargs=arch_kwargs)
         source = {"name": loaded.path.name, "sha256": loaded.sha256}
         what = f"{loaded.path.name} ({loaded.format.value})"

@@ -132,7 +132,7 @@ def predict(
     ckpt = as_checkpoint(checkpoint)
     chosen = Task.parse(task if task is not None else (ckpt.fit or {}).get("task", "regression"))
     data = as_dataset(inputs, with_target=False, targets=targets, x_key=x_key, y_key=y_key)
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
+    with opened_model(model, trust_pickle=trust_pickle, key=ckpt.source.get("key")) as loaded:
         runner = open_runner(loaded, ckpt, device=device, arch=arch, arch_kwargs=arch_kwargs)
     check_input(runner, data.x)
     noise = noise_of(ckpt.fit_tensors()) if chosen is Task.REGRESSION else None
