@@ -50,6 +50,7 @@ def dump_yaml(data) -> str:
 SAMPLE_NAMES = [
     "gaussian.yaml",
     "partial.yaml",
+    "partial_by_kind.yaml",
     "pretrained_moped.yaml",
     "scale_mixture.yaml",
     "state_dict_arch.yaml",
@@ -571,6 +572,8 @@ def test_sample_config_contents():
     assert arch.arch_kwargs == {"in_features": 8, "hidden": 32, "out_features": 1}
     partial = read_spec(SAMPLES / "partial.yaml")
     assert partial.include is not None and "*.bias" in partial.exclude
+    by_kind = read_spec(SAMPLES / "partial_by_kind.yaml")
+    assert by_kind.only == ("linear", "conv") and "*.bias" in by_kind.exclude
 
 
 # Property-based tests.

@@ -24,6 +24,8 @@ def convert(
     dtype: opt.DtypeOpt = None,
     include: opt.IncludeOpt = None,
     exclude: opt.ExcludeOpt = None,
+    only: opt.OnlyOpt = None,
+    skip: opt.SkipOpt = None,
     key: opt.KeyOpt = None,
     seed: opt.ConvertSeedOpt = None,
     output: opt.CheckpointOutOpt = None,
@@ -68,6 +70,8 @@ def convert(
             dtype=dtype,
             include=include,
             exclude=exclude,
+            only=only,
+            skip=skip,
             seed=seed,
         )
     _render(out, result)
@@ -86,5 +90,7 @@ def _render(out: Output, result: Any) -> None:
     out.line(
         f"KL divergence: {result.kl_sum:.6g} (mean {result.kl_mean:.6g} per element, {method})"
     )
+    top = [f"{s.name} {100 * s.share:.3g}% ({100 * s.elements_share:.3g}%)" for s in result.top]
+    out.line(f"Largest KL (share of the KL, of the elements): {', '.join(top)}")
     for path in result.outputs:
         out.line(f"  wrote {path} ({human_bytes(path.stat().st_size) if path.exists() else '?'})")

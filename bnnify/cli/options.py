@@ -34,6 +34,7 @@ __all__ = [
     "McSamplesOpt",
     "ModelArg",
     "ModelOpt",
+    "OnlyOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
     "PriorArgOpt",
@@ -43,6 +44,7 @@ __all__ = [
     "ResumeOpt",
     "SeedOpt",
     "ShardSizeOpt",
+    "SkipOpt",
     "SpecOpt",
     "TargetOpt",
     "TrustPickleOpt",
@@ -134,6 +136,17 @@ IncludeOpt = Annotated[
 ]
 ExcludeOpt = Annotated[
     list[str] | None, typer.Option(help="Glob of parameter names to keep deterministic.")
+]
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Module kinds to make Bayesian, e.g. linear,conv (kinds: linear, conv, norm, "
+        "embedding, rnn, attention, other). Needs known module types (not a bare state dict).",
+    ),
+]
+SkipOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Module kinds to keep deterministic, e.g. norm,embedding (as --only)."),
 ]
 KeyOpt = Annotated[
     str | None,

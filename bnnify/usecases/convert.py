@@ -24,9 +24,23 @@ from bnnify.formats.sharded import read_index
 from bnnify.formats.spec import ConversionSpec, resolve_spec
 from bnnify.usecases import LOGGER_NAME
 from bnnify.usecases.conversion_plan import ConversionPlan, ParameterSummary, plan_conversion
+from bnnify.usecases.kl_shares import (
+    KLShare,
+    buffer_like,
+    exclude_flags,
+    largest,
+    warn_buffer_like,
+)
 from bnnify.usecases.sources import ModelLike, Progress, file_paths, opened_model
 
-__all__ = ["ConversionResult", "ParameterSummary", "convert", "output_paths", "parse_size"]
+__all__ = [
+    "ConversionResult",
+    "KLShare",
+    "ParameterSummary",
+    "convert",
+    "output_paths",
+    "parse_size",
+]
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -39,6 +53,8 @@ _OVERRIDES = (
     "dtype",
     "include",
     "exclude",
+    "only",
+    "skip",
     "seed",
 )
 
@@ -54,6 +70,13 @@ class ConversionResult:
     method: KLMethod
     samples: int | None
     outputs: list[Path] = field(default_factory=list)
+    buffer_like: list[KLShare] = field(default_factory=list)
+    suggested_exclude: list[str] = field(default_factory=list)
+
+    @property
+    def top(self) -> list[KLShare]:
+        """The parameters carrying the most KL (at most `TOP`), largest first."""
+        return largest(self.parameters)
 
     @property
     def elements(self) -> int:
@@ -84,7 +107,10 @@ class ConversionResult:
                 "mean": self.kl_mean,
                 "method": self.method.value,
                 "samples": self.samples,
+                "top": [share.to_json() for share in self.top],
             },
+            "buffer_like": [share.to_json() for share in self.buffer_like],
+            "suggested_exclude": list(self.suggested_exclude),
             "outputs": [str(p) for p in self.outputs],
             "parameters": [
                 {
@@ -142,7 +168,7 @@ def convert(
         **overrides: Spec keys overriding `spec`, as `resolve_spec` takes them:
             `posterior`, `prior` (a name or `(name, kwargs)`), `posterior_args`,
             `prior_args` (dicts merged over the spec's), `device`, `dtype`, `include`,
-            `exclude`, `seed`.
+            `exclude`, `only`, `skip` (module kinds, e.g. "linear,conv"), `seed`.
 
     Returns:
         The parameters reparametrized, their KL and the files written.
@@ -241,14 +267,22 @@ def _convert(
             stem=stem,
         )
         write_report(_report(plan, spec, targets[-1].name, model.sha256), outputs.temp(report))
+    parameters = plan.summary()
+    # Only a file that does not say what is a buffer can have a buffer made Bayesian.
+    unknown = spec.arch is None and model.module_types() is None
+    suspects = buffer_like(parameters) if unknown else []
+    flags = exclude_flags(suspects, [p.name for p in parameters])
+    warn_buffer_like(suspects, flags, model.path.name)
     return ConversionResult(
         source=source,
         spec=spec,
-        parameters=plan.summary(),
+        parameters=parameters,
         deterministic=[r.name for r in plan.deterministic],
         method=plan.method,
         samples=plan.samples,
         outputs=[*targets, report],
+        buffer_like=suspects,
+        suggested_exclude=flags,
     )
 
 
