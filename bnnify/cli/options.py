@@ -113,8 +113,8 @@ ModelOpt = Annotated[
 ModelArg = Annotated[
     Path,
     typer.Argument(
-        help="Model file (TorchScript, torch.export, state dict, "
-        "safetensors) or sharded checkpoint folder/index."
+        help="Model file (TorchScript, torch.export, state dict or training checkpoint, "
+        "safetensors), sharded checkpoint index, or Hugging Face folder."
     ),
 ]
 SpecOpt = Annotated[Path | None, typer.Option("--spec", "-c", help="YAML conversion spec.")]

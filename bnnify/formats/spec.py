@@ -82,7 +82,12 @@ class ConversionSpec:
     skip: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        """A JSON-able dict with the keys in `ALLOWED_KEYS` order; `from_json` reads it back."""
+        """A JSON-able dict with the keys in `ALLOWED_KEYS` order; `from_json` reads it back.
+
+        `only` and `skip` appear only when given, so that a checkpoint converted without
+        them stays readable by bnnify versions that do not know them.
+        """
+        kinds = {"only": None if self.only is None else list(self.only), "skip": list(self.skip)}
         return {
             "posterior": {"name": self.posterior[0], "kwargs": dict(self.posterior[1])},
             "prior": {"name": self.prior[0], "kwargs": dict(self.prior[1])},
@@ -90,8 +95,7 @@ class ConversionSpec:
             "dtype": self.dtype,
             "include": None if self.include is None else list(self.include),
             "exclude": list(self.exclude),
-            "only": None if self.only is None else list(self.only),
-            "skip": list(self.skip),
+            **{key: value for key, value in kinds.items() if value},
             "seed": self.seed,
             "arch": self.arch,
             "arch_kwargs": _copy_json(self.arch_kwargs),
