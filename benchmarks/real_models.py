@@ -10,11 +10,14 @@ as a subprocess of this interpreter. A state dict runs only through an architect
 package's own class, tried after `pip install --no-deps --target` of its wheel into a folder
 beside the cache (`benchmarks/out/real_models/site`, put on PYTHONPATH for that model's
 commands only; the project's environment is left as it is; predict is skipped, with the
-import error, when it does not import), or a class rebuilt in `rebuilt.py`. A failing command is a row, never a crash: the table shows each command's exit
-code and seconds, and the JSON holds the commands and their error lines. Results that look
-silently wrong are flagged: a tensor carrying the KL out of proportion to its size, KL far
-from the prior per element, `kl` not reproducing the `convert` report, an epistemic spread of
-exactly 0, or spreads of the same weights that disagree between formats.
+import error, when it does not import), or a class rebuilt in `rebuilt.py`. A failing command
+is a row, never a crash: the table shows each command's exit code and seconds, and the JSON
+holds the commands and their error lines. Results that look silently wrong are flagged: a
+tensor carrying the KL out of proportion to its size or named like a buffer that bnnify did
+not warn about itself, KL far from the prior per element, `kl` not reproducing the `convert`
+report, an epistemic spread of exactly 0, or spreads of the same weights that disagree
+between formats. bnnify's own warnings (buffer-like tensors, the `--exclude` flags it
+suggests) are listed apart.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
         convert += ["--spec", str(spec), *confirm]
     if model.include:
         convert += ["--include", model.include]
+    convert += list(model.flags)
     reason = problem or model.no_predict or ("" if model.input_shape else "no input shape")
     commands = {"convert": cli(convert, env, args.timeout)}
     if commands["convert"]["rc"] != 0:
@@ -174,14 +178,18 @@ def flags(commands: dict[str, Any]) -> list[str]:
         "safetensors",
         "sharded_safetensors",
     )
+    # What bnnify warned about is not silent.
+    warned = {s["name"] for s in converted.get("buffer_like", [])}
     for p in converted["parameters"]:
         share, size = p["kl"] / total, p["elements"] / elements
+        if p["name"] in warned:
+            continue
         if share > 0.5 and share > 5 * size:
             found.append(f"{p['name']} carries {share:.1%} of the KL with {size:.1%} of elements")
         if p["kl"] > 100 * p["elements"]:
             found.append(f"{p['name']}: KL {p['kl'] / p['elements']:.3g} nats per element")
         if guessed and BUFFER_LIKE.search(p["name"]):
-            found.append(f"{p['name']} looks like a buffer and was made Bayesian")
+            found.append(f"{p['name']} looks like a buffer and was made Bayesian, unwarned")
     recomputed = commands["kl"].get("json")
     # Exact on purpose: the README promises that `kl` reproduces the convert report.
     if recomputed and recomputed["kl"] != total:
@@ -284,6 +292,19 @@ def findings(rows: list[dict[str, Any]]) -> str:
     ]
     lines += ["", "Looks silently wrong:"]
     lines += [f"  {r['name']}: {flag}" for r in rows for flag in r["flags"]]
+    lines += ["", "Warned by bnnify (buffer-like tensors; suggested flags):"]
+    for r in rows:
+        converted = r["commands"]["convert"].get("json") or {}
+        names = [s["name"] for s in converted.get("buffer_like", [])]
+        if names:
+            flags = " ".join(f"--exclude '{f}'" for f in converted["suggested_exclude"])
+            lines.append(f"  {r['name']}: {', '.join(names)}; {flags}")
+    lines += ["", "Largest KL shares (share of the KL / of the elements):"]
+    for r in rows:
+        top = ((r["commands"]["convert"].get("json") or {}).get("kl") or {}).get("top", [])
+        shown = [f"{s['name']} {s['share']:.1%}/{s['elements_share']:.1%}" for s in top]
+        if shown:
+            lines.append(f"  {r['name']}: {', '.join(shown)}")
     return "\n".join(lines)
 
 
