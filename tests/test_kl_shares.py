@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import pytest
 import torch
 from cli_helpers import flat, invoke
 from torch import nn
@@ -81,9 +82,20 @@ def test_convert_warns_about_a_buffer_of_a_state_dict_and_says_how_to_drop_it(tm
     assert json.loads(again.stdout)["buffer_like"] == []
 
 
-def test_a_program_says_what_is_a_buffer_so_nothing_is_guessed(tmp_path):
-    torch.jit.save(torch.jit.script(Tabled()), str(tmp_path / "m.pt"))
-    result = invoke("convert", tmp_path / "m.pt", "-o", tmp_path / "a.bnn.safetensors", "--json")
+@pytest.mark.parametrize("fmt", ["torchscript", "export", "arch"])
+def test_a_known_architecture_says_what_is_a_buffer_so_nothing_is_guessed(tmp_path, fmt):
+    model, flags = tmp_path / "m.pt", []
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(Tabled()), str(model))
+    elif fmt == "export":
+        torch.export.save(torch.export.export(Tabled(), (torch.randn(2, 8),)), str(model))
+    else:
+        torch.save(Tabled().state_dict(), model)
+        (tmp_path / "spec.yaml").write_text('arch: "test_kl_shares:Tabled"\n')
+        flags = ["-c", tmp_path / "spec.yaml", "--arch", "test_kl_shares:Tabled"]
+    out = tmp_path / "a.bnn.safetensors"
+    result = invoke("convert", model, "-o", out, "--json", *flags)
+    assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [p["name"] for p in data["parameters"]] == ["fc.weight", "fc.bias"]
     assert "lookup_table" in data["deterministic_names"]
