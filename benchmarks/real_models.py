@@ -124,8 +124,8 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
     """Converts, then checks, inspects and predicts `path`; every outcome is recorded."""
     work.mkdir(parents=True, exist_ok=True)
     ckpt, report = work / "model.bnn.safetensors", work / "model.kl.safetensors"
-    for stale in (ckpt, report):
-        stale.unlink(missing_ok=True)
+    for stale in work.glob("model.*safetensors*"):
+        stale.unlink()
     env = model_env(model, args.site, env)
     problem = arch_problem(model, args.site, args.cache, env) if model.arch else None
     convert = ["convert", str(path), "-o", str(ckpt), "--report", str(report), "--force", "--json"]
@@ -146,6 +146,8 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
         commands["kl"] = commands["inspect"] = _skip("convert failed")
         commands["predict"] = _skip("; ".join(filter(None, ("convert failed", reason))))
         return commands
+    # A sharded input gives a sharded checkpoint: its index, listed before the report.
+    ckpt = Path(commands["convert"]["json"]["outputs"][-2])
     commands["kl"] = cli(["kl", str(ckpt), "--json", "--top", "0"], env, args.timeout)
     commands["inspect"] = cli(["inspect", str(ckpt), "--json", "--top", "0"], env, args.timeout)
     if reason:
