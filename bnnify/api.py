@@ -7,6 +7,7 @@ Example:
 """
 
 from bnnify.usecases.convert import ConversionResult, ParameterSummary, convert
+from bnnify.usecases.export import ExportResult, export
 from bnnify.usecases.fit import FitResult, FitSettings, fit
 from bnnify.usecases.inspect import InspectResult, ParameterStats, inspect
 from bnnify.usecases.kl import KLResult, kl
@@ -14,6 +15,7 @@ from bnnify.usecases.predict import PredictionResult, predict
 
 __all__ = [
     "ConversionResult",
+    "ExportResult",
     "FitResult",
     "FitSettings",
     "InspectResult",
@@ -22,6 +24,7 @@ __all__ = [
     "ParameterSummary",
     "PredictionResult",
     "convert",
+    "export",
     "fit",
     "inspect",
     "kl",

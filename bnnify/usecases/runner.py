@@ -24,7 +24,14 @@ from bnnify.formats.export_archive import unlift
 from bnnify.formats.model_files import LoadedModel, ModelFormat
 from bnnify.usecases.script_weights import ScriptWeights
 
-__all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
+__all__ = [
+    "ModuleRunner",
+    "Runner",
+    "ScriptRunner",
+    "check_input",
+    "open_runner",
+    "source_module",
+]
 
 
 class Runner(nn.Module):
@@ -214,14 +221,35 @@ def open_runner(
         UnsafeInputError: If the checkpoint names an architecture and `arch` and
             `arch_kwargs` do not confirm it.
     """
+    module = source_module(model, checkpoint, arch=arch, arch_kwargs=arch_kwargs)
+    if model.format is ModelFormat.TORCHSCRIPT:
+        return ScriptRunner(module, checkpoint, device)
+    return ModuleRunner(module, checkpoint, device)
+
+
+# ------------------------------------------------ the model file's own module
+
+
+def source_module(
+    model: LoadedModel,
+    checkpoint: Checkpoint,
+    *,
+    arch: str | None = None,
+    arch_kwargs: str | Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The plain module a runner for `model` wraps: what `open_runner` reparametrizes.
+
+    The TorchScript module as loaded, the module of an export program, a copy of a
+    pickled or in-memory module (the caller's stays as it was), or the confirmed
+    architecture with the state dict loaded. Arguments and errors: see `open_runner`.
+    """
     _check_source(model, checkpoint)
     if model.format is ModelFormat.TORCHSCRIPT:
-        return ScriptRunner(model.module, checkpoint, device)
+        return model.module
     if model.format is ModelFormat.EXPORT:
-        return ModuleRunner(unlift(model.module, model.path), checkpoint, device)
+        return unlift(model.module, model.path)
     if model.format in (ModelFormat.PICKLED_MODULE, ModelFormat.MODULE):
-        # Reparametrized in place: the caller's module stays as it was.
-        return ModuleRunner(copy.deepcopy(model.module), checkpoint, device)
+        return copy.deepcopy(model.module)
     recorded = checkpoint.spec.arch
     if recorded is None:
         raise UsageError(
@@ -234,4 +262,4 @@ def open_runner(
     confirm_arch(recorded, kwargs, arch, arch_kwargs, where=str(checkpoint.path))
     module = build_arch(recorded, kwargs)
     load_strict(module, {n: model.tensor(n) for n in model.names()}, recorded)
-    return ModuleRunner(module, checkpoint, device)
+    return module
