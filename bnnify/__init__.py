@@ -1,6 +1,6 @@
 """bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).
 
-`bnnify.convert`, `fit`, `predict`, `kl`, `inspect` and `export` (see
+`bnnify.convert`, `fit`, `predict`, `kl`, `inspect`, `export` and `prune` (see
 `bnnify.api`) are loaded on first use: `import bnnify` itself does not import torch.
 """
 
@@ -18,6 +18,7 @@ __all__ = [
     "ParameterStats",
     "ParameterSummary",
     "PredictionResult",
+    "PruneResult",
     "__version__",
     "convert",
     "export",
@@ -25,6 +26,7 @@ __all__ = [
     "inspect",
     "kl",
     "predict",
+    "prune",
 ]
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from bnnify.usecases.fit import FitResult, FitSettings, fit
 from bnnify.usecases.inspect import InspectResult, ParameterStats, inspect
 from bnnify.usecases.kl import KLResult, kl
 from bnnify.usecases.predict import PredictionResult, predict
+from bnnify.usecases.prune import PruneResult, prune
 
 __all__ = [
     "ConversionResult",
@@ -23,10 +24,12 @@ __all__ = [
     "ParameterStats",
     "ParameterSummary",
     "PredictionResult",
+    "PruneResult",
     "convert",
     "export",
     "fit",
     "inspect",
     "kl",
     "predict",
+    "prune",
 ]
