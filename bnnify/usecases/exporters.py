@@ -202,6 +202,7 @@ def export_program(
         except Exception as error:  # torch.export: any failure means "try the next way"
             last = error
             continue
+        _warn_if_fixed(dynamic, x)
         return nullcontext(program), dynamic
     raise _untraceable(last)
 
@@ -231,8 +232,20 @@ def stacked_program(
             except Exception as error:  # torch.export: any failure means "try the next way"
                 last = error
                 continue
+            if not batched:
+                logger.info("vmap cannot batch this model: the ensemble loops over its weights")
+            _warn_if_fixed(dynamic, x)
             return program, "vmap" if batched else "loop", dynamic
     raise _untraceable(last)
+
+
+def _warn_if_fixed(dynamic: bool, x: Tensor) -> None:
+    if not dynamic:
+        logger.warning(
+            "torch.export could not keep the batch dimension dynamic: the program takes "
+            "batches of exactly %d examples, as --input",
+            x.shape[0],
+        )
 
 
 def _shapes(dynamic: bool) -> tuple:
