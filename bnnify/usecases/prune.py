@@ -216,22 +216,34 @@ def prune(
     dataset = None
     if data is not None:
         dataset = as_dataset(data, targets=targets, x_key=x_key, y_key=y_key)
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
-        opened = open_for_export(loaded, ckpt, arch=arch, arch_kwargs=arch_kwargs)
     chosen = Task.parse(task if task is not None else (ckpt.fit or {}).get("task", "regression"))
     settings = {"task": chosen, "samples": samples, "batch_size": batch_size, "seed": seed}
+    with opened_model(model, trust_pickle=trust_pickle) as loaded:
+        opened = open_for_export(loaded, ckpt, arch=arch, arch_kwargs=arch_kwargs)
+        result.metrics = _prune_runner(opened, ckpt, pruned, dataset, settings)
+        if plan is not None:
+            x = None if dataset is None else dataset.x
+            record = {"pruned": result.record()}
+            result.export = write_export(opened, ckpt, plan, destination, outputs, x, record)
+            return result
+    _write_checkpoint(ckpt, pruned, result, outputs, destination)
+    return result
+
+
+def _prune_runner(
+    opened: OpenedModel,
+    ckpt: Checkpoint,
+    pruned: Mapping[str, Mapping[str, Tensor]],
+    dataset: Any,
+    settings: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Prunes the runner's posterior in place; with data, the metrics before and after."""
     before = _metrics(opened, ckpt, dataset, settings)
     state = {posterior_key(n, role): t for n, roles in pruned.items() for role, t in roles.items()}
     opened.runner.bnn.load_variational_state(state, strict=False)
-    if dataset is not None:
-        result.metrics = {"before": before, "after": _metrics(opened, ckpt, dataset, settings)}
-    if plan is not None:
-        x = None if dataset is None else dataset.x
-        pruned_by = {"pruned": result.record()}
-        result.export = write_export(opened, ckpt, plan, destination, outputs, x, pruned_by)
-    else:
-        _write_checkpoint(ckpt, pruned, result, outputs, destination)
-    return result
+    if dataset is None:
+        return None
+    return {"before": before, "after": _metrics(opened, ckpt, dataset, settings)}
 
 
 def _check_options(
