@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnnify.bnn.reach import refuse_stateful, refuse_unreached
+from bnnify.bnn.reach import refuse_not_one_tensor, refuse_stateful, refuse_unreached
 from bnnify.errors import InputError
 
 
@@ -50,3 +50,20 @@ def test_a_model_that_answers_differently_the_second_time_is_refused():
         assert error.value.message.startswith("the TorchScript model gives another output")
     with pytest.raises(InputError, match="keeps state"):
         refuse_stateful(torch.tensor([1, 2]), torch.tensor([1, 3]))
+
+
+def test_an_output_other_than_one_tensor_is_described():
+    refuse_not_one_tensor(torch.ones(2, 3))
+    cases = {
+        "a list of 1 (tensor (2,))": [torch.ones(2)],
+        "a tuple of 7 (tensor (1,), tensor (1,), tensor (1,), tensor (1,), int, ...)": (
+            *[torch.ones(1)] * 4,
+            *[3] * 3,
+        ),
+        "a dict": {"y": torch.ones(2)},
+    }
+    for what, output in cases.items():
+        with pytest.raises(InputError) as error:
+            refuse_not_one_tensor(output, model="the net")
+        assert error.value.message.startswith(f"the net returns {what}, not one tensor")
+        assert "picks it" in error.value.hint
