@@ -12,12 +12,15 @@ two calls on the same inputs and weights differ (`refuse_stateful`).
 
 from __future__ import annotations
 
+import glob
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bnnify.bnn.collect import matches
 from bnnify.errors import InputError
 
 __all__ = ["refuse_not_one_tensor", "refuse_stateful", "refuse_unreached"]
@@ -80,8 +83,24 @@ def refuse_unreached(
             "computed from them when the model was built), or does not use them, so their "
             "samples would never reach the predictions",
             hint=f"{fix} If the parameters are unused, keep them deterministic with "
-            f"--exclude {unreached[0]!r}.".lstrip(),
+            f"{_exclude_flags(unreached, names)}.".lstrip(),
         )
+
+
+def _exclude_flags(unreached: Sequence[str], names: Sequence[str]) -> str:
+    """`--exclude` flags for exactly `unreached`: one module pattern when one holds several."""
+    prefix = unreached[0].split(".")[:-1]
+    for name in unreached[1:]:
+        path = name.split(".")[:-1]
+        same = itertools.takewhile(lambda pair: pair[0] == pair[1], zip(prefix, path, strict=False))
+        prefix = [part for part, _ in same]
+    if prefix and len(unreached) > 1:
+        pattern = glob.escape(".".join(prefix)) + ".*"
+        others = set(names) - set(unreached)
+        if not any(matches(n, [pattern]) for n in others):
+            return f"--exclude {pattern!r}"
+    flags = " ".join(f"--exclude {glob.escape(n)!r}" for n in unreached[:5])
+    return flags + (" ..." if len(unreached) > 5 else "")
 
 
 def refuse_stateful(first: Any, second: Any, *, model: str = "the model") -> None:
