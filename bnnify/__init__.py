@@ -1,6 +1,6 @@
 """bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).
 
-`bnnify.convert`, `fit`, `predict`, `kl` and `inspect` (see `bnnify.api`) are loaded
+`bnnify.convert`, `fit`, `calibrate`, `predict`, `kl` and `inspect` (see `bnnify.api`) are loaded
 on first use: `import bnnify` itself does not import torch.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CalibrationResult",
     "ConversionResult",
     "FitResult",
     "FitSettings",
@@ -18,6 +19,7 @@ __all__ = [
     "ParameterSummary",
     "PredictionResult",
     "__version__",
+    "calibrate",
     "convert",
     "fit",
     "inspect",

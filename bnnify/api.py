@@ -6,6 +6,7 @@ Example:
     True
 """
 
+from bnnify.usecases.calibrate import CalibrationResult, calibrate
 from bnnify.usecases.convert import ConversionResult, ParameterSummary, convert
 from bnnify.usecases.fit import FitResult, FitSettings, fit
 from bnnify.usecases.inspect import InspectResult, ParameterStats, inspect
@@ -13,6 +14,7 @@ from bnnify.usecases.kl import KLResult, kl
 from bnnify.usecases.predict import PredictionResult, predict
 
 __all__ = [
+    "CalibrationResult",
     "ConversionResult",
     "FitResult",
     "FitSettings",
@@ -21,6 +23,7 @@ __all__ = [
     "ParameterStats",
     "ParameterSummary",
     "PredictionResult",
+    "calibrate",
     "convert",
     "fit",
     "inspect",

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 import bnnify
-from bnnify.cli import convert, fit, inspect_cmd, kl, list_cmd, predict
+from bnnify.cli import calibrate, convert, fit, inspect_cmd, kl, list_cmd, predict
 
 __all__ = ["app", "main"]
 
@@ -53,6 +53,7 @@ app.command("inspect", epilog=EXIT_CODES)(inspect_cmd.inspect)
 app.command("list", epilog=EXIT_CODES)(list_cmd.list_registered)
 app.command("fit", epilog=EXIT_CODES)(fit.fit)
 app.command("predict", epilog=EXIT_CODES)(predict.predict)
+app.command("calibrate", epilog=EXIT_CODES)(calibrate.calibrate)
 
 
 def main() -> None:

@@ -24,6 +24,21 @@ TargetsOpt = Annotated[
 ]
 TaskOpt = Annotated[Task | None, Opt(help="Default: the fitted task, else regression.")]
 SeedOpt = Annotated[int, Opt(min=0, max=2**31 - 1, help="Seed of the weight samples.")]
+OodOpt = Annotated[
+    Path | None,
+    Opt(
+        "--ood",
+        help="Out-of-distribution inputs (classification): report the AUROC and AUPR "
+        "of entropy, mutual information and max softmax at telling them apart.",
+    ),
+]
+CalibrationOpt = Annotated[
+    bool,
+    Opt("--calibration/--no-calibration", help="Apply the checkpoint's calibration, if any."),
+]
+KeepInputsOpt = Annotated[
+    bool, Opt(help="Also store the inputs in --out (for `bnnify plot`'s 1-D bands).")
+]
 
 
 @command
@@ -37,7 +52,10 @@ def predict(
     mean_weights: Annotated[
         bool, Opt(help="Deterministic prediction with the posterior means.")
     ] = False,
+    keep_inputs: KeepInputsOpt = False,
     targets: TargetsOpt = None,
+    ood: OodOpt = None,
+    calibration: CalibrationOpt = True,
     task: TaskOpt = None,
     batch_size: Annotated[int, Opt(min=1, help="Inputs per batch (bounds memory).")] = 256,
     input_key: opt.InputKeyOpt = None,
@@ -54,7 +72,8 @@ def predict(
     quiet: opt.QuietOpt = False,
 ) -> None:
     """Predict with S weight samples: predictive mean and spread, or class probabilities
-    with entropy and mutual information; metrics when targets are given."""
+    with entropy and mutual information; metrics when targets are given. A calibrated
+    checkpoint's temperature or spread scale is applied (--no-calibration: not)."""
     sink = Output(json_mode=json, quiet=quiet)
     import bnnify
 
@@ -62,6 +81,7 @@ def predict(
     options |= dict(keep_samples=keep_samples, mean_weights=mean_weights, batch_size=batch_size)
     options |= dict(x_key=input_key or "x", y_key=y_key, device=device, arch=arch, force=force)
     options |= dict(arch_kwargs=arch_kwargs, model_args=model_arg, class_dim=class_dim)
+    options |= dict(keep_inputs=keep_inputs, ood=ood, calibration=calibration)
     with reporting(sink, "Predicting"):
         result = bnnify.predict(checkpoint, model, input, trust_pickle=trust_pickle, **options)
     _render(sink, result)
@@ -75,18 +95,42 @@ def _render(out: Output, result: Any) -> None:
         f"{summary['samples']} weight sample(s))"
     )
     out.line("  estimator: {estimator} ({reason})".format(**summary["estimator"]))
+    out.line(f"  calibration: {_calibration(summary['calibration'])}")
     for key, value in summary.items():
-        if isinstance(value, float) or key in ("positions", "class_counts"):
+        if isinstance(value, float) or key in ("positions", "class_counts", "ood_examples"):
             out.line(f"  {key}: {f'{value:.5g}' if isinstance(value, float) else value}")
     if result.metrics:
-        names = list(result.metrics)
-        table = Table(title="Metrics", title_justify="left")
-        table.add_column("metric")
-        for name in names:
-            table.add_column(name.replace("_", " "), justify="right")
-        for key in result.metrics[names[0]]:
-            row = [f"{result.metrics[n].get(key, float('nan')):.5g}" for n in names]
-            table.add_row(key, *row)
-        out.table(table)
+        out.table(_table("Metrics", "metric", result.metrics))
+    for model, scores in result.ood.items():
+        rows = {score: values for score, values in scores.items()}
+        title = f"Out-of-distribution detection ({model.replace('_', ' ')})"
+        out.table(_table(title, "score", {"auroc": {}, "aupr": {}}, rows))
     if result.output is not None:
         out.line(f"  wrote {result.output}")
+
+
+def _calibration(applied: dict[str, Any]) -> str:
+    if not applied["applied"]:
+        return f"none ({applied['reason']})"
+    return f"{applied['parameter']} {applied['value']:.4g} (fitted on {applied['data']})"
+
+
+def _table(
+    title: str,
+    first: str,
+    columns: dict[str, dict[str, float]],
+    rows: dict[str, dict[str, float]] | None = None,
+) -> Table:
+    """Rows of numbers: `columns[column][row]`, or with `rows`, `rows[row][column]`."""
+    table = Table(title=title, title_justify="left")
+    table.add_column(first)
+    for name in columns:
+        table.add_column(name.replace("_", " "), justify="right")
+    if rows is None:
+        rows = {
+            key: {n: columns[n].get(key) for n in columns} for key in next(iter(columns.values()))
+        }
+    for key, values in rows.items():
+        cells = [values.get(n) for n in columns]
+        table.add_row(key, *("n/a" if v is None else f"{v:.5g}" for v in cells))
+    return table
