@@ -1,7 +1,7 @@
 """bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).
 
-`bnnify.convert`, `fit`, `calibrate`, `predict`, `kl` and `inspect` (see `bnnify.api`) are loaded
-on first use: `import bnnify` itself does not import torch.
+`bnnify.convert`, `fit`, `calibrate`, `predict`, `plot`, `kl` and `inspect` (see
+`bnnify.api`) are loaded on first use: `import bnnify` itself does not import torch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ __all__ = [
     "KLResult",
     "ParameterStats",
     "ParameterSummary",
+    "PlotResult",
     "PredictionResult",
     "__version__",
     "calibrate",
@@ -24,6 +25,7 @@ __all__ = [
     "fit",
     "inspect",
     "kl",
+    "plot",
     "predict",
 ]
 

@@ -11,6 +11,7 @@ from bnnify.usecases.convert import ConversionResult, ParameterSummary, convert
 from bnnify.usecases.fit import FitResult, FitSettings, fit
 from bnnify.usecases.inspect import InspectResult, ParameterStats, inspect
 from bnnify.usecases.kl import KLResult, kl
+from bnnify.usecases.plot import PlotResult, plot
 from bnnify.usecases.predict import PredictionResult, predict
 
 __all__ = [
@@ -22,11 +23,13 @@ __all__ = [
     "KLResult",
     "ParameterStats",
     "ParameterSummary",
+    "PlotResult",
     "PredictionResult",
     "calibrate",
     "convert",
     "fit",
     "inspect",
     "kl",
+    "plot",
     "predict",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 from bnnify.errors import InvalidArgumentError, closest
 
-__all__ = ["KLMethod", "ModuleKind", "Reduction", "Task"]
+__all__ = ["Figure", "KLMethod", "ModuleKind", "Reduction", "Task"]
 
 
 class _Choice(str, Enum):
@@ -70,3 +70,14 @@ class ModuleKind(_Choice):
     RNN = "rnn"
     ATTENTION = "attention"
     OTHER = "other"
+
+
+class Figure(_Choice):
+    """The figures `bnnify plot` draws (the first two from a checkpoint, the rest from a
+    predictions file)."""
+
+    LAYERS = "layers"
+    SIGMA = "sigma"
+    RELIABILITY = "reliability"
+    COVERAGE = "coverage"
+    BANDS = "bands"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 import bnnify
-from bnnify.cli import calibrate, convert, fit, inspect_cmd, kl, list_cmd, predict
+from bnnify.cli import calibrate, convert, fit, inspect_cmd, kl, list_cmd, plot, predict
 
 __all__ = ["app", "main"]
 
@@ -54,6 +54,7 @@ app.command("list", epilog=EXIT_CODES)(list_cmd.list_registered)
 app.command("fit", epilog=EXIT_CODES)(fit.fit)
 app.command("predict", epilog=EXIT_CODES)(predict.predict)
 app.command("calibrate", epilog=EXIT_CODES)(calibrate.calibrate)
+app.command("plot", epilog=EXIT_CODES)(plot.plot)
 
 
 def main() -> None:
