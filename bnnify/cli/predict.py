@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from bnnify.cli import options as opt
 from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
+from bnnify.cli.tables import number_table
 from bnnify.enums import Task
 
 __all__ = ["predict"]
@@ -24,21 +24,6 @@ TargetsOpt = Annotated[
 ]
 TaskOpt = Annotated[Task | None, Opt(help="Default: the fitted task, else regression.")]
 SeedOpt = Annotated[int, Opt(min=0, max=2**31 - 1, help="Seed of the weight samples.")]
-OodOpt = Annotated[
-    Path | None,
-    Opt(
-        "--ood",
-        help="Out-of-distribution inputs (classification): report the AUROC and AUPR "
-        "of entropy, mutual information and max softmax at telling them apart.",
-    ),
-]
-CalibrationOpt = Annotated[
-    bool,
-    Opt("--calibration/--no-calibration", help="Apply the checkpoint's calibration, if any."),
-]
-KeepInputsOpt = Annotated[
-    bool, Opt(help="Also store the inputs in --out (for `bnnify plot`'s 1-D bands).")
-]
 
 
 @command
@@ -52,10 +37,10 @@ def predict(
     mean_weights: Annotated[
         bool, Opt(help="Deterministic prediction with the posterior means.")
     ] = False,
-    keep_inputs: KeepInputsOpt = False,
+    keep_inputs: opt.KeepInputsOpt = False,
     targets: TargetsOpt = None,
-    ood: OodOpt = None,
-    calibration: CalibrationOpt = True,
+    ood: opt.OodOpt = None,
+    calibration: opt.CalibrationOpt = True,
     task: TaskOpt = None,
     batch_size: Annotated[int, Opt(min=1, help="Inputs per batch (bounds memory).")] = 256,
     input_key: opt.InputKeyOpt = None,
@@ -71,9 +56,8 @@ def predict(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Predict with S weight samples: predictive mean and spread, or class probabilities
-    with entropy and mutual information; metrics when targets are given. A calibrated
-    checkpoint's temperature or spread scale is applied (--no-calibration: not)."""
+    """Predict with S weight samples: mean and spread, or class probabilities with entropy
+    and mutual information; metrics with targets; the checkpoint's calibration applied."""
     sink = Output(json_mode=json, quiet=quiet)
     import bnnify
 
@@ -100,11 +84,12 @@ def _render(out: Output, result: Any) -> None:
         if isinstance(value, float) or key in ("positions", "class_counts", "ood_examples"):
             out.line(f"  {key}: {f'{value:.5g}' if isinstance(value, float) else value}")
     if result.metrics:
-        out.table(_table("Metrics", "metric", result.metrics))
+        keys = next(iter(result.metrics.values()))
+        rows = {k: {m: v.get(k) for m, v in result.metrics.items()} for k in keys}
+        out.table(number_table("Metrics", "metric", rows))
     for model, scores in result.ood.items():
-        rows = {score: values for score, values in scores.items()}
-        title = f"Out-of-distribution detection ({model.replace('_', ' ')})"
-        out.table(_table(title, "score", {"auroc": {}, "aupr": {}}, rows))
+        title = f"Out-of-distribution detection, {model.replace('_', ' ')}"
+        out.table(number_table(title, "score", scores))
     if result.output is not None:
         out.line(f"  wrote {result.output}")
 
@@ -113,24 +98,3 @@ def _calibration(applied: dict[str, Any]) -> str:
     if not applied["applied"]:
         return f"none ({applied['reason']})"
     return f"{applied['parameter']} {applied['value']:.4g} (fitted on {applied['data']})"
-
-
-def _table(
-    title: str,
-    first: str,
-    columns: dict[str, dict[str, float]],
-    rows: dict[str, dict[str, float]] | None = None,
-) -> Table:
-    """Rows of numbers: `columns[column][row]`, or with `rows`, `rows[row][column]`."""
-    table = Table(title=title, title_justify="left")
-    table.add_column(first)
-    for name in columns:
-        table.add_column(name.replace("_", " "), justify="right")
-    if rows is None:
-        rows = {
-            key: {n: columns[n].get(key) for n in columns} for key in next(iter(columns.values()))
-        }
-    for key, values in rows.items():
-        cells = [values.get(n) for n in columns]
-        table.add_row(key, *("n/a" if v is None else f"{v:.5g}" for v in cells))
-    return table
