@@ -154,7 +154,7 @@ def _pick(metrics: dict) -> dict:
     return {key: metrics[key] for key in METRICS}
 
 
-def calibration_experiment(x, y, seed: int, workdir: Path) -> dict:
+def calibration_experiment(x, y, seed: int, workdir: Path, figure: bool) -> dict:
     train, val, test = split(len(x), seed)
     net, epochs = train_network(x[train], y[train], x[val], y[val], 10, seed)
     plain, tempered, temperature = deterministic_rows(net, x[val], y[val], x[test], y[test])
@@ -163,7 +163,7 @@ def calibration_experiment(x, y, seed: int, workdir: Path) -> dict:
     bnn = bnn_pipeline(
         net, folder, (x[train], y[train]), (x[val], y[val]), (x[test], y[test]), seed
     )
-    if seed == 0:
+    if figure and seed == 0:
         FIGURE.parent.mkdir(parents=True, exist_ok=True)
         reliability_diagram(bnn["probs"], y[test], FIGURE, force=True)
     bnn.pop("probs")
@@ -265,7 +265,7 @@ def main() -> None:
         for seed in range(args.seeds):
             run = {
                 "seed": seed,
-                "calibration": calibration_experiment(x, y, seed, Path(folder)),
+                "calibration": calibration_experiment(x, y, seed, Path(folder), not args.quick),
                 "ood": ood_experiment(x, y, seed, Path(folder)),
             }
             print(json.dumps(run), flush=True)

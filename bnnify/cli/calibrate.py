@@ -76,12 +76,13 @@ def _render(out: Output, info: dict[str, Any]) -> None:
         f"Calibrated on {data['examples']} examples of {data['name']} "
         f"({info['task']}, {info['samples']} weight samples)"
     )
-    table = Table(title=f"{parameter} and validation metrics", title_justify="left")
+    title = f"{parameter}, and validation metrics before → after it"
+    table = Table(title=title, title_justify="left")
     table.add_column("model")
     table.add_column(parameter, justify="right")
     keys = [k for k in info["bayesian"]["before"] if k in _SHOWN]
     for key in keys:
-        table.add_column(f"{key} before → after", justify="right")
+        table.add_column(key, justify="right")
     for model in ("bayesian", "mean_weights"):
         entry = info[model]
         cells = [f"{_number(entry['before'][k])} → {_number(entry['after'][k])}" for k in keys]
