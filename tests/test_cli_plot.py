@@ -56,3 +56,8 @@ def test_without_matplotlib_plot_says_how_to_install_it(files, monkeypatch):
     result = cli("plot", files.cls_fitted, "-o", ".")
     assert result.exit_code == 2
     assert "pip install 'bnnify[plot]'" in " ".join(result.stderr.split())
+
+
+def test_an_unknown_image_format_is_a_usage_error(files):
+    result = cli("plot", files.cls_fitted, "--format", "jpg")
+    assert result.exit_code == 2 and "png" in result.stderr

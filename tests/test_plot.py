@@ -49,7 +49,9 @@ def predicted(files, tmp_path_factory):
 
 def test_checkpoint_figures_draw_the_kl_report_and_the_posterior(files, tmp_path):
     result = bnnify.plot(files.reg_fitted, out_dir=tmp_path)
-    assert set(result.figures) == {"layers", "sigma"} and result.skipped == {}
+    assert set(result.figures) == {"layers", "sigma"}
+    assert set(result.skipped) == {"reliability", "coverage", "bands"}
+    assert "drawn from a predictions file" in result.skipped["coverage"]
     layers = result.figures["layers"]
     assert layers["path"] == str(tmp_path / "toy.fit.layers.png")
     png_size(tmp_path / "toy.fit.layers.png")
@@ -72,7 +74,8 @@ def test_reliability_diagram_draws_predicts_ece(predicted, tmp_path):
     source = predicted["classification"].output
     result = bnnify.plot(predictions=source, out_dir=tmp_path, image_format="svg")
     assert set(result.figures) == {"reliability"}
-    assert set(result.skipped) == {"coverage", "bands"}
+    assert set(result.skipped) == {"coverage", "bands", "layers", "sigma"}
+    assert result.skipped["coverage"] == "a classification has no predictive intervals"
     svg_root(tmp_path / "cls.reliability.svg")
     metrics = predicted["classification"].metrics["bayesian"]
     drawn = result.figures["reliability"]["drawn"]

@@ -87,40 +87,22 @@ def plot(
             "plot needs a checkpoint, a predictions file or both",
             hint="Give a checkpoint (KL, signal-to-noise, sigma) and/or --predictions FILE.",
         )
-    wanted = None if figures is None else [Figure.parse(f) for f in figures]
-    image_format = plots.ImageFormat(str(image_format).lower()).value
-    plans: dict[Figure, tuple[Path, Callable[[Path], dict[str, Any]]]] = {}
-    skipped: dict[str, str] = {}
-    sources: list[tuple[Any, Sequence[Figure], Callable]] = []
-    if checkpoint is not None:
-        sources.append((checkpoint, CHECKPOINT_FIGURES, _checkpoint_figures))
-    if predictions is not None:
-        sources.append((predictions, PREDICTION_FIGURES, _prediction_figures))
-    for source, kinds, plan in sources:
-        folder = Path(out_dir) if out_dir is not None else path_of(source).parent
-        stem = _stem(path_of(source))
-        for kind, reason_or_draw in plan(source, seed, force).items():
-            if wanted is not None and kind not in wanted:
-                continue
-            if isinstance(reason_or_draw, str):
-                skipped[kind.value] = reason_or_draw
-            else:
-                plans[kind] = (folder / f"{stem}.{kind.value}.{image_format}", reason_or_draw)
+    wanted = list(Figure) if figures is None else [Figure.parse(f) for f in figures]
+    valid, suffix = [f.value for f in plots.ImageFormat], str(image_format).lower()
+    if suffix not in valid:
+        raise UsageError(f"cannot draw {image_format!r} images", hint=f"Choose one of: {valid}.")
+    plans, skipped = _plan(checkpoint, predictions, wanted, out_dir, suffix, seed, force)
+    for source, kinds in (
+        ("a checkpoint", CHECKPOINT_FIGURES),
+        ("a predictions file", PREDICTION_FIGURES),
+    ):
         for kind in kinds:
-            if (
-                wanted is not None
-                and kind in wanted
-                and kind not in plans
-                and kind.value not in skipped
-            ):
-                skipped[kind.value] = "not drawn from this input"
-    if wanted is not None:
-        missing = {
-            f.value: skipped.get(f.value, "no input gives it") for f in wanted if f not in plans
-        }
-        if missing:
-            reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
-            raise UsageError(f"cannot draw {sorted(missing)}: {reasons}")
+            if kind in wanted and kind not in plans:
+                skipped.setdefault(kind.value, f"drawn from {source}, none given")
+    missing = {f.value: skipped[f.value] for f in wanted if f not in plans}
+    if figures is not None and missing:
+        reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
+        raise UsageError(f"cannot draw {sorted(missing)}: {reasons}")
     check_outputs(
         [path for path, _ in plans.values()],
         force=force,
@@ -130,6 +112,37 @@ def plot(
     for kind, (path, draw) in plans.items():
         result.figures[kind.value] = {"path": str(path), "drawn": draw(path)}
     return result
+
+
+Plan = dict[Figure, tuple[Path, Callable[[Path], dict[str, Any]]]]
+
+
+def _plan(
+    checkpoint: CheckpointLike | None,
+    predictions: str | Path | None,
+    wanted: list[Figure],
+    out_dir: str | Path | None,
+    suffix: str,
+    seed: int | None,
+    force: bool,
+) -> tuple[Plan, dict[str, str]]:
+    """Per wanted figure: its file and how to draw it, or why it cannot be drawn."""
+    plans: Plan = {}
+    skipped: dict[str, str] = {}
+    sources = [(checkpoint, _checkpoint_figures), (predictions, _prediction_figures)]
+    for source, figures_of in sources:
+        if source is None:
+            continue
+        folder = Path(out_dir) if out_dir is not None else path_of(source).parent
+        stem = _stem(path_of(source))
+        for kind, draw in figures_of(source, seed, force).items():
+            if kind not in wanted:
+                continue
+            if isinstance(draw, str):
+                skipped[kind.value] = draw
+            else:
+                plans[kind] = (folder / f"{stem}.{kind.value}.{suffix}", draw)
+    return plans, skipped
 
 
 def _stem(path: Path) -> str:
@@ -225,7 +238,14 @@ def _mixture(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
     return tensors["mean"][None], std
 
 
-def _coverage(samples, noise, targets, tensors, path, force) -> dict[str, Any]:
+def _coverage(
+    samples: Tensor,
+    noise: Tensor,
+    targets: Tensor,
+    tensors: dict[str, Tensor],
+    path: Path,
+    force: bool,
+) -> dict[str, Any]:
     if "samples" not in tensors:
         logger.warning(
             "the predictions file holds no samples: the coverage drawn is that of a Gaussian "
