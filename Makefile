@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-threads lint format demo bench bench-peers bench-digits real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers bench-digits bench-prune real-models clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_core.py
+
+# Metric against fraction of weights pruned, on a UCI data set (about 10 minutes).
+bench-prune: install
+	$(PY) benchmarks/bench_prune.py $(BENCH_ARGS)
 
 bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0

@@ -1,7 +1,8 @@
 """bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).
 
-`bnnify.convert`, `fit`, `calibrate`, `predict`, `plot`, `kl` and `inspect` (see
-`bnnify.api`) are loaded on first use: `import bnnify` itself does not import torch.
+`bnnify.convert`, `fit`, `calibrate`, `predict`, `plot`, `kl`, `inspect`, `export` and
+`prune` (see `bnnify.api`) are loaded on first use: `import bnnify` itself does not import
+torch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 __all__ = [
     "CalibrationResult",
     "ConversionResult",
+    "ExportResult",
     "FitResult",
     "FitSettings",
     "InspectResult",
@@ -19,14 +21,17 @@ __all__ = [
     "ParameterSummary",
     "PlotResult",
     "PredictionResult",
+    "PruneResult",
     "__version__",
     "calibrate",
     "convert",
+    "export",
     "fit",
     "inspect",
     "kl",
     "plot",
     "predict",
+    "prune",
 ]
 
 __version__ = "0.1.0"

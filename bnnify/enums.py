@@ -7,7 +7,7 @@ from typing import Any
 
 from bnnify.errors import InvalidArgumentError, closest
 
-__all__ = ["Figure", "KLMethod", "ModuleKind", "Reduction", "Task"]
+__all__ = ["ExportFormat", "Figure", "KLMethod", "ModuleKind", "PruneScope", "Reduction", "Task"]
 
 
 class _Choice(str, Enum):
@@ -70,6 +70,22 @@ class ModuleKind(_Choice):
     RNN = "rnn"
     ATTENTION = "attention"
     OTHER = "other"
+
+
+class ExportFormat(_Choice):
+    """The file format of a plain model written by `export` (and `prune --export`)."""
+
+    STATE_DICT = "state_dict"
+    SAFETENSORS = "safetensors"
+    TORCHSCRIPT = "torchscript"
+    EXPORT = "export"
+
+
+class PruneScope(_Choice):
+    """Over which weights `prune --keep` ranks the signal-to-noise ratios."""
+
+    GLOBAL = "global"
+    LAYER = "layer"
 
 
 class Figure(_Choice):
