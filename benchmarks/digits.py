@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch import nn
 import bnnify
 from bnnify.bnn.calibration import fit_temperature
 from bnnify.bnn.metrics import classification_scores, ood_detection
+from bnnify.errors import InputError
 from bnnify.formats.plots import reliability_diagram
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,19 +135,25 @@ def bnn_pipeline(net, folder: Path, train, val, test, seed: int, ood=None) -> di
         )
     chosen = min(fits, key=lambda w: -fits[w].final["val"]["log_likelihood"])
     fitted = fits[chosen].output
-    calibrated = bnnify.calibrate(fitted, net, val, samples=SETTINGS["samples"], seed=seed)
-    options = dict(targets=test[1], samples=SETTINGS["samples"], seed=seed)
-    before = bnnify.predict(calibrated.output, net, test[0], calibration=False, **options)
-    after = bnnify.predict(calibrated.output, net, test[0], ood=ood, **options)
+    options = dict(targets=test[1], samples=SETTINGS["samples"], seed=seed, ood=ood)
+    before = bnnify.predict(fitted, net, test[0], **options)
+    try:
+        calibrated = bnnify.calibrate(fitted, net, val, samples=SETTINGS["samples"], seed=seed)
+    except InputError as error:  # separable validation labels: no temperature to fit
+        print(f"seed {seed}: {error}", file=sys.stderr)
+        calibrated, after = None, before
+    else:
+        after = bnnify.predict(calibrated.output, net, test[0], **options)
     return {
         "kl_weight": chosen,
         "val_nll_by_kl_weight": {
             str(w): -f.final["val"]["log_likelihood"] for w, f in fits.items()
         },
-        "temperature": calibrated.calibration.values["bayesian"],
+        "temperature": None if calibrated is None else calibrated.calibration.values["bayesian"],
         "bnn": _pick(before.metrics["bayesian"]),
         "bnn_calibrated": _pick(after.metrics["bayesian"]),
-        "ood": after.ood.get("bayesian"),
+        "ood": before.ood.get("bayesian"),
+        "ood_calibrated": after.ood.get("bayesian"),
         "probs": after.tensors["probs"],
     }
 
@@ -200,6 +208,8 @@ def ood_experiment(x, y, seed: int, workdir: Path) -> dict:
         "det_max_softmax": det["max_softmax"],
         "det_entropy": det["predictive_entropy"],
         "bnn": bnn["ood"],
+        "bnn_calibrated": bnn["ood_calibrated"],
+        "temperature": bnn["temperature"],
     }
 
 
@@ -217,8 +227,10 @@ def summarise(runs: list[dict]) -> dict:
         "det_max_softmax": mean_se([r["ood"]["det_max_softmax"]["auroc"] for r in runs]),
         "det_entropy": mean_se([r["ood"]["det_entropy"]["auroc"] for r in runs]),
     }
-    for score in ("max_softmax", "predictive_entropy", "mutual_information"):
-        ood[f"bnn_{score}"] = mean_se([r["ood"]["bnn"][score]["auroc"] for r in runs])
+    for model in ("bnn", "bnn_calibrated"):
+        for score in ("max_softmax", "predictive_entropy", "mutual_information"):
+            values = [r["ood"][model][score]["auroc"] for r in runs]
+            ood[f"{model}_{score}"] = mean_se(values)
     return {"calibration": rows, "ood_auroc": ood}
 
 
@@ -243,6 +255,9 @@ def markdown(summary: dict, seeds: int) -> str:
         "bnn_max_softmax": "bnnify, max softmax",
         "bnn_predictive_entropy": "bnnify, predictive entropy",
         "bnn_mutual_information": "bnnify, mutual information",
+        "bnn_calibrated_max_softmax": "bnnify + `calibrate`, max softmax",
+        "bnn_calibrated_predictive_entropy": "bnnify + `calibrate`, predictive entropy",
+        "bnn_calibrated_mutual_information": "bnnify + `calibrate`, mutual information",
     }
     for key, label in labels.items():
         value = summary["ood_auroc"][key]

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import bnnify
-from bnnify.errors import OutputExistsError, UsageError
+from bnnify.errors import InputError, OutputExistsError, UsageError
 from bnnify.formats.calibration import CALIBRATION_KEY, read_calibration
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.predictions import read_predictions
@@ -173,3 +173,11 @@ def test_ood_inputs_are_scored_by_each_model(files, tmp_path):
         for values in scores.values():
             assert 0 <= values["auroc"] <= 1 and 0 < values["aupr"] <= 1
     assert result.summary["ood_examples"] == 30
+
+
+def test_separable_validation_labels_leave_the_models_uncalibrated(files, tmp_path):
+    x, labels = blobs(30, seed=13)  # clean blobs: the fitted classifier makes no mistake
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(InputError, match="no temperature can be fitted"):
+        bnnify.calibrate(files.cls_fitted, files.cls_model, (x, labels), samples=4, output=out)
+    assert not out.exists()

@@ -15,7 +15,7 @@ from bnnify.bnn.calibration import BOUNDS, fit_spread_scale, fit_temperature
 from bnnify.bnn.calibration import apply_calibration as calibrated
 from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood
 from bnnify.enums import Task
-from bnnify.errors import InvalidArgumentError, UsageError
+from bnnify.errors import InputError, InvalidArgumentError, UsageError
 from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.calibration import (
     CALIBRATION_KEY,
@@ -190,6 +190,12 @@ def calibrate(
     }
     if chosen is Task.CLASSIFICATION:
         record["class_dim"] = class_dim
+    if all(record[m]["at_bound"] for m in MODELS):
+        raise InputError(
+            f"no {PARAMETERS[chosen]} can be fitted on {described['name']}: for both models "
+            "the validation NLL keeps falling to the end of the range searched",
+            hint="Calibrate on more (or harder) held-out data, or predict uncalibrated.",
+        )
     calibration = Calibration(chosen, {m: record[m][PARAMETERS[chosen]] for m in MODELS}, record)
     calibration.record = finite_json(record)
     metadata = {k: v for k, v in ckpt.metadata.items() if k != "total_size"}
@@ -218,19 +224,26 @@ def _fit_one(
     """One model's parameter, and its validation metrics before and after it."""
     classification = task is Task.CLASSIFICATION
     fit = fit_temperature(draws, y) if classification else fit_spread_scale(draws, noise, y)
+    value = fit.value
     if fit.at_bound:
+        # The likelihood keeps rising toward the bound (separable labels, or outputs
+        # unrelated to the targets): no value is estimated, and the bound's would be the
+        # most over- (or under-) confident the search allows. Leave the model as it is.
+        value = 1.0
         logger.warning(
-            "the %s model's fitted %s %.3g lies at the end of the range searched %s: its "
-            "outputs say little about these targets (or separate them perfectly)",
+            "the %s model is left uncalibrated: its validation NLL keeps falling up to %s "
+            "%.3g, the end of the range searched %s (its outputs separate these labels "
+            "perfectly, or say nothing about them); calibrate on more, harder held-out data",
             model.replace("_", " "),
             PARAMETERS[task],
             fit.value,
             list(BOUNDS),
         )
-    after = calibrated(draws, noise, fit.value, classification=classification)
+    after = calibrated(draws, noise, value, classification=classification)
     return {
-        PARAMETERS[task]: fit.value,
+        PARAMETERS[task]: value,
         "at_bound": fit.at_bound,
+        "optimum": fit.value,
         "before": scores(task, draws, y, noise),
         "after": scores(task, *after[:1], y, after[1]),
     }
