@@ -32,7 +32,7 @@ FigureOpt = Annotated[
     Opt("--figure", help="Draw only this figure (repeatable); default: all the inputs allow."),
 ]
 OutDirOpt = Annotated[
-    Path | None, Opt("--out-dir", "-o", help="Folder of the figures [default: beside the input].")
+    Path | None, Opt("--out-dir", "-o", help="Folder of the figures (default: beside the input).")
 ]
 FormatOpt = Annotated[str, Opt("--format", help="png or svg.")]
 SeedOpt = Annotated[int | None, Opt(min=0, help="Seed of Monte Carlo KL estimates.")]
@@ -51,7 +51,7 @@ def plot(
     quiet: Annotated[bool, Opt("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Draw the figures of a checkpoint and/or a predictions file (needs matplotlib:
-    pip install 'bnnify[plot]')."""
+    pip install 'bnnify\\[plot]')."""
     sink = Output(json_mode=json, quiet=quiet)
     import bnnify
 
