@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_atomic import atomic_path
 
-from bnnify.formats.atomic import atomic_path
 from bnnify.formats.interrupts import (
     HANDLED_SIGNALS,
     deferred_signals,
