@@ -142,18 +142,13 @@ def test_unfitted_regression_and_a_task_mismatch_are_refused(files, held_out, tm
         bnnify.predict(files.reg_fitted, files.reg_model, data, ood=data, samples=2)
 
 
-def test_calibrating_on_the_training_data_is_warned_about(files, tmp_path, caplog):
+def test_calibrating_on_the_training_data_is_warned_about(files, held_out, tmp_path, caplog):
+    train = held_out / "blobs.val.safetensors"  # labels with mistakes: a temperature fits
     fitted = tmp_path / "m.fit.safetensors"
-    bnnify.fit(
-        files.cls_ckpt,
-        files.cls_model,
-        files.cls_train,
-        task="classification",
-        epochs=1,
-        output=fitted,
-    )
+    options = dict(task="classification", epochs=1, output=fitted)
+    bnnify.fit(files.cls_ckpt, files.cls_model, train, **options)
     with caplog.at_level(logging.WARNING, logger="bnnify"):
-        result = bnnify.calibrate(fitted, files.cls_model, files.cls_train, samples=2)
+        result = bnnify.calibrate(fitted, files.cls_model, train, samples=2)
     assert "the data the posterior was fitted on" in caplog.text
     assert result.calibration.record["data"]["fit_data"] is True
 
