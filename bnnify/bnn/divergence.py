@@ -51,11 +51,16 @@ class Divergence:
         ]
         self._standalone_closed: list[bool] | None = None
         self._prior_closed: dict[type, bool] = {}
+        # Per store, its compiled sampler, whose training sample carries the KL.
+        self.fused: list[Any] = []
         self.refresh()
 
     def refresh(self) -> None:
         """Rebuilds the segments (after the priors' values changed, e.g. on loading)."""
         self.segments = [self._merged(k) for k in range(len(self.stores))]
+        if self.fused:
+            for fused, segments in zip(self.fused, self.segments, strict=True):
+                fused.configure(segments)
 
     def slot_segments(self, k: int) -> list[tuple[str, _kl.Segment]]:
         store = self.stores[k]
@@ -84,6 +89,11 @@ class Divergence:
         self._check_closed_forms(samples)
         terms: dict[str, Tensor] = {}
         for k in range(len(self.stores)):
+            fused = self.fused[k].take_kl() if samples is None and self.fused else None
+            if fused is not None:
+                # Computed with this step's sample, its gradient fused with the sample's.
+                terms[f"variational.{k}"] = fused.to(device)
+                continue
             for segment in self.segments[k]:
                 name = f"variational.{k}[{segment.start}]"
                 terms[name] = self._segment_kl(k, segment, samples).to(device)

@@ -13,6 +13,8 @@ from torch.distributions import Distribution, Normal
 
 from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
 from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
+from bnnify.bnn.fused import FusedSampler
+from bnnify.bnn.noise import check_noise
 from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, initialize_into, is_flat
 from bnnify.bnn.priors import get_prior
 from bnnify.bnn.registry import Spec, parse_spec
@@ -64,6 +66,18 @@ class BayesianModule(nn.Module):
             `predict_samples` uses the trick only where it is proven (see
             `predictive_estimator`).
         debug: Alias of `verbose` (the name used by torchbayesian 0.2.1).
+        compile_kernels: How training samples flat Gaussian stores. None (default):
+            by kernels compiled with `torch.compile` for stores of at least
+            `bnnify.bnn.fused.MIN_COMPILE_NUMEL` elements where compiling is possible
+            (a C++ compiler, float32 or float64 on the CPU), else eagerly; True:
+            compiled whatever the size; False: always eager. The environment
+            variable `BNNIFY_COMPILE=0` forces eager everywhere, `=1` compiles
+            whatever the size. The choice is logged once at debug level.
+        noise: "fresh" (default): new normal noise for every weight at every step.
+            "shifted": one buffer of normals reused at every step under a fresh
+            random cyclic shift and random signs (cheaper; each step's estimate is
+            unbiased, but steps share the noise magnitudes). Compiled stores only;
+            the others draw fresh noise.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -88,6 +102,8 @@ class BayesianModule(nn.Module):
         exclude: str | Sequence[str] | None = None,
         local_reparameterization: bool = False,
         debug: bool | None = None,
+        compile_kernels: bool | None = None,
+        noise: str = "fresh",
     ):
         super().__init__()
         _check_module(module)
@@ -116,6 +132,11 @@ class BayesianModule(nn.Module):
         for layer, (weight, bias) in lrt.items():
             layer.__dict__["_bnnify_lrt"] = (weight.slot, None if bias is None else bias.slot)
         self._divergence = Divergence(self.variational, self._slots, self.priors, self.posteriors)
+        fused = [
+            FusedSampler(store, check_noise(noise), compile_kernels) for store in self.variational
+        ]
+        self._sampler.fused = self._divergence.fused = fused
+        self._divergence.refresh()
         # Loading a state_dict changes the priors' values, which the segments read.
         self.register_load_state_dict_post_hook(_refresh_segments)
         self.training = module.training

@@ -148,6 +148,8 @@ class Sampler:
         self.local = False
         self.frozen: dict[str, Any] | None = None
         self.draw: Draw | None = None
+        # Per store, its compiled sampler (`bnnify.bnn.fused`), set by BayesianModule.
+        self.fused: list[Any] = []
 
     def store_of(self, slot: Slot) -> GaussianStore:
         return self.stores[slot.store]
@@ -263,9 +265,21 @@ class Draw:
                 return sampler.lone_value(slot)
         parts = self.flat.get(slot.store)
         if parts is None:
-            parts = store.split(self._flat(slot.store, store, first), first)
+            fused = self._fused(slot.store, first)
+            if fused is not None:
+                parts = fused.sample()
+            else:
+                parts = store.split(self._flat(slot.store, store, first), first)
             self.flat[slot.store] = parts
         return parts[slot.index - first]
+
+    def _fused(self, store_index: int, first: int) -> Any:
+        """The compiled sampler of a store sampled whole (no frozen noise), if active."""
+        sampler = self.sampler
+        if first or sampler.mode != "sample" or sampler.frozen is not None:
+            return None
+        fused = sampler.fused[store_index] if store_index < len(sampler.fused) else None
+        return fused if fused is not None and fused.active() else None
 
     def _first_sampled(self, store_index: int) -> int:
         return self.sampler.lrt_ends[store_index]
