@@ -167,13 +167,10 @@ class FusedSampler:
             return "compile_kernels=False"
         if mu.dtype not in kernels.compiled_dtypes():
             return f"dtype {str(mu.dtype).removeprefix('torch.')}"
-        reason = kernels.compile_refusal(mu.device)
-        if reason is not None:
-            return reason
         forced = self.compile or os.environ.get(kernels.COMPILE_ENV, "").strip() == "1"
         if not forced and mu.numel() < MIN_COMPILE_NUMEL:
-            return f"{mu.numel()} elements, below the {MIN_COMPILE_NUMEL} worth compiling"
-        return None
+            return f"{mu.numel()} elements, fewer than the {MIN_COMPILE_NUMEL} worth compiling"
+        return kernels.compile_refusal(mu.device)
 
     def active(self) -> bool:
         """Whether a whole-store sample goes through the compiled kernels (logged once)."""

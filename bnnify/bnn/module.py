@@ -271,6 +271,19 @@ class BayesianModule(nn.Module):
                 return output
         return torch.stack([self(*inputs) for _ in range(num_samples)])
 
+    def training_kernels(self) -> list[str]:
+        """How a training pass samples each flat store now: "compiled" or "eager (why)".
+
+        Example:
+            >>> BayesianModule(nn.Linear(3, 2)).training_kernels()
+            ['eager (8 elements, fewer than the 1048576 worth compiling)']
+        """
+        choices = []
+        for fused in self._sampler.fused:
+            reason = fused.refusal()
+            choices.append("compiled" if reason is None else f"eager ({reason})")
+        return choices
+
     def predictive_estimator(self, *inputs: Tensor) -> EstimatorChoice:
         """The estimator `predict_samples(*inputs, ...)` uses, with the reason.
 
