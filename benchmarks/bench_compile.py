@@ -120,7 +120,8 @@ def by_size(repeats: int) -> list[dict]:
 
 def table(sizes: list[dict], compiled: dict) -> str:
     lines = [
-        "| store elements | plain ms | eager ms | compiled ms | saved per step | steps to repay a warm compile |",
+        "| store elements | plain ms | eager ms | compiled ms | saved per step "
+        "| steps to repay a warm compile |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     warm = compiled["summary"]["warm"]["added_s"] * 1e3
