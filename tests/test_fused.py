@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_files import single_thread
 from torch import nn
 
 from bnnify.bnn import BayesianModule, kernels
@@ -17,19 +18,28 @@ needs_compiler = pytest.mark.skipif(
     reason=f"torch.compile unavailable: {kernels.compile_refusal(CPU)}",
 )
 # Same maths, other order of operations and other vector math: float rounding only.
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():  # tiny models: extra threads only add waiting
+        yield
+
+
 TOLERANCE = {torch.float32: {"rtol": 2e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-10, "atol": 0}}
 
 
-def _net(dtype=torch.float32) -> nn.Module:
+def _net(dtype=torch.float32, hidden: int = 40) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3)).to(dtype)
+    return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3)).to(dtype)
 
 
-def _pair(dtype=torch.float32, **kwargs) -> tuple[BayesianModule, BayesianModule]:
+def _pair(dtype=torch.float32, hidden=40, **kwargs) -> tuple[BayesianModule, BayesianModule]:
     models = []
     for compile_kernels in (True, False):
         torch.manual_seed(0)  # the same network and the same initial posterior
-        models.append(BayesianModule(_net(dtype), compile_kernels=compile_kernels, **kwargs))
+        net = _net(dtype, hidden)
+        models.append(BayesianModule(net, compile_kernels=compile_kernels, **kwargs))
     return models[0], models[1]
 
 
@@ -57,6 +67,14 @@ def test_compiled_step_agrees_with_the_eager_step(dtype):
     _assert_close(_step(compiled, x), _step(eager, x), dtype)
     assert compiled.training_kernels() == ["compiled"]
     assert eager.training_kernels() == ["eager (compile_kernels=False)"]
+
+
+@needs_compiler
+def test_a_large_slot_is_read_in_place_and_small_ones_joined():
+    compiled, eager = _pair(torch.float64, hidden=12_000)  # a first weight of 72,000 elements
+    assert compiled._sampler.fused[0].runs == [(0, 1, 0), (1, 4, 0)]
+    x = torch.randn(5, 6, dtype=torch.float64)
+    _assert_close(_step(compiled, x), _step(eager, x), torch.float64)
 
 
 @needs_compiler
@@ -175,3 +193,22 @@ def test_predictions_without_gradients_use_the_compiled_sample():
         torch.manual_seed(3)
         expected = eager(x)
     torch.testing.assert_close(got, expected, **TOLERANCE[torch.float64])
+
+
+@needs_compiler
+def test_shifted_noise_gives_the_fresh_estimator_mean_and_spread(monkeypatch):
+    from bnnify.bnn.noise import ShiftedNoise
+
+    monkeypatch.setattr(ShiftedNoise, "MIN_POOL", 1)  # a pool of the model's size: worst case
+    steps, x = 300, torch.randn(5, 6, dtype=torch.float64)
+    moments = []
+    for noise in ("fresh", "shifted"):
+        model, _ = _pair(torch.float64, noise=noise)
+        draws = torch.stack([torch.cat(_step(model, x, seed=1000 + t)[2:]) for t in range(steps)])
+        moments.append((draws.mean(0), draws.var(0)))
+    (mean_f, var_f), (mean_s, var_s) = moments
+    z = (mean_s - mean_f).abs() / ((var_f + var_s) / steps).sqrt()
+    assert float(z.mean()) < 1.0  # |N(0, 1)| has mean 0.80; a bias would raise it
+    assert float((z > 4).double().mean()) < 0.01
+    ratio = float((var_s / var_f).median())
+    assert 0.85 < ratio < 1.15

@@ -89,7 +89,8 @@ class Divergence:
         self._check_closed_forms(samples)
         terms: dict[str, Tensor] = {}
         for k in range(len(self.stores)):
-            fused = self.fused[k].take_kl() if samples is None and self.fused else None
+            fused = getattr(self, "fused", None)  # absent from modules pickled before it
+            fused = fused[k].take_kl() if samples is None and fused else None
             if fused is not None:
                 # Computed with this step's sample, its gradient fused with the sample's.
                 terms[f"variational.{k}"] = fused.to(device)

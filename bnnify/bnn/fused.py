@@ -30,6 +30,7 @@ __all__ = ["MIN_COMPILE_NUMEL", "FusedSampler"]
 # forced: compiling takes seconds once and saves little per step on them
 # (measurements in benchmarks/RESULTS.md).
 MIN_COMPILE_NUMEL = 1 << 20
+SMALL_SLOT = 1 << 16
 
 SPENT = (
     "backward through the same bnnify weight sample twice: its noise was consumed by "
@@ -56,6 +57,24 @@ def _plain(t: Tensor, start: int, end: int) -> Tensor:
     """
     chunk = torch.empty(0, dtype=t.dtype, device=t.device)
     return chunk.set_(t.untyped_storage(), t.storage_offset() + start, (end - start,))
+
+
+def _runs(numels: list[int], priors: list[int]) -> list[tuple[int, int, int]]:
+    """`(first, end, prior)` slot ranges for the backward kernels.
+
+    A large slot is a run of its own: its gradient is read where autograd left it.
+    Neighbouring small slots under one prior form one run, their gradients joined
+    first: a kernel call costs more than copying a few thousand numbers.
+    """
+    runs: list[tuple[int, int, int]] = []
+    for i, (numel, prior) in enumerate(zip(numels, priors, strict=True)):
+        previous = runs[-1] if runs else None
+        small = numel < SMALL_SLOT
+        if previous and small and previous[2] == prior and numels[previous[1] - 1] < SMALL_SLOT:
+            runs[-1] = (previous[0], i + 1, prior)
+        else:
+            runs.append((i, i + 1, prior))
+    return runs
 
 
 class _Noise:
@@ -137,8 +156,9 @@ class FusedSampler:
         self.noise = noise
         self.compile = compile
         self.priors: list[_Prior] | None = None
-        self.slot_priors: list[int] = []
+        self.runs: list[tuple[int, int, int]] = []
         self.buffers = NoisePool()
+        self._refusal: tuple[Any, str | None] | None = None
         self.shifted: ShiftedNoise | None = None
         self._kl: tuple[Tensor, Any, tuple[int, ...]] | None = None
 
@@ -147,22 +167,30 @@ class FusedSampler:
         self._kl = None
         covered = sum(s.end - s.start for s in segments) == self.store.numel
         if not segments or not covered or any(s.gaussian is None for s in segments):
-            self.priors, self.slot_priors = None, []
-            return
-        self.priors = [_Prior(s.start, s.end, *s.gaussian) for s in segments]
-        starts = [p.start for p in self.priors]
-        self.slot_priors = [
-            max(i for i, start in enumerate(starts) if start <= offset)
-            for offset in self.store.offsets[:-1]
-        ]
+            self.priors = None
+            slot_priors = [0] * len(self.store.numels)
+        else:
+            self.priors = [_Prior(s.start, s.end, *s.gaussian) for s in segments]
+            starts = [p.start for p in self.priors]
+            slot_priors = [
+                max(i for i, start in enumerate(starts) if start <= offset)
+                for offset in self.store.offsets[:-1]
+            ]
+        self.runs = _runs(self.store.numels, slot_priors)
 
     # ------------------------------------------------------------------ choice
 
     def refusal(self) -> str | None:
         """Why this store is sampled by the eager kernels now, or None."""
-        mu = self.store.mu
         if torch.compiler.is_compiling():
             return "inside torch.compile"
+        mu = self.store.mu
+        key = (mu.dtype, mu.device, mu.numel(), self.compile, kernels.environment())
+        if self._refusal is None or self._refusal[0] != key:
+            self._refusal = (key, self._why_not(mu))
+        return self._refusal[1]
+
+    def _why_not(self, mu: Tensor) -> str | None:
         if self.compile is False:
             return "compile_kernels=False"
         if mu.dtype not in kernels.compiled_dtypes():
@@ -187,8 +215,10 @@ class FusedSampler:
     def sample(self) -> list[Tensor]:
         """One sample of every slot, in its shape; with the KL node when training."""
         store = self.store
-        noise = self._draw()
-        if not (torch.is_grad_enabled() and (store.mu.requires_grad or store.rho.requires_grad)):
+        training = torch.is_grad_enabled() and (store.mu.requires_grad or store.rho.requires_grad)
+        # Shifted noise serves gradient steps only: predictions always draw fresh noise.
+        noise = self._draw(self.noise if training else NoiseMode.FRESH)
+        if not training:
             with torch.no_grad():
                 w = torch.empty_like(store.mu)
                 self.forward_kernels(store.mu, store.rho, noise, w, with_kl=False)
@@ -217,10 +247,10 @@ class FusedSampler:
         if self._kl is not None and self._kl[1] is node:
             self._kl = None
 
-    def _draw(self) -> _Noise:
+    def _draw(self, mode: NoiseMode) -> _Noise:
         mu = self.store.mu
         numel, dtype, device = mu.numel(), mu.dtype, mu.device
-        if self.noise is NoiseMode.FRESH:
+        if mode is NoiseMode.FRESH:
             return _Noise(lease=self.buffers.draw(numel, dtype, device))
         if self.shifted is None or not self.shifted.matches(numel, dtype, device):
             self.shifted = ShiftedNoise(numel, dtype, device)
@@ -249,7 +279,7 @@ class FusedSampler:
     def backward_kernels(
         self, mu: Tensor, rho: Tensor, noise: _Noise, grad_kl: Tensor, grads: tuple[Tensor, ...]
     ) -> tuple[Tensor, Tensor]:
-        """The gradients of mu and rho, written slot by slot from each slot's gradient."""
+        """The gradients of mu and rho, written run by run from the slots' own gradients."""
         grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(rho)
         g = float(grad_kl) if self.priors is not None else 0.0
         coefs = [
@@ -257,15 +287,17 @@ class FusedSampler:
             for p in self.priors or [_Prior(0, 0, 0.0, 1.0)]
         ]
         offsets = self.store.offsets
-        for i, grad in enumerate(grads):
-            start, end = offsets[i], offsets[i + 1]
-            coef = coefs[self.slot_priors[i] if self.priors is not None else 0]
-            flat = grad.reshape(-1)
+        for first, last, prior in self.runs:
+            start, end = offsets[first], offsets[last]
+            if last - first == 1:
+                flat = grads[first].reshape(-1)
+            else:  # small slots: one cheap concatenation, then one kernel call
+                flat = torch.cat([grads[i].reshape(-1) for i in range(first, last)])
             for a, b, eps in noise.pieces(start, end):
                 chunk = _plain(flat, a - start, b - start)
                 params = [_plain(t, a, b) for t in (mu, rho)]
                 outs = [_plain(t, a, b) for t in (grad_mu, grad_rho)]
-                kernels.run(kernels.grads, chunk, *params, eps, coef, *outs)
+                kernels.run(kernels.grads, chunk, *params, eps, coefs[prior], *outs)
         return grad_mu, grad_rho
 
     def differentiable_grads(

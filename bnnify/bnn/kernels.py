@@ -11,6 +11,7 @@ seed)`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ __all__ = [
     "MIN_COMPILED_CHUNK",
     "compile_refusal",
     "compiled_dtypes",
+    "environment",
     "grads",
     "note_once",
     "run",
@@ -88,9 +90,12 @@ def grads(
     KL is not part of this step): d KL / d mu = (mu - m) / s^2 and
     d KL / d rho = (sigma / s^2 - 1 / sigma) sigmoid(rho).
     """
-    sigma = F.softplus(rho)
+    # softplus and sigmoid from one exponential, exp(-|rho|), which cannot overflow.
+    t = torch.exp(-rho.abs())
+    sigma = torch.where(rho > 20, rho, torch.relu(rho) + torch.log1p(t))  # F.softplus
+    sigmoid = torch.where(rho >= 0, 1.0, t) / (1 + t)
     out_mu.copy_(grad + coef[0] * (mu - coef[2]))
-    out_rho.copy_((grad * _eps(noise) + coef[0] * sigma - coef[1] / sigma) * torch.sigmoid(rho))
+    out_rho.copy_((grad * _eps(noise) + coef[0] * sigma - coef[1] / sigma) * sigmoid)
 
 
 _KERNELS = (sample, sample_kl, grads)
@@ -112,6 +117,19 @@ def note_once(message: str, *args: Any) -> None:
         logger.debug(text)
 
 
+_ENVIRONMENT = ("BNNIFY_COMPILE", "TORCHDYNAMO_DISABLE", "TORCH_COMPILE_DISABLE", "CXX")
+
+
+def environment() -> tuple:
+    """What `compile_refusal` reads, to tell when its answer may have changed."""
+    return (*(os.environ.get(name) for name in _ENVIRONMENT), _failure)
+
+
+@functools.cache
+def _which(program: str) -> str | None:
+    return shutil.which(program)
+
+
 def compile_refusal(device: torch.device) -> str | None:
     """Why the kernels cannot be compiled for `device` in this process, or None."""
     if os.environ.get(COMPILE_ENV, "").strip() == "0":
@@ -126,7 +144,7 @@ def compile_refusal(device: torch.device) -> str | None:
     compiler = os.environ.get("CXX") or {"darwin": "clang++", "win32": "cl"}.get(
         sys.platform, "g++"
     )
-    if shutil.which(compiler) is None:
+    if _which(compiler) is None:
         return f"no C++ compiler found ({compiler!r}, the CXX environment variable)"
     return None
 

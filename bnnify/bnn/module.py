@@ -73,11 +73,12 @@ class BayesianModule(nn.Module):
             compiled whatever the size; False: always eager. The environment
             variable `BNNIFY_COMPILE=0` forces eager everywhere, `=1` compiles
             whatever the size. The choice is logged once at debug level.
-        noise: "fresh" (default): new normal noise for every weight at every step.
-            "shifted": one buffer of normals reused at every step under a fresh
-            random cyclic shift and random signs (cheaper; each step's estimate is
-            unbiased, but steps share the noise magnitudes). Compiled stores only;
-            the others draw fresh noise.
+        noise: "fresh" (default): new normal noise for every weight at every
+            training step. "shifted": one buffer of normals reused at every step
+            under a fresh random cyclic shift and random signs, cheaper (each
+            step's estimate is unbiased, but the steps share the noise magnitudes;
+            see README). Gradient steps of compiled stores only; the others draw
+            fresh noise. Settable later as `model.noise`.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -132,11 +133,10 @@ class BayesianModule(nn.Module):
         for layer, (weight, bias) in lrt.items():
             layer.__dict__["_bnnify_lrt"] = (weight.slot, None if bias is None else bias.slot)
         self._divergence = Divergence(self.variational, self._slots, self.priors, self.posteriors)
-        fused = [
-            FusedSampler(store, check_noise(noise), compile_kernels) for store in self.variational
-        ]
+        fused = [FusedSampler(store, compile=compile_kernels) for store in self.variational]
         self._sampler.fused = self._divergence.fused = fused
         self._divergence.refresh()
+        self.noise = noise
         # Loading a state_dict changes the priors' values, which the segments read.
         self.register_load_state_dict_post_hook(_refresh_segments)
         self.training = module.training
@@ -270,6 +270,21 @@ class BayesianModule(nn.Module):
             if output is not None:
                 return output
         return torch.stack([self(*inputs) for _ in range(num_samples)])
+
+    @property
+    def noise(self) -> str:
+        """How training steps draw the weight noise: "fresh" or "shifted" (settable).
+
+        Only compiled stores use shifted noise, and only for gradient steps:
+        predictions and passes without gradients always draw fresh noise.
+        """
+        return self._noise.value
+
+    @noise.setter
+    def noise(self, value: str) -> None:
+        self._noise = check_noise(value)
+        for fused in self._sampler.fused:
+            fused.noise = self._noise
 
     def training_kernels(self) -> list[str]:
         """How a training pass samples each flat store now: "compiled" or "eager (why)".

@@ -62,7 +62,7 @@ def check_noise(noise: object) -> NoiseMode:
     except ValueError:
         valid = ", ".join(repr(mode.value) for mode in NoiseMode)
         raise InvalidArgumentError(
-            f"unknown noise {noise!r}", hint=f"Choose one of {valid}."
+            f"unknown noise mode {noise!r}", hint=f"Choose one of {valid}."
         ) from None
 
 

@@ -278,7 +278,8 @@ class Draw:
         sampler = self.sampler
         if first or sampler.mode != "sample" or sampler.frozen is not None:
             return None
-        fused = sampler.fused[store_index] if store_index < len(sampler.fused) else None
+        fused = getattr(sampler, "fused", ())  # absent from modules pickled before it
+        fused = fused[store_index] if store_index < len(fused) else None
         return fused if fused is not None and fused.active() else None
 
     def _first_sampled(self, store_index: int) -> int:

@@ -22,12 +22,19 @@ from bnnify.cli.options import (
 )
 from bnnify.cli.output import Output, command
 
-__all__ = ["Task", "fit"]
+__all__ = ["Noise", "Task", "fit"]
 
 
 class Task(str, Enum):
     regression = "regression"
     classification = "classification"
+
+
+class Noise(str, Enum):
+    """The words of `bnnify.bnn.noise.NoiseMode` (not imported: it would import torch)."""
+
+    fresh = "fresh"
+    shifted = "shifted"
 
 
 @command
@@ -65,6 +72,13 @@ def fit(
     val_samples: Annotated[
         int, typer.Option(min=1, help="Weight samples for validation metrics.")
     ] = 16,
+    noise: Annotated[
+        Noise,
+        typer.Option(
+            help="Weight noise of each training step: fresh normals, or one reused buffer "
+            "under a random shift and signs (cheaper; see README)."
+        ),
+    ] = Noise.fresh,
     x_key: Annotated[str, typer.Option(help="Input tensor name in the data file.")] = "x",
     y_key: Annotated[str, typer.Option(help="Target tensor name in the data file.")] = "y",
     target: Annotated[
@@ -137,6 +151,7 @@ def fit(
             clip=clip or None,
             seed=seed,
             val_samples=val_samples,
+            noise=noise.value,
         )
         previous = (ckpt.fit or {}).get("history", []) if resume else []
         out_sink.log(

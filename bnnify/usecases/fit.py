@@ -62,6 +62,7 @@ class FitSettings:
     clip: float | None = 10.0
     seed: int = 0
     val_samples: int = 16
+    noise: str = "fresh"
 
 
 def make_likelihood(task: str, checkpoint: Checkpoint, resume: bool) -> Likelihood:
@@ -149,6 +150,7 @@ def fit(
     for data in (train, val):
         if data is not None:
             refuse_overflow(runner, likelihood, data, settings.batch_size)
+    runner.bnn.noise = settings.noise
     objective: nn.Module = _Objective(runner, likelihood)
     _freeze_deterministic(runner)
     trained = [p for p in objective.parameters() if p.requires_grad]
