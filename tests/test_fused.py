@@ -88,6 +88,36 @@ def test_the_fused_kl_agrees_with_the_report():
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_kl_computed_before_the_sample_agrees_too(dtype):
+    compiled, eager = _pair(dtype)
+    x = torch.randn(5, 6, dtype=dtype)
+    results = []
+    for model in (compiled, eager):
+        torch.manual_seed(1)
+        kl = model.kl_divergence()  # before the forward pass: no sample carries it
+        (model(x).square().sum() + kl / 50).backward()
+        store = model.variational[0]
+        results.append((kl.detach(), store.mu.grad, store.rho.grad))
+    _assert_close(results[0], results[1], dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.kl_divergence(), results[1][0], **TOLERANCE[dtype])
+
+
+@needs_compiler
+def test_the_compiled_kl_supports_double_backward():
+    compiled, eager = _pair(torch.float64)
+    results = []
+    for model in (compiled, eager):
+        store = model.variational[0]
+        loss = model.kl_divergence().square()
+        grads = torch.autograd.grad(loss, (store.mu, store.rho), create_graph=True)
+        hvp = torch.autograd.grad(sum(g.square().sum() for g in grads), (store.mu, store.rho))
+        results.append((*grads, *hvp))
+    _assert_close(results[0], results[1], torch.float64)
+
+
+@needs_compiler
 def test_two_passes_before_one_backward_use_two_noise_buffers():
     compiled, eager = _pair(torch.float64)
     x = torch.randn(5, 6, dtype=torch.float64)

@@ -89,8 +89,7 @@ class Divergence:
         self._check_closed_forms(samples)
         terms: dict[str, Tensor] = {}
         for k in range(len(self.stores)):
-            fused = getattr(self, "fused", None)  # absent from modules pickled before it
-            fused = fused[k].take_kl() if samples is None and fused else None
+            fused = self._fused_kl(k) if samples is None else None
             if fused is not None:
                 # Computed with this step's sample, its gradient fused with the sample's.
                 terms[f"variational.{k}"] = fused.to(device)
@@ -102,6 +101,18 @@ class Divergence:
             value = _kl.distribution_kl(posterior.distribution, prior.distribution, samples)
             terms[slot.name] = value.to(device, torch.float64)
         return terms
+
+    def _fused_kl(self, k: int) -> Tensor | None:
+        """Store `k`'s KL from its compiled sampler: carried by this step's sample, or
+        computed by the compiled kernels when gradients are recorded; else None."""
+        samplers = getattr(self, "fused", None)  # absent from modules pickled before it
+        if not samplers:
+            return None
+        sampler = samplers[k]
+        kl = sampler.take_kl()
+        if kl is None and torch.is_grad_enabled() and sampler.active():
+            kl = sampler.kl()
+        return kl
 
     def report(self, samples: int | None) -> dict[str, Tensor]:
         """KL of each parameter by the report function (fixed order), float64 on the CPU."""

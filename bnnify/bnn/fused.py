@@ -139,6 +139,36 @@ class _FusedStep(torch.autograd.Function):
         return grad_mu, grad_rho, None, None
 
 
+class _FusedKL(torch.autograd.Function):
+    """The KL of a store with no sample of this step to carry it: compiled, both passes."""
+
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, rho: Tensor, sampler: FusedSampler) -> Tensor:
+        ctx.sampler = sampler
+        ctx.save_for_backward(mu, rho)
+        total = torch.zeros((), dtype=torch.float64, device=mu.device)
+        for prior in sampler.priors:
+            constants = torch.tensor([prior.m, 1 / prior.s**2], dtype=mu.dtype, device=mu.device)
+            chunks = [_plain(t, prior.start, prior.end) for t in (mu, rho)]
+            total += kernels.run(kernels.kl, *chunks, constants)
+            total += (prior.end - prior.start) * (math.log(prior.s) - 0.5)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: Tensor) -> tuple:
+        mu, rho = ctx.saved_tensors
+        sampler = ctx.sampler
+        if torch.is_grad_enabled():
+            return (*sampler.differentiable_kl_grads(mu, rho, grad_kl), None)
+        grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(rho)
+        g = float(grad_kl)
+        for prior in sampler.priors:
+            coef = torch.tensor([g / prior.s**2, g, prior.m], dtype=mu.dtype, device=mu.device)
+            chunks = [_plain(t, prior.start, prior.end) for t in (mu, rho, grad_mu, grad_rho)]
+            kernels.run(kernels.kl_grads, chunks[0], chunks[1], coef, *chunks[2:])
+        return grad_mu, grad_rho, None
+
+
 class FusedSampler:
     """Samples one `GaussianStore` by the compiled kernels of `bnnify.bnn.kernels`.
 
@@ -230,6 +260,13 @@ class FusedSampler:
             self._kl = (kl, kl.grad_fn, (mu._version, rho._version, mu.data_ptr(), rho.data_ptr()))
         return parts
 
+    def kl(self) -> Tensor | None:
+        """The store's KL by the compiled kernels (None if the KL cannot be fused)."""
+        if self.priors is None:
+            return None
+        kl = self.take_kl()
+        return _FusedKL.apply(self.store.mu, self.store.rho, self) if kl is None else kl
+
     def take_kl(self) -> Tensor | None:
         """The KL of this step's training sample, if nothing changed since; else None."""
         if self._kl is None:
@@ -305,17 +342,23 @@ class FusedSampler:
     ) -> tuple[Tensor, Tensor]:
         """The same gradients built from autograd ops (model-sized temporaries)."""
         g = torch.cat([grad.reshape(-1) for grad in grads])
-        sigma = F.softplus(rho)
-        grad_mu, grad_rho = g, g * noise.full(mu.numel())
+        grad_mu, grad_rho = g, g * noise.full(mu.numel()) * torch.sigmoid(rho)
         if self.priors is not None:
-            scale = grad_kl.to(mu.dtype)
-            d_mu = torch.cat([(mu[p.start : p.end] - p.m) / p.s**2 for p in self.priors])
-            d_sigma = torch.cat(
-                [sigma[p.start : p.end] / p.s**2 - 1 / sigma[p.start : p.end] for p in self.priors]
-            )
-            grad_mu = grad_mu + scale * d_mu
-            grad_rho = grad_rho + scale * d_sigma
-        return grad_mu, grad_rho * torch.sigmoid(rho)
+            kl_mu, kl_rho = self.differentiable_kl_grads(mu, rho, grad_kl)
+            grad_mu, grad_rho = grad_mu + kl_mu, grad_rho + kl_rho
+        return grad_mu, grad_rho
+
+    def differentiable_kl_grads(
+        self, mu: Tensor, rho: Tensor, grad_kl: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The KL's gradients built from autograd ops, for double backward."""
+        sigma = F.softplus(rho)
+        scale = grad_kl.to(mu.dtype)
+        d_mu = torch.cat([(mu[p.start : p.end] - p.m) / p.s**2 for p in self.priors])
+        d_sigma = torch.cat(
+            [sigma[p.start : p.end] / p.s**2 - 1 / sigma[p.start : p.end] for p in self.priors]
+        )
+        return scale * d_mu, scale * d_sigma * torch.sigmoid(rho)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

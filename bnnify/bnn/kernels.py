@@ -33,6 +33,8 @@ __all__ = [
     "compiled_dtypes",
     "environment",
     "grads",
+    "kl",
+    "kl_grads",
     "note_once",
     "run",
     "sample",
@@ -98,7 +100,23 @@ def grads(
     out_rho.copy_((grad * _eps(noise) + coef[0] * sigma - coef[1] / sigma) * sigmoid)
 
 
-_KERNELS = (sample, sample_kl, grads)
+def kl(mu: Tensor, rho: Tensor, prior: Tensor) -> Tensor:
+    """The chunk's KL to N(m, s^2) less its constant, as in `sample_kl`, without a sample."""
+    sigma = F.softplus(rho)
+    d = mu - prior[0]
+    terms = 0.5 * (d * d + sigma * sigma) * prior[1] - torch.log(sigma)
+    return terms.sum(dtype=torch.float64)
+
+
+def kl_grads(mu: Tensor, rho: Tensor, coef: Tensor, out_mu: Tensor, out_rho: Tensor) -> None:
+    """The gradients of the KL alone (`coef` as in `grads`)."""
+    t = torch.exp(-rho.abs())
+    sigma = torch.where(rho > 20, rho, torch.relu(rho) + torch.log1p(t))
+    sigmoid = torch.where(rho >= 0, 1.0, t) / (1 + t)
+    out_mu.copy_(coef[0] * (mu - coef[2]))
+    out_rho.copy_((coef[0] * sigma - coef[1] / sigma) * sigmoid)
+
+
 _compiled: dict[Callable, Callable] = {}
 _failure: str | None = None
 _noted: set[str] = set()
