@@ -226,6 +226,16 @@ def test_predictions_without_gradients_use_the_compiled_sample():
 
 
 @needs_compiler
+def test_inference_mode_between_training_steps():
+    compiled, eager = _pair(torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for model in (compiled, eager):
+        with torch.inference_mode():
+            model(x)  # the reused noise buffer is born here, and refilled outside
+    _assert_close(_step(compiled, x), _step(eager, x), torch.float64)
+
+
+@needs_compiler
 def test_shifted_noise_gives_the_fresh_estimator_mean_and_spread(monkeypatch):
     from bnnify.bnn.noise import ShiftedNoise
 

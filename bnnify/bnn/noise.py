@@ -149,7 +149,9 @@ class NoisePool:
             if (candidate.numel(), candidate.dtype, candidate.device) == (numel, dtype, device):
                 buffer = candidate
         if buffer is None:
-            buffer = torch.empty(numel, dtype=dtype, device=device)
+            # A normal tensor even under inference_mode: it is refilled outside it later.
+            with torch.inference_mode(False):
+                buffer = torch.empty(numel, dtype=dtype, device=device)
         standard_normal(numel, dtype, device, out=buffer)
         return Lease(self, buffer)
 
