@@ -4,7 +4,8 @@
 
 Part 1 times the first training step of a fresh process, with torch's compile
 cache emptied (cold, as on a first run) and kept (warm, every later run), against
-the same step with BNNIFY_COMPILE=0. Part 2 times training steps of MLPs of
+the same step with BNNIFY_COMPILE=0. Part 2 times a whole `bnnify fit` (convert
+once, then one epoch) the same three ways. Part 3 times training steps of MLPs of
 growing size, eager and compiled kernels, round robin in one process, as medians.
 """
 
@@ -84,6 +85,36 @@ def compile_time(rounds: int) -> dict:
     return {"runs": results, "summary": summary}
 
 
+def cli_fit(rounds: int) -> dict:
+    """Wall seconds of `bnnify fit` (1 epoch, 2,048 examples) of a 1.9M-weight MLP."""
+    with tempfile.TemporaryDirectory(prefix="bnnify-fit-") as folder:
+        root = Path(folder)
+        torch.manual_seed(0)
+        model = torch.jit.script(mlp((784, 1024, 1024, 10)).eval())
+        model.save(str(root / "model.pt"))
+        from safetensors.torch import save_file
+
+        x, y = torch.randn(2048, 784), torch.randint(0, 10, (2048,))
+        save_file({"x": x, "y": y}, str(root / "data.safetensors"))
+        bnnify = [sys.executable, "-m", "bnnify"]
+        run = {"check": True, "capture_output": True, "cwd": root}
+        subprocess.run([*bnnify, "convert", "model.pt", "-o", "m.bnn.safetensors"], **run)
+        fit = [*bnnify, "fit", "m.bnn.safetensors", "-m", "model.pt", "-d", "data.safetensors"]
+        fit += ["--task", "classification", "--epochs", "1", "--force", "-q"]
+        times: dict[str, list[float]] = {"cold": [], "warm": [], "eager": []}
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory(prefix="bnnify-inductor-") as cache:
+                for mode in ("cold", "warm", "eager"):
+                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+                    if mode == "eager":
+                        env["BNNIFY_COMPILE"] = "0"
+                    start = time.perf_counter()
+                    subprocess.run(fit, env=env, **run)
+                    times[mode].append(time.perf_counter() - start)
+    medians = {mode: sorted(t)[len(t) // 2] for mode, t in times.items()}
+    return {"runs": times, "median_s": medians}
+
+
 def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
 
@@ -118,7 +149,7 @@ def by_size(repeats: int) -> list[dict]:
     return rows
 
 
-def table(sizes: list[dict], compiled: dict) -> str:
+def table(sizes: list[dict], compiled: dict, fit: dict) -> str:
     lines = [
         "| store elements | plain ms | eager ms | compiled ms | saved per step "
         "| steps to repay a warm compile |",
@@ -141,6 +172,15 @@ def table(sizes: list[dict], compiled: dict) -> str:
     for mode in ("eager", "warm", "cold"):
         added = "-" if mode == "eager" else f"{s[mode]['added_s']:.1f} s"
         lines.append(f"| {mode} | {s[mode]['first_step_s']:.1f} | {added} |")
+    f = fit["median_s"]
+    lines += [
+        "",
+        "| `bnnify fit`, 1 epoch, MLP 1.9M | seconds | added by compiling |",
+        "| --- | --- | --- |",
+    ]
+    for mode in ("eager", "warm", "cold"):
+        added = "-" if mode == "eager" else f"{f[mode] - f['eager']:.1f} s"
+        lines.append(f"| {mode} | {f[mode]:.1f} | {added} |")
     return "\n".join(lines)
 
 
@@ -153,9 +193,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     compiled = compile_time(args.rounds)
+    fit = cli_fit(args.rounds)
     sizes = by_size(args.repeats)
-    print(table(sizes, compiled))
-    data = {"environment": environment(), "compile": compiled, "sizes": sizes}
+    print(table(sizes, compiled, fit))
+    data = {"environment": environment(), "compile": compiled, "cli_fit": fit, "sizes": sizes}
     data["seconds"] = time.perf_counter() - start
     write_json(args.out, data)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -226,6 +226,18 @@ def test_predictions_without_gradients_use_the_compiled_sample():
 
 
 @needs_compiler
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*")
+def test_a_model_compiled_by_its_user_traces_the_eager_formulas():
+    compiled, eager = _pair(torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    forward, kl = torch.compile(compiled), torch.compile(compiled.kl_divergence)
+    torch.manual_seed(1)
+    out = forward(x)
+    assert out.shape == (5, 3) and torch.isfinite(out).all()
+    torch.testing.assert_close(kl(), eager.kl_divergence(), rtol=1e-10, atol=0)
+
+
+@needs_compiler
 def test_inference_mode_between_training_steps():
     compiled, eager = _pair(torch.float64)
     x = torch.randn(5, 6, dtype=torch.float64)

@@ -106,7 +106,7 @@ class Divergence:
         """Store `k`'s KL from its compiled sampler: carried by this step's sample, or
         computed by the compiled kernels when gradients are recorded; else None."""
         samplers = getattr(self, "fused", None)  # absent from modules pickled before it
-        if not samplers:
+        if not samplers or torch.compiler.is_compiling():
             return None
         sampler = samplers[k]
         kl = sampler.take_kl()

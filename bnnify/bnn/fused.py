@@ -232,6 +232,8 @@ class FusedSampler:
 
     def active(self) -> bool:
         """Whether a whole-store sample goes through the compiled kernels (logged once)."""
+        if torch.compiler.is_compiling():
+            return False  # the caller's own torch.compile traces the eager formulas
         reason = self.refusal()
         what = f"store of {self.store.numel} {str(self.store.mu.dtype).removeprefix('torch.')}"
         if reason is None:
