@@ -78,10 +78,17 @@ def test_shifted_pieces_wrap_around_the_pool(offset):
     torch.testing.assert_close(eps.abs(), expected.abs(), rtol=0, atol=0)
 
 
+def _draw(shifted: ShiftedNoise) -> torch.Tensor:
+    offset, seed, lease = shifted.step()
+    eps = shifted.eps(0, shifted.numel, offset, seed)
+    lease.release()
+    return eps
+
+
 def test_shifted_steps_are_fresh_draws_of_the_same_pool():
     torch.manual_seed(0)
     shifted = ShiftedNoise(4000, torch.float64, CPU)
-    steps = torch.stack([shifted.eps(0, 4000, *shifted.step()) for _ in range(300)])
+    steps = torch.stack([_draw(shifted) for _ in range(300)])
     n = steps.numel()
     assert abs(float(steps.mean())) < 5 / n**0.5
     assert abs(float(steps.square().mean()) - 1) < 5 * 2**0.5 / n**0.5
@@ -90,4 +97,18 @@ def test_shifted_steps_are_fresh_draws_of_the_same_pool():
     assert abs(float(lagged)) < 5 / (n - 4000) ** 0.5
     torch.manual_seed(0)
     again = ShiftedNoise(4000, torch.float64, CPU)
-    assert torch.equal(again.eps(0, 4000, *again.step()), steps[0])  # seeded
+    assert torch.equal(_draw(again), steps[0])  # seeded
+
+
+def test_the_pool_is_renewed_part_by_part_while_no_sample_needs_it(monkeypatch):
+    monkeypatch.setattr(ShiftedNoise, "MIN_POOL", 1)
+    shifted = ShiftedNoise(6400, torch.float64, CPU)
+    first = shifted.pool.clone()
+    leases = [shifted.step()[2] for _ in range(3)]  # three samples before a backward pass
+    changed = (shifted.pool != first).reshape(ShiftedNoise.REFRESH, -1).all(1)
+    assert changed.tolist() == [True] + [False] * (ShiftedNoise.REFRESH - 1)
+    for lease in leases:
+        lease.release()
+    for _ in range(ShiftedNoise.REFRESH - 1):
+        shifted.step()[2].release()
+    assert (shifted.pool != first).all()  # every part redrawn once

@@ -78,13 +78,11 @@ def _runs(numels: list[int], priors: list[int]) -> list[tuple[int, int, int]]:
 
 
 class _Noise:
-    """One step's noise: a lent buffer of normals, or a shift of the shifted pool."""
+    """One step's noise, lent until its backward pass: a buffer of normals, or a shift
+    `(offset, seed)` of the shifted pool (then `lease` holds the pool)."""
 
     def __init__(
-        self,
-        lease: Lease | None = None,
-        shifted: ShiftedNoise | None = None,
-        shift: tuple[int, int] = (0, 0),
+        self, lease: Lease, shifted: ShiftedNoise | None = None, shift: tuple[int, int] = (0, 0)
     ):
         self.lease = lease
         self.shifted = shifted
@@ -92,7 +90,7 @@ class _Noise:
 
     def pieces(self, start: int, end: int) -> list[tuple[int, int, tuple[Tensor, ...]]]:
         """`(a, b, noise)` chunks covering `[start, end)`, in the form the kernels take."""
-        if self.lease is not None:
+        if self.shifted is None:
             return [(start, end, (_plain(self.lease.tensor, start, end),))]
         pool = self.shifted.pool
         seed = torch.tensor(self.seed, device=pool.device)
@@ -102,13 +100,12 @@ class _Noise:
         ]
 
     def full(self, numel: int) -> Tensor:
-        if self.lease is not None:
+        if self.shifted is None:
             return self.lease.tensor
         return self.shifted.eps(0, numel, self.offset, self.seed)
 
     def release(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
+        self.lease.release()
 
 
 class _FusedStep(torch.autograd.Function):
@@ -119,8 +116,9 @@ class _FusedStep(torch.autograd.Function):
         w = torch.empty_like(mu)
         kl = sampler.forward_kernels(mu, rho, noise, w, with_kl=True)
         ctx.sampler, ctx.noise, ctx.spent = sampler, noise, False
-        saved = (noise.lease.tensor,) if noise.lease is not None else ()
-        ctx.save_for_backward(mu, rho, *saved)
+        # The noise (or the shifted pool) is saved so that autograd checks, by its
+        # version, that nothing refilled it before this sample's backward pass.
+        ctx.save_for_backward(mu, rho, noise.lease.tensor)
         return (kl, *sampler.store.split(w))
 
     @staticmethod
@@ -293,7 +291,8 @@ class FusedSampler:
             return _Noise(lease=self.buffers.draw(numel, dtype, device))
         if self.shifted is None or not self.shifted.matches(numel, dtype, device):
             self.shifted = ShiftedNoise(numel, dtype, device)
-        return _Noise(shifted=self.shifted, shift=self.shifted.step())
+        offset, seed, lease = self.shifted.step()
+        return _Noise(lease, self.shifted, (offset, seed))
 
     # ----------------------------------------------------------------- kernels
 

@@ -118,14 +118,26 @@ def signs(first: Tensor, seed: Tensor, numel: int, dtype: torch.dtype) -> Tensor
 
 
 class Lease:
-    """A noise buffer lent by a `NoisePool` until `release()` or garbage collection."""
+    """A noise buffer lent until `release()` or garbage collection (then given back to
+    `pool`, a `NoisePool`, if any)."""
 
-    def __init__(self, pool: NoisePool, tensor: Tensor):
+    def __init__(self, pool: NoisePool | None, tensor: Tensor):
         self.tensor = tensor
-        self._finalizer = weakref.finalize(self, pool._give_back, tensor)
+        give_back = pool._give_back if pool is not None else _keep
+        self._finalizer = weakref.finalize(self, give_back, tensor)
+
+    @property
+    def out(self) -> bool:
+        """Whether the buffer is still lent."""
+        return self._finalizer.alive
 
     def release(self) -> None:
         self._finalizer()
+        self.tensor = None
+
+
+def _keep(tensor: Tensor) -> None:
+    """The end of a lease on a buffer that stays where it is."""
 
 
 class NoisePool:
@@ -166,29 +178,56 @@ class NoisePool:
 class ShiftedNoise:
     """Cheap noise: one buffer of normals, cyclically shifted and sign-flipped per step.
 
-    The buffer `pool` (at least `numel` standard normals, drawn once) is read at
-    every step from a fresh uniform random offset, wrapping around, and every
-    element gets a fresh random sign: `eps[i] = sign(i, seed) * pool[(i + offset)
-    mod len(pool)]`. Any fixed shift and signs of independent standard normals
-    are independent standard normals, so each step's noise is exactly N(0, I)
-    and each step's gradient estimate unbiased. What is lost is independence
-    between steps: the steps share one set of magnitudes |pool|.
+    The buffer `pool` (at least `numel` standard normals) is read at every step
+    from a fresh uniform random offset, wrapping around, and every element gets a
+    fresh random sign: `eps[i] = sign(i, seed) * pool[(i + offset) mod len(pool)]`.
+    Any fixed shift and signs of independent standard normals are independent
+    standard normals, so each step's noise is exactly N(0, I) and each step's
+    gradient estimate unbiased. What is lost is independence between steps: they
+    share the magnitudes |pool|. To bound that, each step first redraws the next
+    1/`REFRESH` of the pool (when no sample still needs the pool for its backward
+    pass), so the whole pool is new every `REFRESH` steps, and a pool's own
+    deviation from N(0, 1) does not follow the whole run.
     """
 
     MIN_POOL = 1 << 20
+    REFRESH = 32
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
         self.numel = numel
         size = max(numel, self.MIN_POOL)
         self.pool = standard_normal(size, dtype, device)
+        self.refreshed = 0
+        self._lent: weakref.WeakSet[Lease] = weakref.WeakSet()
 
     def matches(self, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
         return (self.numel, self.pool.dtype, self.pool.device) == (numel, dtype, device)
 
-    def step(self) -> tuple[int, int]:
-        """A fresh `(offset, seed)` from torch's global generator."""
+    def step(self) -> tuple[int, int, Lease]:
+        """A fresh `(offset, seed)` from torch's global generator, and a lease on the pool.
+
+        The pool is not refreshed while a lease is out: a backward pass still to
+        come recomputes its noise from the pool (autograd also checks that the pool
+        was not changed since, by its version).
+        """
+        if not any(lease.out for lease in self._lent):
+            size = self.pool.numel()
+            part = self.refreshed % self.REFRESH
+            a, b = part * size // self.REFRESH, (part + 1) * size // self.REFRESH
+            standard_normal(b - a, self.pool.dtype, self.pool.device, out=self.pool[a:b])
+            self.refreshed += 1
         offset, seed = torch.randint(0, 2**32, (2,)).tolist()
-        return offset % self.pool.numel(), seed
+        lease = Lease(None, self.pool)
+        self._lent.add(lease)
+        return offset % self.pool.numel(), seed, lease
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_lent"] = weakref.WeakSet()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def pieces(self, start: int, end: int, offset: int) -> list[tuple[int, int, int]]:
         """`(start, end, pool_start)` pieces of store elements `[start, end)`: at most two."""
