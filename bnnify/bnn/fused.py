@@ -5,7 +5,7 @@ one compiled kernel that also reduces the closed-form KL to scalar Gaussian prio
 and returns the per-parameter weights and the KL from one autograd node. Its
 backward pass receives each parameter's gradient where autograd left it (no
 concatenation into a flat gradient) and the KL's gradient, and writes the
-gradients of `mu` and `rho`, both terms at once, in one pass per parameter.
+gradients of `mu` and `rho`, both terms at once, in one pass per large parameter.
 `kl_divergence()` then returns the KL computed here instead of another pass.
 """
 
