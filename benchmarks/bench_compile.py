@@ -129,39 +129,56 @@ def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def by_size(repeats: int) -> list[dict]:
-    rows = []
+def one_size(width: int, compiled: bool, repeats: int) -> dict:
+    """Plain and Bayesian step times (ms) of the 784-w-w-10 MLP, round robin."""
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    torch.manual_seed(0)
+    plain = mlp((784, width, width, 10))
+    torch.manual_seed(0)
+    bnn = BayesianModule(mlp((784, width, width, 10)), compile_kernels=compiled)
+    steps = {"plain": _step(plain, x, y), "bnnify": _step(bnn, x, y)}
+    times = {k: median_ms(v) for k, v in round_robin(steps, repeats, warmup=3).items()}
+    return times | {"numel": sum(p.numel() for p in plain.parameters())}
+
+
+def by_size(repeats: int) -> list[dict]:
+    """Eager and compiled kernels, each in a process of its own beside the plain model
+    (an eager and a compiled model interleaved in one process slow each other down)."""
+    rows = []
     for width in WIDTHS:
-        torch.manual_seed(0)
-        plain = mlp((784, width, width, 10))
-        steps = {"plain": _step(plain, x, y)}
-        for name, flag in (("eager", False), ("compiled", True)):
-            torch.manual_seed(0)
-            steps[name] = _step(
-                BayesianModule(mlp((784, width, width, 10)), compile_kernels=flag), x, y
-            )
-        times = {k: median_ms(v) for k, v in round_robin(steps, repeats, warmup=3).items()}
-        numel = sum(p.numel() for p in plain.parameters())
-        saved = times["eager"] - times["compiled"]
-        rows.append({"width": width, "numel": numel, "ms": times, "saved_ms": saved})
-        print(f"{numel:>9} elements: {times} saved {saved:.2f} ms/step", file=sys.stderr)
+        row: dict = {"width": width}
+        for mode in ("eager", "compiled"):
+            command = [sys.executable, __file__, "--one", str(width), mode]
+            command += ["--repeats", str(repeats)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        row["numel"] = row["eager"]["numel"]
+        plain = (row["eager"]["plain"] + row["compiled"]["plain"]) / 2
+        ratios = {mode: row[mode]["bnnify"] / row[mode]["plain"] for mode in ("eager", "compiled")}
+        row["ratio"] = ratios
+        row["saved_ms"] = (ratios["eager"] - ratios["compiled"]) * plain
+        print(
+            f"{row['numel']:>9} elements: {ratios} saved {row['saved_ms']:.2f} ms", file=sys.stderr
+        )
+        rows.append(row)
     return rows
 
 
 def table(sizes: list[dict], compiled: dict, fit: dict) -> str:
     lines = [
-        "| store elements | plain ms | eager ms | compiled ms | saved per step "
+        "| store elements | plain ms (eager run / compiled run) | eager ms | compiled ms "
+        "| saved per step "
         "| steps to repay a warm compile |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     warm = compiled["summary"]["warm"]["added_s"] * 1e3
     for r in sizes:
-        ms, saved = r["ms"], r["saved_ms"]
+        e, c, saved = r["eager"], r["compiled"], r["saved_ms"]
         repay = f"{warm / saved:.0f}" if saved > 0 else "never"
         lines.append(
-            f"| {r['numel']:,} | {ms['plain']:.2f} | {ms['eager']:.2f} | {ms['compiled']:.2f} | "
-            f"{saved:.2f} ms | {repay} |"
+            f"| {r['numel']:,} | {e['plain']:.2f} / {c['plain']:.2f} | {e['bnnify']:.2f} "
+            f"({r['ratio']['eager']:.2f}x) | {c['bnnify']:.2f} ({r['ratio']['compiled']:.2f}x) "
+            f"| {saved:.2f} ms | {repay} |"
         )
     s = compiled["summary"]
     lines += [
@@ -190,7 +207,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per mode")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_compile.json"))
+    parser.add_argument("--one", nargs=2, metavar=("WIDTH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        width, mode = int(args.one[0]), args.one[1]
+        print(json.dumps(one_size(width, mode == "compiled", args.repeats)))
+        return
     start = time.perf_counter()
     compiled = compile_time(args.rounds)
     fit = cli_fit(args.rounds)
