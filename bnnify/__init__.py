@@ -1,5 +1,40 @@
-"""bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop)."""
+"""bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).
 
-__all__ = ["__version__"]
+`bnnify.convert`, `fit`, `predict`, `kl` and `inspect` (see `bnnify.api`) are loaded
+on first use: `import bnnify` itself does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConversionResult",
+    "FitResult",
+    "FitSettings",
+    "InspectResult",
+    "KLResult",
+    "ParameterStats",
+    "ParameterSummary",
+    "PredictionResult",
+    "__version__",
+    "convert",
+    "fit",
+    "inspect",
+    "kl",
+    "predict",
+]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from bnnify import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'bnnify' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -23,7 +23,9 @@ __all__ = [
     "UnknownNameError",
     "UnsafeInputError",
     "UsageError",
+    "clip",
     "closest",
+    "shorten",
 ]
 
 EXIT_OK = 0
@@ -108,3 +110,31 @@ def closest(name: str, choices: Iterable[str]) -> str:
     """Returns `" Did you mean 'x'?"` for the closest choice, or an empty string."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters, for quoting values read from files.
+
+    Example:
+        >>> shorten("x" * 1000, limit=12)
+        "'xxxxxxxx... (1002 characters)"
+    """
+    if isinstance(value, int) and value.bit_length() > 4 * limit:
+        # repr() of an integer over 4300 digits raises; its size is what matters anyway.
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 3, 1)]}... ({len(text)} characters)"
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """The first line of a message from elsewhere (a library's), cut to `limit` characters.
+
+    Example:
+        >>> clip("line one\\nline two")
+        'line one'
+    """
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else f"{line[: limit - 3]}..."

@@ -1,4 +1,8 @@
-"""Shared fixtures: a seeded RNG per test and registries restored after each test."""
+"""Shared fixtures: a seeded RNG per test, registries restored, and the device and dtype.
+
+`pytest --device cuda --dtype float64` runs the device- and dtype-aware core tests
+(those taking the `device` and `dtype` fixtures) there; the defaults are cpu, float32.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +17,37 @@ from bnnify.bnn import PosteriorFactory, PriorFactory
 __all__ = []
 
 
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--seed", type=int, default=0, help="seed of every test's RNG (check statistical tests)"
     )
+    parser.addoption("--device", default="cpu", help="device of the device-aware tests (cpu)")
+    parser.addoption(
+        "--dtype", default="float32", choices=DTYPES, help="dtype of the dtype-aware tests"
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device given by --device (default cpu)."""
+    return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def dtype(request) -> torch.dtype:
+    """The floating-point dtype given by --dtype (default float32)."""
+    return getattr(torch, request.config.getoption("--dtype"))
 
 
 @pytest.fixture(autouse=True)
 def _seed(request):
     """Every test starts from the same seed, and leaves the global RNG as it found it."""
-    with torch.random.fork_rng(devices=[]):
+    option = torch.device(request.config.getoption("--device"))
+    devices = [option] if option.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(request.config.getoption("--seed"))
         yield
 

@@ -165,7 +165,7 @@ def convert_file(model: Path, checkpoint: Path, spec=None, **flags) -> Path:
             convert(
                 loaded,
                 spec,
-                checkpoint=checkpoint,
+                output=checkpoint,
                 report=report,
                 arch=spec.arch,
                 arch_kwargs=spec.arch_kwargs,
@@ -202,8 +202,8 @@ class FitFiles:
 def _short_fit(folder: Path, model: Path, prefix: str, task: str, epochs: int, lr: float) -> None:
     from bnnify.formats.checkpoint import Checkpoint
     from bnnify.formats.data import load_dataset
-    from bnnify.usecases.fit import FitSettings, fit, make_likelihood, save_fitted
     from bnnify.usecases.runner import open_runner
+    from bnnify.usecases.training import FitSettings, make_likelihood, save_fitted, train
 
     with Checkpoint(folder / f"{prefix}.bnn.safetensors") as ckpt:
         with warnings.catch_warnings():
@@ -212,7 +212,7 @@ def _short_fit(folder: Path, model: Path, prefix: str, task: str, epochs: int, l
         likelihood = make_likelihood(task, ckpt, resume=False)
         data = load_dataset(folder / f"{prefix}.train.safetensors")
         settings = FitSettings(task=task, epochs=epochs, lr=lr, batch_size=64)
-        history = fit(runner, likelihood, data, settings)
+        history = train(runner, likelihood, data, settings)
         info = {"task": task, "history": history, "final": history[-1]}
         target = folder / f"{prefix}.fit.safetensors"
         save_fitted(target, target, ckpt, runner, likelihood, info)

@@ -1,8 +1,9 @@
-"""Tests of bnnify.catalog: the static table of `bnnify list` matches the live registries."""
+"""Tests of bnnify.catalog: `bnnify list`, read from the source, matches the live registries."""
 
 from __future__ import annotations
 
 import inspect
+import math
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from bnnify import catalog
 from bnnify.bnn import PosteriorFactory, PriorFactory
 from bnnify.bnn.posteriors import init_function
 from bnnify.catalog import POSTERIORS, PRIORS
@@ -51,7 +53,9 @@ def test_names_aliases_and_classes_match_the_registry(table, factory):
         cls = factory[name]
         assert cls.__name__ == class_name
         assert {name, *aliases} == classes[cls]
-        assert description
+        # The description is the first paragraph of the class docstring.
+        summary = " ".join(inspect.getdoc(cls).split("\n\n")[0].split())
+        assert description and summary == description + "."
     listed = {n for name, (aliases, *_) in table.items() for n in (name, *aliases)}
     assert listed == set(factory.names)
 
@@ -75,6 +79,9 @@ def test_the_cli_wiring_does_not_import_torch(tmp_path):
     code = textwrap.dedent(
         """
         import runpy, sys
+        import bnnify
+        assert "torch" not in sys.modules, "import bnnify imported torch"
+        assert callable(bnnify.__getattr__) and "convert" in dir(bnnify)
         import bnnify.cli.main
         assert "torch" not in sys.modules, "import bnnify.cli.main imported torch"
         for argv in (["--help"], ["--version"], ["list", "--json"], ["list"]):
@@ -96,3 +103,35 @@ def test_the_cli_wiring_does_not_import_torch(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert '"posteriors"' in done.stdout
+
+
+def test_names_follow_the_decorators_and_the_source_order():
+    assert list(POSTERIORS) == ["gaussian", "pretrained_gaussian"]
+    assert list(PRIORS) == ["gaussian", "empirical_gaussian", "laplace", "scale_mixture"]
+    assert POSTERIORS["gaussian"].aliases == ("normal",)
+    assert PRIORS["scale_mixture"].arguments["sigma2"] == math.exp(-6)
+
+
+def test_a_source_registration_is_read_without_importing_it():
+    source = textwrap.dedent(
+        """
+        @PriorFactory.register("Wide")
+        @PriorFactory.register("broad")
+        class WidePrior(GaussianPrior):
+            \"\"\"N(0, 10^2), wide.
+
+            More text.
+            \"\"\"
+
+            @classmethod
+            def from_param(cls, param, **kwargs):
+                return cls(shape=param.shape, sigma=10.0, **kwargs)
+
+
+        class GaussianPrior(Prior):
+            def __init__(self, shape=(), dtype=None, device=None, *, mu=0.0, sigma=1.0):
+                pass
+        """
+    )
+    table = catalog.read_registrations(source, "priors")
+    assert table == {"wide": (("broad",), "WidePrior", {"mu": 0.0}, "N(0, 10^2), wide")}

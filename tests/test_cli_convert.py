@@ -255,7 +255,7 @@ ARCH = SAMPLES / "state_dict_arch.yaml"
 CONFIRM = ["--arch", "bnnify.demo:build_model", "--arch-kwargs"]
 CONFIRM += ['{{"hidden": 32, "in_features": 8, "out_features": 1}}']
 ERRORS = {
-    "missing file": (["{missing}"], 1, ["no such file or directory", "missing.pt"]),
+    "missing file": (["{missing}"], 1, ["does not exist", "missing.pt"]),
     "empty file": (["{empty}"], 1, ["empty.pt' is empty", "Supported formats"]),
     "garbage file": (["{garbage}"], 1, ["not a model file bnnify can read"]),
     "pickle without trust": (["{pickled}"], 3, ["pickled Python object", "--trust-pickle"]),

@@ -350,3 +350,24 @@ def test_another_model_file_is_refused_in_a_real_process(files, tmp_path):
     assert "other.pt does not match the checkpoint" in message and "sha256" in message
     assert "'toy.script.pt'" in message
     assert listing(tmp_path) == ["other.pt"]
+
+
+def test_labels_of_shape_n_1_fit_and_mismatched_labels_are_refused(files, tmp_path):
+    data = load_file(files.cls_train)
+    labels = data["y"]
+    save_file({"x": data["x"], "y": labels.reshape(-1, 1)}, str(tmp_path / "column.safetensors"))
+    save_file({"x": data["x"], "y": torch.stack([labels, labels], 1)}, str(tmp_path / "two.st"))
+    base = ["fit", files.cls_ckpt, "-m", files.cls_model, "--task", "classification"]
+    fitted = tmp_path / "column.fit.safetensors"
+    info = fit_json(*base, "-d", tmp_path / "column.safetensors", "--epochs", "2",
+                    "--val-split", "0.2", "-o", fitted)  # fmt: skip
+    assert info["final"]["val"]["accuracy"] > 0.8
+    assert info["val_estimator"]["estimator"] == "weight_sampling"
+    with Checkpoint(fitted) as ckpt:
+        assert ckpt.fit["val_estimator"] == info["val_estimator"]
+    refused = cli(*base, "-d", tmp_path / "two.st", "-o", tmp_path / "two.fit.safetensors")
+    assert refused.exit_code == 1
+    assert "labels of shape (300, 2) do not match predictions of shape (300, 3)" in flat(
+        refused.stderr
+    )
+    assert not (tmp_path / "two.fit.safetensors").exists()

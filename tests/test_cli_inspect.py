@@ -117,8 +117,8 @@ def test_inspect_refuses_what_is_not_a_checkpoint(models, tmp_path):
     convert(models)
     for path, fragment in (
         ("missing.safetensors", "does not exist"),
-        ("cnn.kl.safetensors", "is not a bnnify variational checkpoint"),
-        (str(models.path("cnn", "safetensors")), "is not a bnnify variational checkpoint"),
+        ("cnn.kl.safetensors", "is not a bnnify checkpoint"),
+        (str(models.path("cnn", "safetensors")), "is not a bnnify checkpoint"),
     ):
         result = invoke("inspect", path)
         assert result.exit_code == 1

@@ -200,7 +200,7 @@ def test_errors(models, tmp_path):
     save_file({"w": torch.ones(2)}, tmp_path / "plain.safetensors")
     cases = [
         (["missing.safetensors"], 1, "does not exist"),
-        (["plain.safetensors"], 1, "is not a bnnify variational checkpoint"),
+        (["plain.safetensors"], 1, "is not a bnnify checkpoint"),
         (["v9.safetensors"], 1, "format version '9' is not supported"),
         (["c.bnn.safetensors", "--prior", "empirical_gaussian"], 2, "original weights"),
         (["c.bnn.safetensors", "--prior", "laplaze"], 2, "Did you mean 'laplace'?"),

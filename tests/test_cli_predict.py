@@ -311,3 +311,121 @@ def test_errors_exit_cleanly_without_output(files, inputs, bad_files, case):
     assert message in flat(result.output)
     assert listing(bad_files) == before
     assert Path("exists.safetensors").read_bytes() == b"keep"
+
+
+# ------------------------------- per-token classification, and the estimator
+
+
+def independent_scores(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Accuracy, NLL and ECE over every position, by explicit loops (not bnnify's code)."""
+    rows = probs.reshape(-1, probs.shape[-1]).double().tolist()
+    targets = labels.reshape(-1).tolist()
+    n = len(rows)
+    pairs = list(zip(rows, targets, strict=True))
+    correct = [max(range(len(p)), key=p.__getitem__) == t for p, t in pairs]
+    ece = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = [i for i, p in enumerate(rows) if (b == 0 or max(p) > low) and max(p) <= high]
+        if inside:
+            accuracy = sum(correct[i] for i in inside) / len(inside)
+            confidence = sum(max(rows[i]) for i in inside) / len(inside)
+            ece += len(inside) / n * abs(accuracy - confidence)
+    return {
+        "accuracy": sum(correct) / n,
+        "nll": -sum(math.log(p[t]) for p, t in pairs) / n,
+        "ece": ece,
+    }
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    """A per-token classifier `(batch, 5, 4) -> (batch, 5, 3)` as a .pt2, and its data."""
+    from fit_files import save_program
+    from multi_input_models import token_classifier
+
+    folder = tmp_path_factory.mktemp("tokens")
+    torch.manual_seed(3)
+    net = token_classifier().eval()
+    x = torch.randn(24, 5, 4)
+    with torch.no_grad():
+        labels = (net(x) + 0.5 * torch.randn(24, 5, 3)).argmax(-1)
+    model = save_program(net, x, folder / "tokens.pt2")
+    ckpt = convert_file(model, folder / "tokens.bnn.safetensors")
+    save_file({"x": x, "y": labels}, str(folder / "data.safetensors"))
+    save_file({"x": x, "y": labels[:, 0].contiguous()}, str(folder / "wrong.safetensors"))
+    return model, ckpt, folder / "data.safetensors", folder / "wrong.safetensors", labels
+
+
+def test_per_token_classification_fit_predict_and_metrics(tokens, tmp_path):
+    model, ckpt, data, wrong, labels = tokens
+    fitted = tmp_path / "tokens.fit.safetensors"
+    fit = cli("fit", ckpt, "-m", model, "-d", data, "--task", "classification", "--epochs", "2",
+              "--val-split", "0.25", "-o", fitted, "--json")  # fmt: skip
+    assert fit.exit_code == 0, fit.output
+    info = json.loads(fit.stdout)
+    assert set(info["final"]["val"]) == {"accuracy", "log_likelihood", "ece"}
+    assert info["val_estimator"]["estimator"] == "weight_sampling"
+
+    out = tmp_path / "p.safetensors"
+    result = cli("predict", fitted, "-m", model, "-i", data, "--labels", data, "--samples", "8",
+                 "--batch-size", "10", "-o", out, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    tensors = load_file(out)
+    assert tensors["probs"].shape == (24, 5, 3) and tensors["predicted"].shape == (24, 5)
+    assert tensors["mutual_information"].shape == (24, 5)
+    summary = report["summary"]
+    assert summary["examples"] == 24 and summary["positions"] == 120
+    counts = torch.bincount(tensors["predicted"].reshape(-1), minlength=3).tolist()
+    assert summary["class_counts"] == counts and sum(counts) == 120
+    expected = independent_scores(tensors["probs"], labels)
+    metrics = report["metrics"]["bayesian"]
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-9), name
+    assert metrics["log_likelihood"] == pytest.approx(-expected["nll"], abs=1e-9)
+
+    refused = cli("predict", fitted, "-m", model, "-i", data, "--labels", wrong)
+    assert refused.exit_code == 1
+    assert "labels of shape (24,) do not match predictions of shape (24, 5, 3)" in flat(
+        refused.stderr
+    )
+    refused = cli("fit", ckpt, "-m", model, "-d", wrong, "--task", "classification", "-o",
+                  tmp_path / "no.safetensors")  # fmt: skip
+    assert refused.exit_code == 1 and "labels of shape (24,) do not match" in flat(refused.stderr)
+    assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_predict_reports_its_estimator_everywhere(tokens, tmp_path):
+    model, ckpt, data, _, _ = tokens
+    out = tmp_path / "p.safetensors"
+    human = cli("predict", ckpt, "-m", model, "-i", data, "--task", "classification", "-o", out)
+    assert human.exit_code == 0, human.output
+    assert "estimator: weight_sampling (" in flat(human.stdout)
+    with safe_open(str(out), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["bnnify.estimator"] == "weight_sampling"
+    # An export program's layers are graph nodes, not nn.Linear modules: no proof.
+    assert "not the weight or bias of a plain nn.Linear" in metadata["bnnify.estimator_reason"]
+
+    # An nn.Sequential MLP through `arch`: the local trick is proven to be the same.
+    from multi_input_models import mlp
+
+    from bnnify.formats.spec import resolve_spec
+
+    torch.save(mlp().state_dict(), tmp_path / "mlp.pt")
+    spec = resolve_spec({"arch": "multi_input_models:mlp"})
+    ckpt = convert_file(tmp_path / "mlp.pt", tmp_path / "mlp.bnn.safetensors", spec=spec)
+    save_file({"x": torch.randn(16, 8)}, str(tmp_path / "x.safetensors"))
+    args = [ckpt, "-m", tmp_path / "mlp.pt", "-i", tmp_path / "x.safetensors", "--arch", spec.arch]
+    result = cli("predict", *args, "--json", "-o", tmp_path / "q.safetensors")
+    assert result.exit_code == 0, result.output
+    estimator = json.loads(result.stdout)["summary"]["estimator"]
+    assert estimator["estimator"] == "local_reparameterization"
+    assert "nn.Sequential of row-wise layers" in estimator["reason"]
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as handle:
+        assert handle.metadata()["bnnify.estimator"] == "local_reparameterization"
+    human = cli("predict", *args)
+    assert "estimator: local_reparameterization (" in flat(human.stdout)
+    mean = cli("predict", *args, "--mean-weights", "--json")
+    assert json.loads(mean.stdout)["summary"]["estimator"]["estimator"] == "posterior_mean"

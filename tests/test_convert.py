@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -11,16 +12,25 @@ import torch
 from model_files import build_cnn, plain_state, shared_files
 from torch import nn
 
+import bnnify
 from bnnify.bnn import BayesianModule, get_posterior, get_prior
 from bnnify.demo import build_model
-from bnnify.errors import FormatError, OutputExistsError, SpecError, UsageError
+from bnnify.errors import (
+    ArgumentTypeError,
+    FormatError,
+    InvalidArgumentError,
+    OutputExistsError,
+    SpecError,
+    UnsafeInputError,
+    UsageError,
+)
 from bnnify.formats import safetensors_io
 from bnnify.formats.checkpoint import Checkpoint
-from bnnify.formats.model_files import load_model
+from bnnify.formats.model_files import from_module, load_model
 from bnnify.formats.report import read_report
 from bnnify.formats.safetensors_io import read_header
 from bnnify.formats.spec import read_spec, resolve_spec
-from bnnify.usecases.convert import convert, output_paths
+from bnnify.usecases.convert import convert, output_paths, parse_size
 from bnnify.usecases.seeding import seeded
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -57,7 +67,7 @@ def run(path, folder: Path, spec=None, *, trust_pickle=False, name="out", **kwar
     report = folder / f"{name}.kl.safetensors"
     with load_model(path, trust_pickle=trust_pickle) as model:
         result = convert(
-            model, spec or resolve_spec(None), checkpoint=checkpoint, report=report, **kwargs
+            model, spec or resolve_spec(None), output=checkpoint, report=report, **kwargs
         )
     return result, checkpoint, report
 
@@ -88,12 +98,13 @@ def test_every_format_gives_the_same_variational_tensors(models, tmp_path, model
     states, deterministic = {}, {}
     params = float_parameters(models.modules[model])
     for fmt in formats:
-        result, path, _ = run(
+        result, _, _ = run(
             models.path(model, fmt), tmp_path / fmt, spec, trust_pickle=fmt == "pickled"
         )
         assert sorted(p.name for p in result.parameters) == sorted(params)
         assert result.elements == sum(p.numel() for p in params.values())
-        with Checkpoint(path) as ckpt:
+        # A sharded input gives a sharded output: the checkpoint is its index.
+        with Checkpoint(result.outputs[-2]) as ckpt:
             states[fmt] = ckpt.variational_state()
             deterministic[fmt] = ckpt.deterministic_state()
     for fmt in formats[1:]:
@@ -110,7 +121,7 @@ def test_every_format_gives_the_same_variational_tensors(models, tmp_path, model
 def test_sharded_input_gives_sharded_output_equal_to_a_single_file(models, tmp_path):
     index = models.path("cnn", "sharded")
     single, single_path, _ = run(models.path("cnn", "safetensors"), tmp_path / "single")
-    result, target, report = run(index, tmp_path / "sharded", shard_bytes=300)
+    result, target, report = run(index, tmp_path / "sharded", shard_size=300)
     shards = sorted((tmp_path / "sharded").glob("out.bnn-*-of-*.safetensors"))
     index_out = tmp_path / "sharded" / "out.bnn.safetensors.index.json"
     assert len(shards) > 1
@@ -405,8 +416,8 @@ def test_existing_outputs_are_kept_without_force(models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.name, report.name]
 
 
-@pytest.mark.parametrize("shard_bytes", [None, 300])
-def test_an_interrupted_conversion_leaves_no_file(models, tmp_path, monkeypatch, shard_bytes):
+@pytest.mark.parametrize("shard_size", [None, 300])
+def test_an_interrupted_conversion_leaves_no_file(models, tmp_path, monkeypatch, shard_size):
     calls = []
     original = safetensors_io.SafetensorsWriter.write
 
@@ -418,7 +429,7 @@ def test_an_interrupted_conversion_leaves_no_file(models, tmp_path, monkeypatch,
 
     monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", write)
     with pytest.raises(KeyboardInterrupt):
-        run(models.path("cnn", "safetensors"), tmp_path, shard_bytes=shard_bytes)
+        run(models.path("cnn", "safetensors"), tmp_path, shard_size=shard_size)
     assert len(calls) == 3
     assert list(tmp_path.iterdir()) == []
 
@@ -442,3 +453,103 @@ def test_the_summary_adds_up(models, tmp_path):
     assert result.kl_mean == pytest.approx(result.kl_sum / result.elements)
     assert all(p.kl > 0 and p.sigma_mean > 0 for p in result.parameters)
     assert result.source["format"] == "export"
+
+
+# ------------------------------------------------------------------ bnnify.convert
+
+
+def test_convert_takes_a_path_a_spec_document_and_overrides(models, tmp_path):
+    seen = []
+    result = bnnify.convert(
+        models.path("mlp", "state_dict"),
+        {"prior": {"name": "laplace", "kwargs": {"scale": 0.5}}, "seed": 3},
+        output=tmp_path / "m.bnn.safetensors",
+        prior_args={"mu": 0.1},
+        posterior=("pretrained_gaussian", {"sigma": 0.05}),
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert result.spec.prior == ("laplace", {"mu": 0.1, "scale": 0.5})
+    assert result.spec.posterior == ("pretrained_gaussian", {"sigma": 0.05})
+    assert result.spec.seed == 3 and result.method == "analytic"
+    assert result.outputs == [tmp_path / "m.bnn.safetensors", tmp_path / "m.kl.safetensors"]
+    total = seen[0][1]
+    assert sum(done for done, _ in seen) == total and {t for _, t in seen} == {total}
+    assert result.to_json()["kl"]["method"] == "analytic"
+
+
+def test_an_in_memory_module_is_converted_unchanged(tmp_path):
+    net = build_model().eval()
+    before = copy.deepcopy(net.state_dict())
+    result = bnnify.convert(net, output=tmp_path / "net.bnn.safetensors")
+    assert result.source == {
+        "name": "<Sequential>",
+        "format": "module",
+        "sha256": from_module(net).sha256,
+    }
+    assert all(isinstance(p, nn.Parameter) for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with Checkpoint(result.outputs[0]) as ckpt:
+        assert ckpt.source["format"] == "module"
+        with torch.no_grad():
+            weights = ckpt.to_bayesian(build_model()).sample_parameters(mean=True)
+    assert torch.equal(weights["0.weight"], net[0].weight)
+    with pytest.raises(UsageError, match="no file name"):
+        bnnify.convert(net)
+
+
+def test_unknown_options_and_sizes_are_refused(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default outputs' folder is probed first
+    with pytest.raises(ArgumentTypeError, match="unknown options"):
+        bnnify.convert(models.path("mlp", "state_dict"), sigma=1.0)
+    with pytest.raises(InvalidArgumentError, match="'2XB' is not a size"):
+        bnnify.convert(models.path("mlp", "state_dict"), shard_size="2XB")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_onto_what_convert_reads_are_refused_even_with_force(tmp_path):
+    torch.save(build_model().state_dict(), tmp_path / "m.pt")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("seed: 1\n")
+    before = {path: path.read_bytes() for path in (tmp_path / "m.pt", spec)}
+    for output, report in ((tmp_path / "m.pt", None), (tmp_path / "o.bnn.safetensors", spec)):
+        with pytest.raises(UsageError, match="would overwrite the input"):
+            bnnify.convert(tmp_path / "m.pt", spec, output=output, report=report, force=True)
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "spec.yaml"]
+
+
+def test_an_arch_named_by_the_spec_runs_only_as_confirmed(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    code = f"from torch import nn\nopen({str(marker)!r}, 'w').close()\n"
+    code += "def build(n):\n    return nn.Sequential(nn.Linear(2, n))\n"
+    (tmp_path / "confirmed_arch.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(nn.Sequential(nn.Linear(2, 3)).state_dict(), tmp_path / "m.pt")
+    spec = {"arch": "confirmed_arch:build", "arch_kwargs": {"n": 3}}
+    out = tmp_path / "m.bnn.safetensors"
+    for confirmation in (
+        {},
+        {"arch": "confirmed_arch:build"},
+        {"arch": "confirmed_arch:build", "arch_kwargs": {"n": 4}},
+    ):
+        with pytest.raises(UnsafeInputError, match="confirmed_arch:build"):
+            bnnify.convert(tmp_path / "m.pt", spec, output=out, **confirmation)
+    assert not marker.exists() and not out.exists()
+    result = bnnify.convert(
+        tmp_path / "m.pt", spec, output=out, arch="confirmed_arch:build", arch_kwargs='{"n": 3}'
+    )
+    assert marker.exists() and {p.name for p in result.parameters} == {"0.weight", "0.bias"}
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1048576", 2**20), ("2GB", 2 * 10**9), ("500 MiB", 500 * 2**20), ("1kb", 1000), (7, 7)],
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["0.5B", "0", "-1KB", "GB", "1e400", "nan", True])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(InvalidArgumentError, match="is not a size"):
+        parse_size(text)

@@ -38,7 +38,8 @@ def test_safetensors_with_default_and_custom_keys(tmp_path):
     save_file({"features": x, "labels": y, "extra": torch.zeros(1)}, str(tmp_path / "d.st"))
     data = load_dataset(tmp_path / "d.st", x_key="features", y_key="labels")
     assert isinstance(data, Dataset)
-    assert torch.equal(data.x, x) and torch.equal(data.y, y) and len(data) == 5
+    assert data.x.names == ["features"]  # the input's name: forward's parameter, or the first
+    assert torch.equal(data.x.tensors["features"], x) and torch.equal(data.y, y) and len(data) == 5
     assert data.source == str(tmp_path / "d.st")
     only_x = load_dataset(tmp_path / "d.st", x_key="features", with_target=False)
     assert only_x.y is None
@@ -47,7 +48,7 @@ def test_safetensors_with_default_and_custom_keys(tmp_path):
 def test_one_dimensional_inputs_become_one_feature(tmp_path):
     save_file({"x": torch.arange(4.0), "y": torch.arange(4.0)}, str(tmp_path / "d.safetensors"))
     data = load_dataset(tmp_path / "d.safetensors")
-    assert data.x.shape == (4, 1)
+    assert data.x.tensors["x"].shape == (4, 1)
     assert data.y.shape == (4,)
 
 
@@ -140,7 +141,7 @@ def test_npz_with_keys(tmp_path, save):
     y = np.arange(6) % 3
     save(tmp_path / "d.npz", inputs=x, classes=y)
     data = load_dataset(tmp_path / "d.npz", x_key="inputs", y_key="classes")
-    assert data.x.tolist() == x.tolist()
+    assert data.x.tensors["inputs"].tolist() == x.tolist()
     assert data.y.tolist() == y.tolist()
     with pytest.raises(InputError, match=r"no tensor 'x' \(found: inputs, classes\)"):
         load_dataset(tmp_path / "d.npz")
@@ -164,26 +165,28 @@ def test_zip_without_arrays_and_unknown_files_are_refused(tmp_path):
 def test_csv_with_header_target_by_name_index_and_default(tmp_path):
     path = write_csv(tmp_path / "d.csv", "a,label,b\n1,0,2\n3,1,4\n5,2,6\n")
     by_name = load_dataset(path, target="label")
-    assert by_name.x.tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert by_name.x.tensors["x"].tolist() == [[1, 2], [3, 4], [5, 6]]
     assert by_name.y.tolist() == [0, 1, 2]
     by_index = load_dataset(path, target="1")
-    assert torch.equal(by_index.x, by_name.x) and torch.equal(by_index.y, by_name.y)
+    assert torch.equal(by_index.x.tensors["x"], by_name.x.tensors["x"]) and torch.equal(
+        by_index.y, by_name.y
+    )
     negative = load_dataset(path, target="-2")
     assert torch.equal(negative.y, by_name.y)
     last = load_dataset(path)
-    assert last.x.tolist() == [[1, 0], [3, 1], [5, 2]]
+    assert last.x.tensors["x"].tolist() == [[1, 0], [3, 1], [5, 2]]
     assert last.y.tolist() == [2, 4, 6]
-    assert last.x.dtype == torch.float64
+    assert last.x.tensors["x"].dtype == torch.float64
 
 
 def test_csv_without_header_with_bom_blank_lines_and_spaces(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes("\ufeff1.5, 2\n\n-3e-1 ,4\n".encode())
     data = load_dataset(path)
-    assert data.x.tolist() == [[1.5], [-0.3]]
+    assert data.x.tensors["x"].tolist() == [[1.5], [-0.3]]
     assert data.y.tolist() == [2, 4]
     assert load_dataset(path, target="0").y.tolist() == [1.5, -0.3]
-    assert load_dataset(path, with_target=False).x.shape == (2, 2)
+    assert load_dataset(path, with_target=False).x.tensors["x"].shape == (2, 2)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +212,7 @@ def test_csv_targets_file(tmp_path):
     write_csv(tmp_path / "x.csv", "1,2\n3,4\n")
     write_csv(tmp_path / "y.csv", "label\n1\n0\n")
     data = load_dataset(tmp_path / "x.csv", targets_path=tmp_path / "y.csv")
-    assert data.x.tolist() == [[1, 2], [3, 4]]
+    assert data.x.tensors["x"].tolist() == [[1, 2], [3, 4]]
     assert data.y.tolist() == [1, 0]
 
 
@@ -258,3 +261,22 @@ def test_targets_file_with_several_tensors_needs_the_key(tmp_path):
         tmp_path / "x.safetensors", y_key="b", targets_path=tmp_path / "t.safetensors"
     )
     assert data.y.tolist() == [1, 1, 1]
+
+
+def test_several_inputs_by_name_from_one_file(tmp_path):
+    x, mask, y = torch.randn(5, 3), torch.ones(5, 7), torch.randn(5)
+    save_file({"feats": x, "mask": mask, "y": y}, str(tmp_path / "d.st"))
+    data = load_dataset(tmp_path / "d.st", x_key=["x=feats", "mask"])
+    assert data.x.names == ["x", "mask"] and len(data) == 5
+    assert torch.equal(data.x.tensors["x"], x) and torch.equal(data.x.tensors["mask"], mask)
+    ids = torch.arange(5)  # among several inputs, a 1-D one stays one value per example
+    save_file({"x": x, "ids": ids, "y": y}, str(tmp_path / "ids.st"))
+    assert load_dataset(tmp_path / "ids.st", x_key=["x", "ids"]).x.tensors["ids"].shape == (5,)
+    with pytest.raises(InputError, match=r"no tensor 'lengths' \(found: feats, mask, y\)"):
+        load_dataset(tmp_path / "d.st", x_key=["feats", "lengths"])
+    save_file({"x": x, "mask": torch.ones(4, 7), "y": y}, str(tmp_path / "short.st"))
+    with pytest.raises(InputError, match=r"short.st: the inputs have different numbers"):
+        load_dataset(tmp_path / "short.st", x_key=["x", "mask"])
+    (tmp_path / "d.csv").write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(InputError, match="a CSV file holds one input"):
+        load_dataset(tmp_path / "d.csv", x_key=["x", "mask"])

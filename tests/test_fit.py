@@ -1,29 +1,19 @@
-"""Tests of bnnify.usecases.fit: the ELBO loop, KL weighting and warm-up, noise, saving."""
+"""Tests of bnnify.usecases.fit: `bnnify.fit` from Python, with files or objects in memory."""
 
 from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
 import pytest
 import torch
-from fit_files import convert_file, save_program, shared_fit_files, single_thread
-from torch import nn
+from fit_files import regression_mlp, shared_fit_files, single_thread, toy_regression
 
-from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood
-from bnnify.errors import DivergedError, InputError
+import bnnify
+from bnnify.enums import Task
+from bnnify.errors import InputError, InvalidArgumentError, OutputExistsError, UsageError
 from bnnify.formats.checkpoint import Checkpoint
-from bnnify.formats.data import Dataset, load_dataset
-from bnnify.formats.model_files import load_model
-from bnnify.usecases.fit import (
-    FitSettings,
-    evaluate,
-    fit,
-    make_likelihood,
-    save_fitted,
-    settings_json,
-)
-from bnnify.usecases.runner import open_runner
+from bnnify.usecases.fit import FitResult
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -39,184 +29,136 @@ def _one_thread():
         yield
 
 
-def open_toy(files, checkpoint=None):
-    ckpt = Checkpoint(checkpoint or files.reg_ckpt)
-    runner = open_runner(load_model(files.reg_model), ckpt)
-    return ckpt, runner
-
-
-def subset(data: Dataset, n: int) -> Dataset:
-    return Dataset(data.x[:n], data.y[:n], data.source)
-
-
-def test_history_has_one_record_per_epoch(files):
-    ckpt, runner = open_toy(files)
-    train = subset(load_dataset(files.reg_train), 128)
-    val = Dataset(train.x[:32], train.y[:32], "val")
+def test_fit_from_files_writes_what_it_returns(files, tmp_path):
+    out = tmp_path / "fitted.safetensors"
     seen = []
-    settings = FitSettings(task="regression", epochs=3, lr=0.01, batch_size=32)
-    history = fit(runner, GaussianLikelihood(), train, settings, val=val, on_epoch=seen.append)
-    assert [r["epoch"] for r in history] == [1, 2, 3]
-    assert seen == history
-    for record in history:
-        assert set(record) == {"epoch", "loss", "nll", "kl", "elbo", "beta", "noise", "val"}
-        assert record["elbo"] == pytest.approx(-(record["nll"] + record["kl"] / 128))
-        assert set(record["val"]) == {"rmse", "log_likelihood"}
-        assert record["kl"] > 0 and record["noise"] > 0
-    ckpt.close()
-
-
-@pytest.mark.parametrize("kl_weight", [0.5, 2.0])
-def test_loss_is_nll_plus_weighted_warmed_up_kl_per_example(files, kl_weight):
-    # With lr = 0 nothing moves, so every step's KL is the same and the epoch's loss is
-    # nll + kl_weight * mean(beta over its steps) * KL / N, beta rising by 1/8 per step.
-    ckpt, runner = open_toy(files)
-    train = subset(load_dataset(files.reg_train), 64)
-    settings = FitSettings(
-        task="regression", epochs=3, lr=0.0, batch_size=16, kl_weight=kl_weight, warmup_epochs=2
+    result = bnnify.fit(
+        files.reg_ckpt,
+        files.reg_model,
+        files.reg_train,
+        task="regression",
+        epochs=2,
+        val_split=0.25,
+        output=out,
+        on_epoch=seen.append,
     )
-    history = fit(runner, GaussianLikelihood(), train, settings)
-    kl = float(runner.bnn.kl_divergence().detach())
-    mean_betas = [sum(range(1, 5)) / 4 / 8, sum(range(5, 9)) / 4 / 8, 1.0]
-    for record, beta in zip(history, mean_betas, strict=True):
-        assert record["kl"] == pytest.approx(kl)
-        expected = record["nll"] + kl_weight * beta * kl / 64
-        assert record["loss"] == pytest.approx(expected, rel=1e-5)
-    assert [r["beta"] for r in history] == pytest.approx([0.5, 1.0, 1.0])
-    ckpt.close()
+    assert isinstance(result, FitResult) and result.output == out
+    assert result.task is Task.REGRESSION and result.settings.epochs == 2
+    assert (result.n_train, result.n_val) == (384, 128)
+    assert result.history == seen and result.final == seen[-1]
+    assert set(result.final["val"]) == {"rmse", "log_likelihood"}
+    with Checkpoint(out) as fitted:
+        assert fitted.fit == json.loads(json.dumps(result.info()))
+        assert fitted.fit["model"] == result.model
+    data = result.to_json()
+    assert data["output"] == str(out) and data["task"] == "regression"
+    json.dumps(data)  # the --json output is plain JSON
 
 
-def test_zero_kl_weight_makes_the_loss_the_nll(files):
-    ckpt, runner = open_toy(files)
-    train = subset(load_dataset(files.reg_train), 64)
-    settings = FitSettings(task="regression", epochs=2, lr=0.01, batch_size=16, kl_weight=0.0)
-    for record in fit(runner, GaussianLikelihood(), train, settings):
-        assert record["loss"] == record["nll"]
-    ckpt.close()
+def test_the_default_output_is_beside_the_checkpoint(files, tmp_path):
+    checkpoint = tmp_path / "toy.bnn.safetensors"
+    checkpoint.write_bytes(files.reg_ckpt.read_bytes())
+    result = bnnify.fit(checkpoint, files.reg_model, files.reg_train, task="regression", epochs=1)
+    assert result.output == tmp_path / "toy.bnn.fit.safetensors" and result.output.is_file()
+    with pytest.raises(OutputExistsError):
+        bnnify.fit(checkpoint, files.reg_model, files.reg_train, task="regression", epochs=1)
 
 
-def test_noise_starts_at_the_rmse_of_the_mean_model(files):
-    ckpt, runner = open_toy(files)
-    train = subset(load_dataset(files.reg_train), 100)
-    with torch.no_grad():
-        rmse = float((runner.mean_forward(train.x) - train.y).square().mean().sqrt())
-    likelihood = GaussianLikelihood()
-    fit(runner, likelihood, train, FitSettings(task="regression", epochs=1, lr=0.0))
-    assert float(likelihood.noise.detach()) == pytest.approx(rmse, rel=1e-5)
-    kept = GaussianLikelihood(noise=0.5)
-    settings = FitSettings(task="regression", epochs=1, lr=0.0)
-    fit(runner, kept, train, settings, init_noise=False)
-    assert float(kept.noise.detach()) == pytest.approx(0.5)
-    ckpt.close()
+def test_a_pipeline_in_memory(tmp_path):
+    """An nn.Module and tensors, no model file: convert, fit, predict."""
+    x, y = toy_regression(96, seed=3)
+    net = regression_mlp().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    converted = bnnify.convert(net, output=tmp_path / "net.bnn.safetensors")
+    assert converted.source["format"] == "module"
+    fitted = bnnify.fit(converted.outputs[0], net, (x, y), task="regression", epochs=2, lr=0.01)
+    prediction = bnnify.predict(fitted.output, net, x, targets=y, samples=4)
+    assert prediction.summary["examples"] == 96 and "bayesian" in prediction.metrics
+    # The module given is left as it was: still a plain module with its weights.
+    assert all(isinstance(p, torch.nn.Parameter) for p in net.parameters())
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key])
+    other = regression_mlp()
+    with pytest.raises(InputError, match="does not match the checkpoint"):
+        bnnify.fit(converted.outputs[0], other, (x, y), task="regression", output=tmp_path / "o")
 
 
-def test_same_seed_same_fit_and_another_seed_another(files):
-    def run(seed):
-        ckpt, runner = open_toy(files)
-        train = subset(load_dataset(files.reg_train), 64)
-        settings = FitSettings(task="regression", epochs=2, lr=0.01, batch_size=16, seed=seed)
-        history = fit(runner, GaussianLikelihood(), train, settings)
-        ckpt.close()
-        return history, runner.bnn.variational[0].mu.detach().clone()
-
-    first, mu_first = run(3)
-    again, mu_again = run(3)
-    other, mu_other = run(4)
-    assert first == again and torch.equal(mu_first, mu_again)
-    assert first != other and not torch.equal(mu_first, mu_other)
-
-
-def test_fitting_improves_the_elbo_of_the_toy_problem(files):
-    ckpt, runner = open_toy(files)
-    train = load_dataset(files.reg_train)
-    settings = FitSettings(task="regression", epochs=15, lr=0.02, batch_size=128)
-    history = fit(runner, GaussianLikelihood(), train, settings)
-    assert history[-1]["elbo"] > history[0]["elbo"]
-    assert history[-1]["kl"] < history[0]["kl"]
-    ckpt.close()
+def test_task_errors(files, tmp_path):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(UsageError, match="choose the task"):
+        bnnify.fit(files.reg_ckpt, files.reg_model, files.reg_train, output=out)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        bnnify.fit(files.reg_ckpt, files.reg_model, files.reg_train, resume=True, output=out)
+    with pytest.raises(UsageError, match="differs from the resumed fit's task"):
+        bnnify.fit(
+            files.reg_fitted,
+            files.reg_model,
+            files.reg_train,
+            task="classification",
+            resume=True,
+            output=out,
+        )
+    assert not out.exists()
 
 
-def test_parameters_kept_deterministic_are_not_trained(tmp_path):
-    net = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 1)).eval()
-    x = torch.randn(40, 2)
-    model = save_program(net, x, tmp_path / "net.pt2")
-    ckpt = convert_file(model, tmp_path / "net.bnn.safetensors", exclude=["2.bias"])
-    with Checkpoint(ckpt) as checkpoint:
-        runner = open_runner(load_model(model), checkpoint)
-        before = runner.bnn.module.get_parameter("2.bias").detach().clone()
-        mu_before = runner.bnn.variational[0].mu.detach().clone()
-        data = Dataset(x, x.sum(1, keepdim=True), "sum")
-        fit(runner, GaussianLikelihood(), data, FitSettings(task="regression", epochs=3, lr=0.05))
-    assert torch.equal(runner.bnn.module.get_parameter("2.bias"), before)
-    assert not torch.equal(runner.bnn.variational[0].mu, mu_before)
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"lr": -1.0}, "lr must be at least 0"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"val_split": 1.0}, r"val_split must be in \[0, 1\)"),
+    ],
+)
+def test_invalid_settings_are_refused_before_any_work(files, tmp_path, setting, match):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(InvalidArgumentError, match=match):
+        bnnify.fit(
+            files.reg_ckpt,
+            files.reg_model,
+            files.reg_train,
+            task="regression",
+            output=out,
+            **setting,
+        )
+    assert not out.exists()
 
 
-def test_classification_fit_and_evaluation(files):
-    with Checkpoint(files.cls_ckpt) as ckpt:
-        runner = open_runner(load_model(files.cls_model), ckpt)
-        likelihood = make_likelihood("classification", ckpt, resume=False)
-        assert isinstance(likelihood, CategoricalLikelihood)
-        train = load_dataset(files.cls_train)
-        test = load_dataset(files.cls_test)
-        settings = FitSettings(task="classification", epochs=2, lr=0.01, batch_size=100)
-        history = fit(runner, likelihood, train, settings, val=test)
-    assert "noise" not in history[-1]
-    metrics = history[-1]["val"]
-    assert set(metrics) == {"accuracy", "log_likelihood", "ece"}
-    assert metrics["accuracy"] > 0.9
-    assert metrics["log_likelihood"] < 0 and 0 <= metrics["ece"] <= 1
-    again = evaluate(runner, likelihood, test, samples=8, batch_size=7)
-    assert again["accuracy"] == pytest.approx(metrics["accuracy"], abs=0.05)
+def test_resume_continues_the_history(files, tmp_path):
+    out = tmp_path / "again.safetensors"
+    with Checkpoint(files.reg_fitted) as fitted:
+        before = len(fitted.fit["history"])
+    result = bnnify.fit(
+        files.reg_fitted, files.reg_model, files.reg_train, resume=True, epochs=2, output=out
+    )
+    assert result.task is Task.REGRESSION
+    assert [r["epoch"] for r in result.history[before:]] == [before + 1, before + 2]
 
 
-def test_save_fitted_round_trip(files, tmp_path):
-    ckpt, runner = open_toy(files)
-    likelihood = GaussianLikelihood()
-    train = subset(load_dataset(files.reg_train), 64)
-    settings = FitSettings(task="regression", epochs=1, lr=0.01)
-    history = fit(runner, likelihood, train, settings)
-    info = {"task": "regression", "settings": settings_json(settings), "history": history}
-    target = tmp_path / "fitted.safetensors"
-    save_fitted(target, target, ckpt, runner, likelihood, info)
-    with Checkpoint(target) as fitted:
-        assert set(fitted.keys()) == set(ckpt.keys()) | {"bnnify.fit.log_noise"}
-        assert fitted.fit == json.loads(json.dumps(info))
-        assert fitted.fit["settings"]["lr"] == 0.01
-        noise = math.exp(float(fitted.fit_tensors()["bnnify.fit.log_noise"]))
-        assert noise == pytest.approx(float(likelihood.noise.detach()))
-        state = fitted.variational_state()
-        for key, value in runner.bnn.variational_state().items():
-            assert torch.equal(state[key], value)
-        resumed = make_likelihood("regression", fitted, resume=True)
-        assert float(resumed.noise.detach()) == pytest.approx(noise)
-        fresh = make_likelihood("regression", fitted, resume=False)
-        assert float(fresh.noise.detach()) == 1.0
-    ckpt.close()
+def test_fit_confirms_a_recorded_arch_with_its_kwargs(tmp_path):
+    from fit_files import convert_file
 
+    from bnnify.demo import build_model
+    from bnnify.errors import UnsafeInputError
+    from bnnify.formats.spec import resolve_spec
 
-@pytest.mark.parametrize("clip", [10.0, None])
-def test_a_diverging_fit_stops_before_a_non_finite_step(files, clip):
-    _, runner = open_toy(files)
-    before = {k: v.clone() for k, v in runner.bnn.variational_state().items()}
-    train = subset(load_dataset(files.reg_train), 64)
-    settings = FitSettings(task="regression", epochs=3, lr=1e30, batch_size=32, clip=clip)
-    seen = []
-    with pytest.raises(DivergedError, match="training diverged at epoch 1") as error:
-        fit(runner, GaussianLikelihood(), train, settings, on_epoch=seen.append)
-    assert "--lr, now 1e+30" in error.value.hint and error.value.exit_code == 1
-    assert seen == []  # stopped inside the first epoch
-    after = runner.bnn.variational_state()
-    assert all(torch.isfinite(t).all() for t in after.values())  # no non-finite step taken
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-
-
-@pytest.mark.parametrize("where", ["train", "val"])
-def test_data_that_overflow_the_model_are_refused(files, where):
-    _, runner = open_toy(files)
-    good = subset(load_dataset(files.reg_train), 64)
-    huge = Dataset(good.x / good.x.abs().max() * 3e38, good.y, "huge.safetensors")
-    assert torch.isfinite(huge.x).all()  # finite data, yet the model's output overflows
-    train, val = (huge, good) if where == "train" else (good, huge)
-    settings = FitSettings(task="regression", epochs=1, batch_size=32)
-    with pytest.raises(InputError, match=r"huge\.safetensors: the model's output or loss"):
-        fit(runner, GaussianLikelihood(), train, settings, val=val)
+    torch.save(build_model().eval().state_dict(), tmp_path / "demo.pt")
+    samples = Path(__file__).resolve().parent.parent / "sample_configs"
+    spec = resolve_spec(samples / "state_dict_arch.yaml")
+    ckpt = convert_file(tmp_path / "demo.pt", tmp_path / "demo.bnn.safetensors", spec=spec)
+    data = (torch.randn(16, 8), torch.randn(16, 1))
+    out = tmp_path / "fitted.safetensors"
+    with pytest.raises(UnsafeInputError, match="--arch-kwargs"):
+        bnnify.fit(ckpt, tmp_path / "demo.pt", data, task="regression", arch=spec.arch, output=out)
+    assert not out.exists()
+    result = bnnify.fit(
+        ckpt,
+        tmp_path / "demo.pt",
+        data,
+        task="regression",
+        epochs=1,
+        arch=spec.arch,
+        arch_kwargs=spec.arch_kwargs,
+        output=out,
+    )
+    assert result.n_train == 16 and out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -135,6 +136,33 @@ def test_kl_is_non_negative_for_random_posteriors(spec):
         by_name = model.kl_by_parameter()
         assert all(value >= 0 for value in by_name.values())
         assert model.kl_divergence() >= 0
+
+
+@pytest.mark.parametrize("spec", CLOSED_FORM_PRIORS)
+def test_kl_on_the_chosen_device_and_dtype(spec, device, dtype):
+    """`pytest --device cuda --dtype float64` checks the kernels there against float64 CPU."""
+    model = bnn.BayesianModule(_net(torch.float32), "pretrained_gaussian", spec).to(device, dtype)
+    _randomize_(model)
+    kl = model.kl_divergence()
+    assert (kl.device.type, kl.dtype) == (device.type, dtype) and kl >= 0
+    reference = copy.deepcopy(model).to("cpu", torch.float64)
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 2e-2)
+    expected = float(reference.kl_divergence().detach())
+    assert kl.item() == pytest.approx(expected, rel=rtol)
+    kl.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.variational_parameters())
+
+
+def test_kl_is_zero_on_the_chosen_device_when_the_posterior_is_the_prior(device, dtype):
+    prior = ("gaussian", {"mu": 0.25, "sigma": 0.5})
+    model = bnn.BayesianModule(_net(torch.float32), prior=prior).to(device, dtype)
+    with torch.no_grad():
+        model.variational[0].mu.fill_(0.25)
+        model.variational[0].rho.copy_(
+            inverse_softplus(torch.full_like(model.variational[0].rho, 0.5))
+        )
+    atol = {torch.float64: 1e-12, torch.float32: 1e-4}.get(dtype, 1e-1)
+    assert abs(model.kl_divergence().item()) < atol
 
 
 def test_scale_mixture_kl_is_positive_for_random_posteriors():

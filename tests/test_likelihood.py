@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood
+from bnnify.bnn.likelihood import (
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    class_labels,
+    classes_last,
+)
 from bnnify.errors import InputError
 
 
@@ -80,7 +85,9 @@ def test_categorical_check_accepts_valid_labels():
         (torch.zeros(4, 3), torch.tensor([0, 1, 3, 2]), r"\[0, 2\] .* 3 outputs; found 0\.\.3"),
         (torch.zeros(4, 3), torch.tensor([-1, 1, 2, 2]), r"found -1\.\.2"),
         (torch.zeros(2, 3), torch.tensor([0.5, 1.0]), "must be class indices"),
-        (torch.zeros(2, 3, 2), torch.tensor([0, 1]), r"shape \(batch, classes\).*\(2, 3, 2\)"),
+        (torch.zeros(2), torch.tensor([0, 1]), r"shape \(batch, \.\.\., classes\).*\(2,\)"),
+        (torch.zeros(2, 3, 2), torch.tensor([0, 1]), r"labels of shape \(2,\) do not match"),
+        (torch.zeros(3, 2), torch.zeros(3, 2), r"labels of shape \(3, 2\) do not match"),
     ],
 )
 def test_categorical_check_refuses_bad_labels(output, target, message):
@@ -92,3 +99,52 @@ def test_tasks_are_named():
     assert GaussianLikelihood.task == "regression"
     assert CategoricalLikelihood.task == "classification"
     assert math.isclose(float(GaussianLikelihood().noise.detach()), 1.0)
+
+
+# ------------------------------------------- classes beyond (batch, classes)
+
+
+def test_per_token_nll_sums_the_cross_entropy_of_every_position():
+    logits = torch.randn(4, 5, 3)
+    labels = torch.randint(0, 3, (4, 5))
+    nll = CategoricalLikelihood().nll(logits, labels)
+    expected = torch.zeros(4)
+    for b in range(4):
+        for t in range(5):
+            expected[b] -= logits[b, t].log_softmax(0)[labels[b, t]]
+    assert nll.shape == (4,)
+    assert torch.allclose(nll, expected, atol=1e-5)
+
+
+def test_a_class_dimension_other_than_the_last():
+    logits = torch.randn(2, 3, 4, 5)  # (batch, classes, H, W), as segmentation models give
+    labels = torch.randint(0, 3, (2, 4, 5))
+    moved = classes_last(logits, class_dim=1)
+    assert moved.shape == (2, 4, 5, 3) and torch.equal(moved[1, 2, 3], logits[1, :, 2, 3])
+    assert classes_last(torch.zeros(7, 2, 3, 5), 1, leading=1).shape == (7, 2, 5, 3)
+    by_dim = CategoricalLikelihood(class_dim=1)
+    assert torch.allclose(by_dim.nll(logits, labels), CategoricalLikelihood().nll(moved, labels))
+    by_dim.check(logits, labels)
+    with pytest.raises(InputError, match="class dimension 0 is not"):
+        classes_last(logits, 0)
+    with pytest.raises(InputError, match="class dimension 4 is not") as error:
+        classes_last(logits, 4)
+    assert "between 1 and 3" in error.value.hint
+
+
+def test_labels_with_a_unit_last_axis_are_squeezed_and_others_refused():
+    logits = torch.randn(6, 3)
+    labels = torch.randint(0, 3, (6,))
+    likelihood = CategoricalLikelihood()
+    assert torch.equal(likelihood.nll(logits, labels[:, None]), likelihood.nll(logits, labels))
+    likelihood.check(logits, labels[:, None])
+    assert class_labels(logits, labels[:, None]).shape == (6,)
+    for bad in (labels[:3], labels.reshape(2, 3), torch.zeros(6, 2), labels[None]):
+        with pytest.raises(InputError, match="do not match predictions of shape"):
+            likelihood.check(logits, bad)
+        with pytest.raises(InputError, match="do not match"):
+            likelihood.nll(logits, bad)
+    tokens = torch.randn(2, 4, 3)
+    likelihood.check(tokens, torch.zeros(2, 4, 1))
+    with pytest.raises(InputError, match=r"labels of shape \(2,\) do not match"):
+        likelihood.check(tokens, torch.zeros(2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ from torch import nn
 
 from bnnify.errors import (
     EXIT_UNSAFE,
+    ArgumentTypeError,
     FormatError,
     InputError,
     InvalidArgumentError,
@@ -30,6 +32,7 @@ from bnnify.formats.model_files import (
     ModelFormat,
     TensorMeta,
     detect_format,
+    from_module,
     load_model,
     sha256_file,
 )
@@ -445,7 +448,7 @@ def test_sharded_checkpoint_errors(saved, tmp_path):
         index.write_text(json.dumps({"weight_map": weight_map}))
 
     write({**original["weight_map"], "extra.weight": original["weight_map"]["0.weight"]})
-    with pytest.raises(FormatError, match=r"lacks.*extra\.weight"):
+    with pytest.raises(FormatError, match=r"lack.*extra\.weight"):
         load_model(index)
     write({**original["weight_map"], "x": "missing.safetensors"})
     with pytest.raises(FormatError, match=r"missing\.safetensors"):
@@ -453,7 +456,7 @@ def test_sharded_checkpoint_errors(saved, tmp_path):
     with pytest.raises(FormatError, match=r"missing\.safetensors"):
         sha256_file(tmp_path)
     write({"x": "../model.safetensors"})
-    with pytest.raises(FormatError, match="outside"):
+    with pytest.raises(UnsafeInputError, match="outside"):
         load_model(index)
     write({"x": 3})
     with pytest.raises(FormatError, match="weight map"):
@@ -508,7 +511,7 @@ def _truncated_safetensors(tmp_path):
         (lambda _: b"name,value\nw,1.0\n", "not a model file"),
         (lambda _: b'{"architectures": ["Bert"]}', "not a safetensors index"),
         (_foreign_zip, "not a PyTorch file"),
-        (_truncated_safetensors, "corrupt safetensors"),
+        (_truncated_safetensors, "not a valid safetensors file"),
     ],
     ids=["empty", "random", "truncated-zip", "text", "json", "foreign-zip", "truncated-st"],
 )
@@ -517,17 +520,17 @@ def test_unreadable_files_are_format_errors(tmp_path, content, match):
     path.write_bytes(content(tmp_path))
     with pytest.raises(FormatError, match=match) as caught:
         load_model(path)
-    if match != "corrupt safetensors":  # recognized as safetensors, then found damaged
+    if match != "not a valid safetensors file":  # recognized as safetensors, then damaged
         assert "Supported formats" in str(caught.value)
 
 
 def test_missing_paths_and_empty_directories(tmp_path):
-    with pytest.raises(InputError, match="no such file") as caught:
+    with pytest.raises(InputError, match="does not exist") as caught:
         load_model(tmp_path / "nope.pt")
     assert not isinstance(caught.value, FormatError)
     with pytest.raises(FormatError, match="holds no"):
         load_model(tmp_path)
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="does not exist"):
         sha256_file(tmp_path / "nope.pt")
 
 
@@ -567,3 +570,21 @@ def test_an_invalid_device_is_an_argument_error(tmp_path):
     torch.save({"w": torch.ones(1)}, path)
     with pytest.raises(InvalidArgumentError, match="device"):
         load_model(path, device="gpu0")
+
+
+def test_a_module_in_memory_is_a_model_of_format_module():
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    model = from_module(net)
+    assert model.format is ModelFormat.MODULE and model.module is net
+    assert model.names() == list(net.state_dict())
+    assert model.meta("1.running_mean").kind == "buffer"
+    assert model.meta("0.weight").kind == "parameter"
+    assert torch.equal(model.tensor("0.weight"), net[0].weight.detach())
+    # The digest is that of the state dict: equal for equal weights, else different.
+    twin = copy.deepcopy(net)
+    assert from_module(twin).sha256 == model.sha256
+    with torch.no_grad():
+        twin[0].bias.add_(1e-6)
+    assert from_module(twin).sha256 != model.sha256
+    with pytest.raises(ArgumentTypeError, match="got dict"):
+        from_module({"weight": torch.ones(1)})

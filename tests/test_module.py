@@ -558,6 +558,47 @@ def test_variational_state_round_trip():
         fresh.load_variational_state({**state, "0.bias.mu": torch.zeros(4)})
 
 
+# ------------------------------------------------ public view for the upper layers
+
+
+def test_device_dtype_and_variational_parameters(device, dtype):
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = bnn.BayesianModule(net, exclude=["1.*"]).to(device, dtype)
+    assert (model.device.type, model.dtype) == (device.type, dtype)
+    assert model.kl_divergence().dtype == dtype
+    trained = list(model.variational_parameters())
+    assert {id(p) for p in trained} == {id(p) for s in model.variational for p in s.parameters()}
+    kept = {id(p) for p in net[1].parameters()}
+    assert kept and not kept & {id(p) for p in trained}
+    assert {id(p) for p in model.parameters()} == {id(p) for p in trained} | kept
+
+
+def test_reparametrized_parameters_with_their_posterior_and_prior(device, dtype):
+    net = nn.Linear(3, 2).to(device, dtype)
+    weight = net.weight.detach().clone()
+    model = bnn.BayesianModule(net, "pretrained_gaussian", ("laplace", {"scale": 0.5}))
+    params = list(model.reparametrized_parameters())
+    assert [p.name for p in params] == model.reparametrized_names() == ["weight", "bias"]
+    first = params[0]
+    assert first.aliases == ("weight",) and first.shape == (2, 3)
+    assert torch.equal(first.posterior.mean, weight)
+    assert first.posterior.mean.device.type == device.type
+    assert isinstance(first.prior, bnn.LaplacePrior) and float(first.prior.scale) == 0.5
+    # The posterior reads the storage: a change of mu shows through.
+    with torch.no_grad():
+        model.variational[0].mu.zero_()
+    assert not first.posterior.mean.any()
+
+
+def test_variational_state_keys_are_the_key_scheme():
+    from bnnify.bnn.keys import posterior_key, prior_key
+
+    model = bnn.BayesianModule(nn.Linear(2, 2), prior="empirical_gaussian")
+    expected = {posterior_key(n, r) for n in ("weight", "bias") for r in ("mu", "rho")}
+    expected |= {prior_key(n, "mu") for n in ("weight", "bias")}
+    assert set(model.variational_state()) == expected
+
+
 # ---------------------------------------------------------------- logging
 
 
@@ -650,3 +691,64 @@ def test_docstring_examples_run(name):
     flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
     result = doctest.testmod(module, optionflags=flags, verbose=False, report=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------- given weights
+
+
+def test_given_weights_replace_the_samples_and_take_the_gradient(device, dtype):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(device, dtype)
+    model = bnn.BayesianModule(net, local_reparameterization=True)
+    x = torch.randn(5, 3, device=device, dtype=dtype)
+    first = {
+        "0.weight": torch.randn(4, 3, device=device, dtype=dtype, requires_grad=True),
+        "0.bias": torch.randn(4, device=device, dtype=dtype, requires_grad=True),
+    }
+    zeros = {
+        "2.weight": torch.zeros(2, 4, device=device, dtype=dtype),
+        "2.bias": torch.ones(2, device=device, dtype=dtype),
+    }
+    with model.given_weights(first):
+        one, two = model(x), model(x)
+        assert model.predictive_estimator(x).estimator is bnn.Estimator.FROZEN_SAMPLE
+        assert model.sample_parameters()["0.weight"] is first["0.weight"]
+        with model.given_weights(zeros):  # nested: the inner values, then the outer ones
+            assert torch.equal(model(x), torch.ones(5, 2, device=device, dtype=dtype))
+        assert model.sample_parameters()["2.bias"] is not zeros["2.bias"]
+    assert not torch.equal(one, two)  # the second layer is still sampled
+    every = {**first, **{k: torch.randn_like(v).requires_grad_() for k, v in zeros.items()}}
+    with model.given_weights(every):
+        model(x).sum().backward()
+    assert first["0.weight"].grad.abs().sum() > 0 and every["2.weight"].grad.abs().sum() > 0
+    assert model.variational[0].mu.grad is None  # the posterior took no gradient
+    with pytest.raises(ValueError, match=r"'0\.weight' has shape"):
+        model.given_weights({"0.weight": torch.zeros(3, 4)})
+    with pytest.raises(ValueError, match="'nope' is not reparametrized"):
+        model.given_weights({"nope": torch.zeros(1)})
+
+
+def test_predict_samples_passes_several_inputs_and_keywords_to_every_pass():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, mask, scale: float = 1.0):
+            return self.lin(x) * mask * scale
+
+    model = bnn.BayesianModule(Scaled())
+    x, mask = torch.randn(4, 3), torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    samples = model.predict_samples(x, mask, num_samples=6, scale=0.0)
+    assert samples.shape == (6, 4, 2) and torch.equal(samples, torch.zeros(6, 4, 2))
+    samples = model.predict_samples(x, mask=mask, num_samples=6)
+    assert samples[:, 1].abs().sum() == 0 and samples[:, 0].std(0).min() > 0
+    choice = model.predictive_estimator(x, mask=mask)
+    assert choice.estimator is bnn.Estimator.WEIGHT_SAMPLING
+    assert choice.reason == "the model is given keyword arguments (mask), not one tensor"
+    with model.local_reparameterization():
+        # The user's assertion: every pass samples the Linear pre-activations per row.
+        local = model.predict_samples(x, mask, num_samples=6)
+        assert (
+            model.predictive_estimator(x, mask).estimator is bnn.Estimator.LOCAL_REPARAMETERIZATION
+        )
+    assert local.shape == (6, 4, 2) and local[:, 1].abs().sum() == 0

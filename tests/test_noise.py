@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bnnify.bnn import noise as noise_module
-from bnnify.bnn.noise import NoiseMode, NoisePool, ShiftedNoise, check_noise, signs
+from bnnify.bnn.noise import NoisePool, ShiftedNoise, signs
+from bnnify.enums import NoiseMode
 from bnnify.errors import InvalidArgumentError
 
 CPU = torch.device("cpu")
@@ -46,11 +47,11 @@ def test_the_pool_lends_a_buffer_until_it_is_released():
     assert pool.draw(10, torch.float64, CPU).tensor.dtype == torch.float64
 
 
-def test_check_noise_names_the_modes():
-    assert check_noise("SHIFTED") is NoiseMode.SHIFTED
-    assert check_noise(NoiseMode.FRESH) is NoiseMode.FRESH
-    with pytest.raises(InvalidArgumentError, match="'fresh', 'shifted'"):
-        check_noise("cheap")
+def test_noise_mode_parses_the_words():
+    assert NoiseMode.parse("SHIFTED") is NoiseMode.SHIFTED
+    assert NoiseMode.parse(NoiseMode.FRESH) is NoiseMode.FRESH
+    with pytest.raises(InvalidArgumentError, match="fresh, shifted"):
+        NoiseMode.parse("cheap")
 
 
 def test_signs_are_balanced_and_differ_between_seeds_and_neighbours():

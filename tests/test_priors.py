@@ -59,8 +59,8 @@ def test_get_prior_default_and_argument_order():
     default = bnn.get_prior(None, param)
     assert type(default) is bnn.GaussianPrior
     assert float(default.mu) == 0.0 and float(default.sigma) == 1.0
-    swapped = bnn.get_prior(param, "laplace")
-    assert type(swapped) is bnn.LaplacePrior and swapped.shape == (2, 5)
+    with pytest.raises(InvalidArgumentError, match="invalid prior spec"):
+        bnn.get_prior(param, "laplace")  # the spec comes first
     by_shape = bnn.get_prior(("gaussian", {"sigma": 3.0}), shape=(7,), dtype=torch.float64)
     assert by_shape.shape == (7,) and by_shape.sigma.dtype == torch.float64
 

@@ -163,7 +163,6 @@ def test_register_factory_function_resolves_lazily_and_once():
 def test_register_decorator_returns_the_class():
     assert bnn.PriorFactory.register("student_t")(StudentTPrior) is StudentTPrior
     assert bnn.PriorFactory["Student_T"] is StudentTPrior
-    assert bnn.PriorFactory.canonical_name(StudentTPrior) == "student_t"
 
 
 def test_registrations_are_undone_between_tests():
@@ -177,12 +176,6 @@ def test_factory_returning_a_foreign_class_is_refused(returned):
     bnn.PriorFactory.register_factory_function("broken")(lambda: returned)
     with pytest.raises(InvalidArgumentError, match="not a subclass of Prior"):
         bnn.PriorFactory["broken"]
-
-
-def test_canonical_name():
-    assert bnn.PriorFactory[bnn.PriorFactory.canonical_name(bnn.LaplacePrior)] is bnn.LaplacePrior
-    assert bnn.PriorFactory.canonical_name(bnn.GaussianPrior) in {"gaussian", "normal"}
-    assert bnn.PriorFactory.canonical_name(StudentTPrior) is None
 
 
 def test_fresh_factory_is_empty_and_typed():

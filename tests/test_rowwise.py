@@ -197,3 +197,14 @@ def test_modes_are_reported():
         samples = model.predict_samples(x, num_samples=3)
         assert torch.equal(samples[0], samples[2])
     assert str(model.predictive_estimator(x)).startswith("local_reparameterization (")
+
+
+def test_several_inputs_or_keyword_arguments_are_not_proven_row_wise():
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.zeros(5, 3)
+    assert rowwise_refusal(mlp, [x]) is None
+    assert rowwise_refusal(mlp, [x, x]) == "the model is given 2 inputs, not one tensor"
+    assert rowwise_refusal(mlp, [x], {"sr": 16000}) == (
+        "the model is given keyword arguments (sr), not one tensor"
+    )
+    assert rowwise_refusal(mlp, [x, 16000]) == "the model is given 2 inputs, not one tensor"

@@ -8,10 +8,11 @@ from fit_files import convert_file, save_program, save_script
 from torch import nn
 from torch.func import functional_call
 
+import bnnify
 from bnnify.demo import build_model
 from bnnify.errors import InputError, UnsafeInputError, UsageError
 from bnnify.formats.checkpoint import Checkpoint
-from bnnify.formats.model_files import load_model
+from bnnify.formats.model_files import from_module, load_model
 from bnnify.usecases.runner import ModuleRunner, ScriptRunner, check_input, open_runner
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -140,7 +141,9 @@ def test_runners_cast_float64_data_to_the_model_dtype(tmp_path):
     output = check_input(runner, x)
     assert output.dtype == torch.float32
     assert torch.allclose(output, net(x[:2].float()), atol=1e-6)
-    assert runner.cast_input(torch.arange(3)).dtype == torch.int64  # indices stay integers
+    cast = runner.cast_inputs({"x": torch.arange(3), "w": torch.ones(3, dtype=torch.float64)})
+    assert cast.tensors["x"].dtype == torch.int64  # indices stay integers
+    assert cast.tensors["w"].dtype == torch.float32
 
 
 def test_export_program_runs_in_place(tmp_path):
@@ -223,3 +226,73 @@ def test_inputs_of_the_wrong_shape_name_the_shape(tmp_path):
     runner = script_runner(tmp_path, mlp(), "mlp")
     with pytest.raises(InputError, match=r"inputs of shape \(5,\) per example, dtype float32"):
         check_input(runner, torch.randn(4, 5))
+
+
+# ------------------------------------- the reach check of the in-place runner
+
+
+def module_runner(folder, net, name):
+    ckpt = bnnify.convert(net, output=folder / f"{name}.bnn.safetensors").outputs[0]
+    with Checkpoint(ckpt) as checkpoint:
+        return open_runner(from_module(net), checkpoint)
+
+
+@pytest.mark.parametrize("call", ["forward", "predict_samples", "mean_forward", "check_input"])
+def test_a_module_reading_a_cached_copy_of_a_weight_is_refused(tmp_path, call):
+    from multi_input_models import CachedWeight
+
+    runner = module_runner(tmp_path, CachedWeight(cached=True), "cached")
+    assert isinstance(runner, ModuleRunner)
+    x = torch.randn(4, 3)
+    run = {
+        "forward": lambda: runner(x),
+        "predict_samples": lambda: runner.predict_samples(x, 3),
+        "mean_forward": lambda: runner.mean_forward(x),
+        "check_input": lambda: check_input(runner, x),
+    }[call]
+    message = r"does not depend on the Bayesian parameter\(s\) 'lin.weight'"
+    with pytest.raises(InputError, match=message) as error:
+        run()
+    assert "--exclude 'lin.weight'" in error.value.hint and "__init__" in error.value.hint
+
+
+def test_a_module_reading_its_weight_passes_the_check_once_and_samples(tmp_path):
+    from multi_input_models import CachedWeight
+
+    runner = module_runner(tmp_path, CachedWeight(cached=False), "read")
+    x = torch.randn(4, 3)
+    torch.manual_seed(3)
+    first = runner.predict_samples(x, 50)  # checks, once
+    assert first.std(0).min() > 0
+    torch.manual_seed(3)
+    # The check drew no random numbers: the same seed gives the same samples without it.
+    assert torch.equal(runner.predict_samples(x, 50), first)
+
+
+def test_several_inputs_are_batched_together_and_constants_pass_unchanged(tmp_path):
+    from multi_input_models import MaskedRegressor
+
+    net = MaskedRegressor().eval()
+    runner = module_runner(tmp_path, net, "masked")
+    x, mask = torch.randn(11, 3), (torch.rand(11, 1) > 0.5).float()
+    means = runner.predict_batches({"x": x, "mask": mask}, 1, batch_size=4, mean=True)
+    with torch.no_grad():
+        assert torch.allclose(means[0], net(x, mask), atol=1e-6)
+    samples = runner.predict_batches({"mask": mask, "x": x}, 5, batch_size=4)
+    assert samples.shape == (5, 11, 1)
+    estimator = runner.estimator({"x": x, "mask": mask})
+    assert estimator.estimator.value == "weight_sampling"
+    assert estimator.reason == "the model is given 2 inputs, not one tensor"
+
+
+@pytest.mark.parametrize("kind", ["script", "module"])
+def test_a_model_that_keeps_state_between_calls_is_refused(tmp_path, kind):
+    from multi_input_models import Streaming
+
+    net = Streaming().eval()
+    if kind == "script":
+        runner = script_runner(tmp_path, net, "streaming")
+    else:
+        runner = module_runner(tmp_path, net, "streaming")
+    with pytest.raises(InputError, match="keeps state between calls"):
+        check_input(runner, torch.randn(4, 3))

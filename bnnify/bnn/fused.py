@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnnify.bnn import kernels
-from bnnify.bnn.noise import Lease, NoiseMode, NoisePool, ShiftedNoise
+from bnnify.bnn.noise import Lease, NoisePool, ShiftedNoise
 from bnnify.bnn.store import GaussianStore
+from bnnify.enums import NoiseMode
 
 __all__ = ["MIN_COMPILE_NUMEL", "FusedSampler"]
 

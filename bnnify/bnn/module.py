@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from bnnify.bnn.collect import Entry, collect_parameters, linear_pairs, select
+from bnnify.bnn.build import Reparametrized, allocate_stores, build_parameters, check_module
+from bnnify.bnn.collect import collect_parameters, linear_pairs, select
 from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
 from bnnify.bnn.fused import FusedSampler
-from bnnify.bnn.noise import check_noise
-from bnnify.bnn.posteriors import PosteriorFactory, get_posterior, initialize_into, is_flat
-from bnnify.bnn.priors import get_prior
+from bnnify.bnn.keys import posterior_key, prior_key
+from bnnify.bnn.posteriors import PosteriorFactory, is_flat
 from bnnify.bnn.registry import Spec, parse_spec
-from bnnify.bnn.reparametrize import Sampler, Slot, install_
-from bnnify.bnn.rowwise import Estimator, EstimatorChoice, choose_estimator
-from bnnify.bnn.store import GaussianStore
-from bnnify.errors import (
-    ArgumentTypeError,
-    BnnifyError,
-    FormatError,
-    InvalidArgumentError,
-    UsageError,
-)
+from bnnify.bnn.reparametrize import Sampler, Slot
+from bnnify.bnn.rowwise import Estimator, EstimatorChoice, batch_refusal, choose_estimator
+from bnnify.enums import NoiseMode
+from bnnify.errors import FormatError, InvalidArgumentError, UsageError
 
-__all__ = ["BayesianModule"]
-
-logger = logging.getLogger("bnnify")
+__all__ = ["BayesianModule", "Reparametrized"]
 
 
 class BayesianModule(nn.Module):
@@ -107,7 +98,9 @@ class BayesianModule(nn.Module):
         noise: str = "fresh",
     ):
         super().__init__()
-        _check_module(module)
+        check_module(module)
+        if isinstance(module, BayesianModule):
+            raise UsageError("the module is already a BayesianModule", hint="Wrap a module once.")
         self.posterior_spec = parse_spec(variational_posterior, "gaussian", "posterior")
         self.prior_spec = parse_spec(prior, "gaussian", "prior")
         packed = is_flat(PosteriorFactory[self.posterior_spec[0]])
@@ -115,11 +108,9 @@ class BayesianModule(nn.Module):
         first = entries[0].param
         lrt = linear_pairs(module, entries) if packed else {}
         self.module = module
-        self.variational = nn.ModuleList()
+        stores, lrt_ends = allocate_stores(entries, lrt) if packed else ([], [])
+        self.variational = nn.ModuleList(stores)
         self.posteriors = nn.ModuleDict()
-        self.priors = nn.ModuleList()
-        self._slots: list[Slot] = []
-        lrt_ends = self._allocate(entries, lrt) if packed else []
         self._sampler = Sampler(self.variational, self.posteriors, lrt_ends)
         self._sampler.local = bool(local_reparameterization)
         self.register_buffer(
@@ -128,8 +119,12 @@ class BayesianModule(nn.Module):
             persistent=False,
         )
         del first
-        with _verbose_logging(verbose or bool(debug)):
-            self._build(entries)
+        specs = (self.posterior_spec, self.prior_spec)
+        slots, priors = build_parameters(
+            entries, specs, self.variational, self.posteriors, self._sampler, verbose or bool(debug)
+        )
+        self._slots: list[Slot] = slots
+        self.priors = nn.ModuleList(priors)
         for layer, (weight, bias) in lrt.items():
             layer.__dict__["_bnnify_lrt"] = (weight.slot, None if bias is None else bias.slot)
         self._divergence = Divergence(self.variational, self._slots, self.priors, self.posteriors)
@@ -140,61 +135,6 @@ class BayesianModule(nn.Module):
         # Loading a state_dict changes the priors' values, which the segments read.
         self.register_load_state_dict_post_hook(_refresh_segments)
         self.training = module.training
-
-    def _allocate(self, entries: list[Entry], lrt: dict) -> list[int]:
-        """Creates the flat stores and orders their slots, local-trick Linears first."""
-        eligible = {id(e) for pair in lrt.values() for e in pair if e is not None}
-        groups: dict[tuple, list[Entry]] = {}
-        for entry in entries:
-            groups.setdefault((entry.param.dtype, entry.param.device), []).append(entry)
-        lrt_ends = []
-        for (dtype, device), group in groups.items():
-            group.sort(key=lambda e: id(e) not in eligible)
-            shapes = [e.param.shape for e in group]
-            store = GaussianStore([e.name for e in group], shapes, dtype, device)
-            for index, entry in enumerate(group):
-                entry.store, entry.index = len(self.variational), index
-            self.variational.append(store)
-            lrt_ends.append(sum(id(e) in eligible for e in group))
-        entries.sort(key=lambda e: (e.store, e.index))
-        return lrt_ends
-
-    def _build(self, entries: list[Entry]) -> None:
-        for entry in entries:
-            param, entry.param = entry.param.detach(), None
-            slot = Slot(entry.name, entry.aliases, param.shape, self._sampler)
-            try:
-                if entry.store is not None:
-                    # Written straight into the flat storage: no parameter-sized copies.
-                    store = self.variational[entry.store]
-                    with torch.no_grad():
-                        mu, rho = (store.view(t, entry.index) for t in (store.mu, store.rho))
-                        initialize_into(self.posterior_spec, mu, rho, param)
-                    slot.store, slot.index = entry.store, entry.index
-                else:
-                    slot.index = entry.name.replace(".", ":")
-                    self.posteriors[slot.index] = get_posterior(self.posterior_spec, param)
-                prior = get_prior(self.prior_spec, param)
-            except BnnifyError as error:
-                message = f"parameter {entry.name!r}: {error.message}"
-                raise type(error)(message, hint=error.hint) from None
-            self.priors.append(prior)
-            entry.slot = slot
-            self._slots.append(slot)
-            logger.info(
-                "reparametrized %s shape=%s elements=%d dtype=%s posterior=%s prior=%s",
-                entry.name,
-                tuple(param.shape),
-                param.numel(),
-                str(param.dtype).removeprefix("torch."),
-                self.posterior_spec[0],
-                self.prior_spec[0],
-            )
-            del param
-        # Only once every posterior and prior is built: a bad spec leaves the module untouched.
-        for entry in entries:
-            for owner, attr in entry.owners:
-                install_(owner, attr, entry.slot)
 
     # ------------------------------------------------------------------ forward
 
@@ -207,35 +147,50 @@ class BayesianModule(nn.Module):
             self._sampler.end(draw)
 
     @contextmanager
-    def mean_weights(self) -> Iterator[None]:
-        """Context in which forward passes use the posterior means (deterministic)."""
-        previous, self._sampler.mode = self._sampler.mode, "mean"
+    def _sampler_state(self, attribute: str, value: Any) -> Iterator[None]:
+        previous = getattr(self._sampler, attribute)
+        setattr(self._sampler, attribute, value)
         try:
             yield
         finally:
-            self._sampler.mode = previous
+            setattr(self._sampler, attribute, previous)
 
-    @contextmanager
-    def frozen_sample(self) -> Iterator[None]:
+    def mean_weights(self) -> AbstractContextManager[None]:
+        """Context in which forward passes use the posterior means (deterministic)."""
+        return self._sampler_state("mode", "mean")
+
+    def frozen_sample(self) -> AbstractContextManager[None]:
         """Context in which every forward pass reuses one weight sample.
 
         The noise is drawn once on entry; each pass recomputes the weights from it,
         so gradients reach the current `mu` and `rho` and several backward passes work.
         """
-        previous, self._sampler.frozen = self._sampler.frozen, self._sampler.freeze()
-        try:
-            yield
-        finally:
-            self._sampler.frozen = previous
+        return self._sampler_state("frozen", self._sampler.freeze())
 
-    @contextmanager
-    def local_reparameterization(self, enabled: bool = True) -> Iterator[None]:
+    def given_weights(self, values: Mapping[str, Tensor]) -> AbstractContextManager[None]:
+        """Context in which forward passes use `values` (by parameter name) as the weights.
+
+        The other parameters are sampled as usual. Gradients flow to the given tensors,
+        not to the posterior: run the model with weights of your choice, or check with
+        leaf tensors that every weight reaches the output (`bnnify.bnn.reach`).
+
+        Raises:
+            InvalidArgumentError: For a name that is not reparametrized, or a shape
+                that is not the parameter's.
+        """
+        slots = {alias: slot for slot in self._slots for alias in slot.aliases}
+        given = {}
+        for name, value in values.items():
+            slot = slots.get(name)
+            if slot is None or tuple(value.shape) != tuple(slot.shape):
+                what = "is not reparametrized" if slot is None else f"has shape {slot.shape}"
+                raise InvalidArgumentError(f"{name!r} {what}: cannot give it {value.shape}")
+            given[id(slot)] = value
+        return self._sampler_state("given", given)
+
+    def local_reparameterization(self, enabled: bool = True) -> AbstractContextManager[None]:
         """Context switching the local reparameterization trick on (or off)."""
-        previous, self._sampler.local = self._sampler.local, bool(enabled)
-        try:
-            yield
-        finally:
-            self._sampler.local = previous
+        return self._sampler_state("local", bool(enabled))
 
     def sample_parameters(self, *, mean: bool = False) -> dict[str, Tensor]:
         """One draw of every reparametrized parameter, by name (tied aliases included)."""
@@ -248,7 +203,7 @@ class BayesianModule(nn.Module):
                 self._sampler.end(draw)
 
     @torch.no_grad()
-    def predict_samples(self, *inputs: Tensor, num_samples: int) -> Tensor:
+    def predict_samples(self, *inputs: Any, num_samples: int, **kwargs: Any) -> Tensor:
         """`num_samples` outputs for the same inputs, stacked on a new first dimension.
 
         By default one forward pass per sample, every weight drawn from its posterior.
@@ -260,16 +215,21 @@ class BayesianModule(nn.Module):
         built with `local_reparameterization=True`, the user's assertion that rows
         are independent examples. Either way samples of different examples are then
         independent, not drawn from shared weights. `predictive_estimator(*inputs)`
-        says which estimator is used, and why.
+        says which estimator is used, and why. Several inputs, or keyword arguments,
+        are passed as they are to every pass (one pass per sample).
         """
         if num_samples < 1:
             raise InvalidArgumentError(f"num_samples must be >= 1, got {num_samples!r}")
-        choice = self.predictive_estimator(*inputs)
-        if choice.estimator is Estimator.LOCAL_REPARAMETERIZATION and not self._batch_refusal():
+        choice = self.predictive_estimator(*inputs, **kwargs)
+        one_tensor = len(inputs) == 1 and isinstance(inputs[0], Tensor) and not kwargs
+        lrt = choice.estimator is Estimator.LOCAL_REPARAMETERIZATION
+        if lrt and one_tensor and not self._batch_refusal():
             output = self._sampler.repeated_pass(self.module, inputs, num_samples)
             if output is not None:
                 return output
-        return torch.stack([self(*inputs) for _ in range(num_samples)])
+            # Only under the user's assertion (a Linear fed 3-D inputs sampled weights).
+            assert self._sampler.local, "the row-wise proof admitted a weight-sampling pass"
+        return torch.stack([self(*inputs, **kwargs) for _ in range(num_samples)])
 
     @property
     def noise(self) -> str:
@@ -282,7 +242,7 @@ class BayesianModule(nn.Module):
 
     @noise.setter
     def noise(self, value: str) -> None:
-        self._noise = check_noise(value)
+        self._noise = NoiseMode.parse(value)
         for fused in self._sampler.fused:
             fused.noise = self._noise
 
@@ -299,7 +259,7 @@ class BayesianModule(nn.Module):
             choices.append("compiled" if reason is None else f"eager ({reason})")
         return choices
 
-    def predictive_estimator(self, *inputs: Tensor) -> EstimatorChoice:
+    def predictive_estimator(self, *inputs: Any, **kwargs: Any) -> EstimatorChoice:
         """The estimator `predict_samples(*inputs, ...)` uses, with the reason.
 
         Example:
@@ -310,20 +270,14 @@ class BayesianModule(nn.Module):
             'the input has shape (5, 2, 3), not (batch, features)'
         """
         sampler = self._sampler
-        modes = (sampler.mode, sampler.frozen is not None, sampler.local)
-        return choose_estimator(modes, self._batch_refusal, self.module, inputs)
+        fixed = sampler.frozen is not None or sampler.given is not None
+        modes = (sampler.mode, fixed, sampler.local)
+        return choose_estimator(modes, self._batch_refusal, self.module, inputs, kwargs)
 
     def _batch_refusal(self) -> str | None:
         """Why one batched local-trick pass cannot serve all samples, or None."""
-        sampler = self._sampler
-        for k, slots in enumerate(self._divergence.store_slots):
-            if len(slots) != sampler.lrt_ends[k]:
-                name = slots[sampler.lrt_ends[k]][1].name
-                return f"{name!r} is not the weight or bias of a plain nn.Linear used once"
-        for slot in self._slots:
-            if slot.store is None:
-                return f"{slot.name!r} has a posterior that is not stored flat"
-        return None
+        slots = self._divergence.store_slots
+        return batch_refusal(slots, self._sampler.lrt_ends, self._slots)
 
     # ---------------------------------------------------------------------- KL
 
@@ -394,14 +348,14 @@ class BayesianModule(nn.Module):
         for i, slot in enumerate(self._slots):
             if slot.store is None:
                 for key, tensor in self.posteriors[slot.index].state_dict().items():
-                    state[f"{slot.name}.{key}"] = tensor
+                    state[posterior_key(slot.name, key)] = tensor
             else:
                 store = self.variational[slot.store]
-                state[f"{slot.name}.mu"] = store.view(store.mu.detach(), slot.index)
-                state[f"{slot.name}.rho"] = store.view(store.rho.detach(), slot.index)
+                state[posterior_key(slot.name, "mu")] = store.view(store.mu.detach(), slot.index)
+                state[posterior_key(slot.name, "rho")] = store.view(store.rho.detach(), slot.index)
             for key, tensor in self.priors[i].named_buffers():
                 if tensor.dim() > 0:
-                    state[f"{slot.name}.prior.{key}"] = tensor
+                    state[prior_key(slot.name, key)] = tensor
         return state
 
     @torch.no_grad()
@@ -440,16 +394,44 @@ class BayesianModule(nn.Module):
         """The posterior of parameter `name` as a distribution (views of the storage)."""
         for slot in self._slots:
             if name in slot.aliases:
-                if slot.store is None:
-                    return self.posteriors[slot.index].distribution
-                store = self.variational[slot.store]
-                start, end = store.span(slot.index)
-                sigma = store.sigma(start, end).view(slot.shape)
-                return Normal(store.view(store.mu, slot.index), sigma)
+                return self._distribution(slot)
         raise InvalidArgumentError(
             f"{name!r} is not a reparametrized parameter",
             hint=f"Reparametrized: {', '.join(self.reparametrized_names()[:10])}.",
         )
+
+    def _distribution(self, slot: Slot) -> Distribution:
+        if slot.store is None:
+            return self.posteriors[slot.index].distribution
+        store = self.variational[slot.store]
+        start, end = store.span(slot.index)
+        sigma = store.sigma(start, end).view(slot.shape)
+        return Normal(store.view(store.mu, slot.index), sigma)
+
+    # ------------------------------------------ public view for the upper layers
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the KL result (of the `_kl_meta` buffer, which follows `.to()`)."""
+        return self._kl_meta.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the KL result (of the `_kl_meta` buffer, which follows `.to()`)."""
+        return self._kl_meta.dtype
+
+    def variational_parameters(self) -> Iterator[nn.Parameter]:
+        """The posteriors' trainable parameters (not the parameters kept deterministic)."""
+        for store in self.variational:
+            yield from store.parameters()
+        yield from self.posteriors.parameters()
+
+    def reparametrized_parameters(self) -> Iterator[Reparametrized]:
+        """Every reparametrized parameter with its posterior and prior, in storage order."""
+        for slot, prior in zip(self._slots, self.priors, strict=True):
+            yield Reparametrized(
+                slot.name, tuple(slot.aliases), slot.shape, self._distribution(slot), prior
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -460,39 +442,3 @@ class BayesianModule(nn.Module):
 
 def _refresh_segments(module: BayesianModule, incompatible_keys: Any) -> None:
     module._divergence.refresh()
-
-
-def _check_module(module: Any) -> None:
-    if not isinstance(module, nn.Module):
-        raise ArgumentTypeError(
-            f"BayesianModule needs an nn.Module, got {type(module).__name__}",
-            hint="Pass the model itself, e.g. BayesianModule(net).",
-        )
-    if isinstance(module, BayesianModule):
-        raise UsageError("the module is already a BayesianModule", hint="Wrap a module once.")
-    if isinstance(module, torch.jit.ScriptModule):
-        raise UsageError(
-            "a TorchScript module cannot be reparametrized in place",
-            hint="Convert TorchScript files with `bnnify convert` or `bnnify.convert()`.",
-        )
-
-
-@contextmanager
-def _verbose_logging(enabled: bool) -> Iterator[None]:
-    """Shows INFO records of the "bnnify" logger on stderr when nothing else would."""
-    if not enabled:
-        yield
-        return
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    handler = None
-    if not logger.hasHandlers():
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("bnnify: %(message)s"))
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-        if handler is not None:
-            logger.removeHandler(handler)

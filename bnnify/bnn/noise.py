@@ -6,19 +6,14 @@ import math
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from enum import Enum
 
 import torch
 from torch import Tensor
 
-from bnnify.errors import InvalidArgumentError
-
 __all__ = [
     "Lease",
-    "NoiseMode",
     "NoisePool",
     "ShiftedNoise",
-    "check_noise",
     "signs",
     "standard_normal",
 ]
@@ -37,33 +32,6 @@ def _reset_pool() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_pool)
-
-
-class NoiseMode(str, Enum):
-    """How a training step draws its weight noise.
-
-    `fresh`: new standard normals for every weight at every step (the default).
-    `shifted`: one buffer of standard normals drawn once, read at every step under
-    a fresh random cyclic shift and fresh random signs (see `ShiftedNoise`).
-    """
-
-    FRESH = "fresh"
-    SHIFTED = "shifted"
-
-
-def check_noise(noise: object) -> NoiseMode:
-    """The `NoiseMode` named by `noise`.
-
-    Raises:
-        InvalidArgumentError: If `noise` names no mode.
-    """
-    try:
-        return NoiseMode(noise.lower() if isinstance(noise, str) else noise)
-    except ValueError:
-        valid = ", ".join(repr(mode.value) for mode in NoiseMode)
-        raise InvalidArgumentError(
-            f"unknown noise mode {noise!r}", hint=f"Choose one of {valid}."
-        ) from None
 
 
 def standard_normal(

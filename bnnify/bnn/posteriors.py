@@ -82,8 +82,9 @@ PosteriorFactory: Factory[VariationalPosterior] = Factory("posterior", Variation
 @PosteriorFactory.register("gaussian")
 @PosteriorFactory.register("normal")
 class GaussianPosterior(VariationalPosterior):
-    """Diagonal Gaussian posterior N(mu, sigma^2) with sigma = softplus(rho).
+    """N(mu, softplus(rho)^2); mu ~ N(0, mu_std^2) at start (discards the weights).
 
+    A diagonal Gaussian posterior N(mu, sigma^2) with sigma = softplus(rho).
     `from_param` discards the parameter's values: `mu ~ N(0, mu_std^2)` and a
     constant `rho` (or the `rho` giving the initial `sigma`).
 
@@ -152,11 +153,13 @@ NormalPosterior = GaussianPosterior
 @PosteriorFactory.register("pretrained_gaussian")
 @PosteriorFactory.register("pretrained_normal")
 class PretrainedGaussianPosterior(GaussianPosterior):
-    """Gaussian posterior that starts at a trained model: `mu = w`.
+    """N(w, sigma^2) starting at the trained weights; one of sigma = delta*|w| (MOPED), a
+    constant sigma, or softplus(rho) (default rho=-3); floored at min_sigma.
 
-    The initial spread is one of: `delta` (sigma = delta * |w|, the MOPED recipe of
-    Krishnan et al., 2020), `sigma` (a constant), or `rho` (sigma = softplus(rho);
-    the default, -3, gives sigma ~ 0.049). `min_sigma` floors the spread, so that
+    A Gaussian posterior that starts at a trained model: `mu = w`. The initial spread
+    is one of: `delta` (sigma = delta * |w|, the MOPED recipe of Krishnan et al.,
+    2020), `sigma` (a constant), or `rho` (sigma = softplus(rho); the default, -3,
+    gives sigma ~ 0.049). `min_sigma` floors the spread, so that
     weights at zero keep some uncertainty.
 
     Example:
@@ -353,8 +356,6 @@ def get_posterior(posterior: Spec | None, param: Tensor) -> VariationalPosterior
         KeyError: (`UnknownNameError`) For an unregistered name.
         ValueError: (`InvalidArgumentError`) For invalid keyword arguments.
     """
-    if isinstance(posterior, Tensor):
-        posterior, param = param, posterior
     name, kwargs = parse_spec(posterior, "gaussian", "posterior")
     cls = PosteriorFactory[name]
     try:

@@ -155,7 +155,9 @@ PriorFactory: Factory[Prior] = Factory("prior", Prior)
 @PriorFactory.register("gaussian")
 @PriorFactory.register("normal")
 class GaussianPrior(Prior):
-    """Gaussian prior N(mu, sigma^2), elementwise.
+    """N(mu, sigma^2); closed-form KL.
+
+    A Gaussian prior, elementwise.
 
     Args:
         mu: Mean (float or tensor broadcastable to the parameter).
@@ -202,10 +204,11 @@ NormalPrior = GaussianPrior
 
 @PriorFactory.register("empirical_gaussian")
 class EmpiricalGaussianPrior(GaussianPrior):
-    """Empirical-Bayes Gaussian prior centred on the pretrained weights, N(w0, sigma^2).
+    """N(w0, sigma^2) centred on the pretrained weights (empirical Bayes); closed-form KL.
 
-    Built from the parameter it is placed on: the mean is a copy of its values at
-    conversion time (one tensor of the parameter's size, stored once).
+    An empirical-Bayes Gaussian prior, built from the parameter it is placed on: the
+    mean is a copy of its values at conversion time (one tensor of the parameter's
+    size, stored once).
 
     Args:
         sigma: Standard deviation, > 0.
@@ -225,10 +228,10 @@ class EmpiricalGaussianPrior(GaussianPrior):
 
 @PriorFactory.register("laplace")
 class LaplacePrior(Prior):
-    """Laplace prior with density exp(-|w - mu| / scale) / (2 scale), elementwise.
+    """Laplace(mu, scale); closed-form KL from a Gaussian posterior.
 
-    Its KL divergence from a Gaussian posterior N(m, s^2) has a closed form; with
-    d = m - mu:
+    The density is exp(-|w - mu| / scale) / (2 scale), elementwise. Its KL divergence
+    from a Gaussian posterior N(m, s^2) has a closed form; with d = m - mu:
 
         KL = log(2 scale / s) - (1 + log(2 pi)) / 2
              + (s sqrt(2/pi) exp(-d^2 / (2 s^2)) + d erf(d / (s sqrt 2))) / scale
@@ -284,8 +287,9 @@ def _kl_normal_laplace(p: Normal, q: Laplace) -> Tensor:
 
 @PriorFactory.register("scale_mixture")
 class ScaleMixturePrior(Prior):
-    """Scale mixture of two zero-mean Gaussians (Blundell et al., 2015), elementwise.
+    """pi N(0, sigma1^2) + (1 - pi) N(0, sigma2^2) (Blundell et al.); Monte Carlo KL.
 
+    A scale mixture of two zero-mean Gaussians (Blundell et al., 2015), elementwise:
     p(w) = pi N(w; 0, sigma1^2) + (1 - pi) N(w; 0, sigma2^2), with sigma1 > sigma2
     usually: a wide component and a spike near zero. Its KL divergence from a
     Gaussian posterior has no closed form: pass `approx_num_samples`.
@@ -348,8 +352,6 @@ def get_prior(prior: Spec | None, param: Tensor | None = None, **factory: Any) -
         KeyError: (`UnknownNameError`) For an unregistered name.
         ValueError: (`InvalidArgumentError`) For invalid keyword arguments.
     """
-    if isinstance(prior, Tensor) and not isinstance(param, Tensor):
-        prior, param = param, prior
     name, kwargs = parse_spec(prior, "gaussian", "prior")
     cls = PriorFactory[name]
     try:

@@ -130,13 +130,6 @@ class Factory(Generic[T]):
             self._resolved[key] = cls
         return self._resolved[key]
 
-    def canonical_name(self, cls: type) -> str | None:
-        """The first registered name (in registration order) whose class is `cls`."""
-        for key in self._factories:
-            if self[key] is cls:
-                return key
-        return None
-
 
 def parse_spec(spec: Spec | None, default: Spec, kind: str) -> tuple[str, dict[str, Any]]:
     """Splits a name or `(name, kwargs)` spec into a lower-case name and a kwargs dict.

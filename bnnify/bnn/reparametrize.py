@@ -113,7 +113,7 @@ def install_(module: nn.Module, name: str, slot: Slot) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(
             f"cannot reparametrize {name!r} of a TorchScript module in place",
-            hint="Convert TorchScript files with `bnnify convert`, which works tensor-wise.",
+            hint="Convert TorchScript files with `bnnify convert` (bnnify.convert in Python).",
         )
     del module._parameters[name]
     base = getattr(type(module), "_bnnify_base", type(module))
@@ -147,6 +147,8 @@ class Sampler:
         self.mode = "sample"
         self.local = False
         self.frozen: dict[str, Any] | None = None
+        # id(slot) -> the tensor every read returns (`BayesianModule.given_weights`).
+        self.given: dict[int, Tensor] | None = None
         self.draw: Draw | None = None
         # Per store, its compiled sampler (`bnnify.bnn.fused`), set by BayesianModule.
         self.fused: list[Any] = []
@@ -167,6 +169,8 @@ class Sampler:
 
     def lone_value(self, slot: Slot) -> Tensor:
         """A value for one slot read outside any forward pass."""
+        if self.given is not None and id(slot) in self.given:
+            return self.given[id(slot)]
         if slot.store is None:
             return self._posterior_value(slot)
         store = self.store_of(slot)
@@ -221,6 +225,8 @@ class Sampler:
         draw = self.draw
         if draw is None or not self.local or self.mode != "sample" or self.frozen is not None:
             return None
+        if self.given is not None:
+            return None  # the given weights, whichever layer they belong to
         if input.dim() > 2:
             return None
         return draw.local_linear(module, input, lrt)
@@ -237,7 +243,7 @@ class Draw:
 
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
-        self.values: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = dict(sampler.given or {})
         self.flat: dict[int, list[Tensor]] = {}
         self.local: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         self.local_used: set[int] = set()

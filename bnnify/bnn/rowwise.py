@@ -13,14 +13,20 @@ used once, with no hooks, fed one 2-D tensor. Anything else samples weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Estimator", "EstimatorChoice", "choose_estimator", "rowwise_refusal"]
+__all__ = [
+    "Estimator",
+    "EstimatorChoice",
+    "batch_refusal",
+    "choose_estimator",
+    "rowwise_refusal",
+]
 
 
 class Estimator(str, Enum):
@@ -57,28 +63,33 @@ def choose_estimator(
     batch_refusal: Callable[[], str | None],
     module: nn.Module,
     inputs: Sequence[Any],
+    kwargs: Mapping[str, Any] | None = None,
 ) -> EstimatorChoice:
     """The estimator of `BayesianModule.predict_samples` (see `predictive_estimator`).
 
     Args:
-        modes: The sampler's mode ("sample" or "mean"), whether a sample is frozen,
-            and whether the user turned local reparameterization on.
+        modes: The sampler's mode ("sample" or "mean"), whether the weights are fixed
+            (a frozen sample or given weights), and whether the user turned local
+            reparameterization on.
         batch_refusal: Why the Bayesian parameters do not allow one batched pass.
         module: The wrapped module.
-        inputs: Its inputs.
+        inputs: Its positional inputs.
+        kwargs: Its keyword arguments.
     """
     mode, frozen, local = modes
     if mode != "sample":
         return EstimatorChoice(Estimator.POSTERIOR_MEAN, "inside mean_weights()")
     if frozen:
-        return EstimatorChoice(Estimator.FROZEN_SAMPLE, "inside frozen_sample()")
+        return EstimatorChoice(
+            Estimator.FROZEN_SAMPLE, "inside frozen_sample() or given_weights(): fixed weights"
+        )
     if local:
         return EstimatorChoice(
             Estimator.LOCAL_REPARAMETERIZATION,
             "local_reparameterization=True: the user asserts that rows are independent "
             "examples; Linear layers fed 2-D inputs sample their pre-activations",
         )
-    refusal = batch_refusal() or rowwise_refusal(module, inputs)
+    refusal = batch_refusal() or rowwise_refusal(module, inputs, kwargs)
     if refusal is not None:
         return EstimatorChoice(Estimator.WEIGHT_SAMPLING, refusal)
     return EstimatorChoice(
@@ -86,6 +97,26 @@ def choose_estimator(
         "every Bayesian parameter is in an nn.Linear of an nn.Sequential of row-wise "
         "layers fed (batch, features): the same distribution per example",
     )
+
+
+def batch_refusal(
+    store_slots: Sequence[Sequence[tuple[Any, Any]]], lrt_ends: Sequence[int], slots: Sequence[Any]
+) -> str | None:
+    """Why the Bayesian parameters do not allow one batched local-trick pass, or None.
+
+    Args:
+        store_slots: Per flat store, its `(index, slot)` pairs in storage order.
+        lrt_ends: Per store, the end of its leading range of local-trick slots.
+        slots: Every reparametrized slot.
+    """
+    for k, pairs in enumerate(store_slots):
+        if len(pairs) != lrt_ends[k]:
+            name = pairs[lrt_ends[k]][1].name
+            return f"{name!r} is not the weight or bias of a plain nn.Linear used once"
+    for slot in slots:
+        if slot.store is None:
+            return f"{slot.name!r} has a posterior that is not stored flat"
+    return None
 
 
 # Layers that compute each output row from the same input row alone, whatever their
@@ -120,11 +151,15 @@ _ELEMENTWISE = (
 )
 
 
-def rowwise_refusal(module: nn.Module, inputs: Sequence[Any]) -> str | None:
-    """Why `module(*inputs)` is not provably row-wise, or None when it is.
+def rowwise_refusal(
+    module: nn.Module, inputs: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+) -> str | None:
+    """Why `module(*inputs, **kwargs)` is not provably row-wise, or None when it is.
 
-    Row-wise means: `inputs` is one 2-D tensor `(batch, features)`, and each output
-    row depends on the same input row only, through layers each called once.
+    Row-wise means: `inputs` is one 2-D tensor `(batch, features)` and there are no
+    keyword arguments (a second input, or a constant, reaches code that is not an
+    `nn.Sequential`, which cannot be inspected), and each output row depends on the
+    same input row only, through layers each called once.
 
     Example:
         >>> import torch
@@ -134,6 +169,8 @@ def rowwise_refusal(module: nn.Module, inputs: Sequence[Any]) -> str | None:
         >>> rowwise_refusal(mlp, [torch.zeros(5, 2, 3)])
         'the input has shape (5, 2, 3), not (batch, features)'
     """
+    if kwargs:
+        return f"the model is given keyword arguments ({', '.join(kwargs)}), not one tensor"
     if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
         return f"the model is given {len(inputs)} inputs, not one tensor"
     if inputs[0].dim() != 2:

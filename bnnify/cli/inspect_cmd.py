@@ -11,8 +11,11 @@ from rich.text import Text
 
 from bnnify.cli.options import JsonOpt, QuietOpt
 from bnnify.cli.output import Output, command, human_bytes
+from bnnify.cli.tables import table
 
 __all__ = ["inspect"]
+
+COLUMNS = ("name", "shape", "dtype", "sigma mean", "sigma min", "sigma max", "|mu|/sigma median")
 
 
 @command
@@ -24,27 +27,9 @@ def inspect(
 ) -> None:
     """Show a checkpoint's metadata, per-parameter sigma and signal-to-noise |mu|/sigma."""
     out = Output(json_mode=json, quiet=quiet)
-    from bnnify.formats.checkpoint import Checkpoint
-    from bnnify.usecases.analysis import parameter_stats
+    import bnnify
 
-    with Checkpoint(path) as ckpt:
-        files = sorted(set(ckpt.files.values()) | {ckpt.path})
-        size = sum(f.stat().st_size for f in files)
-        info = {
-            "path": str(path),
-            "files": [str(f) for f in files],
-            "bytes": size,
-            "format": ckpt.metadata["bnnify.format"],
-            "format_version": ckpt.metadata["bnnify.format_version"],
-            "bnnify_version": ckpt.metadata.get("bnnify.version"),
-            "torch_version": ckpt.metadata.get("torch.version"),
-            "source": ckpt.source,
-            "spec": ckpt.spec.to_json(),
-            "fit": ckpt.fit,
-            "variational_elements": ckpt.num_elements(),
-            "deterministic": {n: r.to_json() for n, r in ckpt.deterministic.items()},
-            "parameters": parameter_stats(ckpt),
-        }
+    info = bnnify.inspect(path).to_json()
     out.json(info)
     _render(out, info, top)
 
@@ -53,63 +38,37 @@ def _render(out: Output, info: dict[str, Any], top: int) -> None:
     summary = Table(show_header=False, title="Checkpoint", title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(overflow="fold")
-    spec = info["spec"]
+    spec, source = info["spec"], info["source"]
+    files = f"{info['path']} ({human_bytes(info['bytes'])}, {len(info['files'])} file(s))"
+    params = info["parameters"]
     rows = [
-        ("file", f"{info['path']} ({human_bytes(info['bytes'])}, {len(info['files'])} file(s))"),
+        ("file", files),
         ("format", f"{info['format']} v{info['format_version']}"),
         ("made by", f"bnnify {info['bnnify_version']}, torch {info['torch_version']}"),
         (
             "source",
-            f"{info['source'].get('name')} ({info['source'].get('format')}), "
-            f"sha256 {info['source'].get('sha256')}",
+            f"{source.get('name')} ({source.get('format')}), sha256 {source.get('sha256')}",
         ),
         ("posterior", f"{spec['posterior']['name']} {spec['posterior']['kwargs']}"),
         ("prior", f"{spec['prior']['name']} {spec['prior']['kwargs']}"),
         ("include / exclude", f"{spec['include']} / {spec['exclude']}"),
         ("seed", str(spec["seed"])),
-        (
-            "reparametrized",
-            f"{len(info['parameters'])} parameters, {info['variational_elements']:,} elements",
-        ),
+        ("reparametrized", f"{len(params)} parameters, {info['variational_elements']:,} elements"),
         ("deterministic", f"{len(info['deterministic'])} tensors"),
     ]
     if info["fit"]:
+        fit = info["fit"].items()
         rows.append(
-            (
-                "fit",
-                ", ".join(
-                    f"{k}={v}" for k, v in info["fit"].items() if not isinstance(v, (dict, list))
-                ),
-            )
+            ("fit", ", ".join(f"{k}={v}" for k, v in fit if not isinstance(v, (dict, list))))
         )
     for key, value in rows:
         summary.add_row(key, Text(value))
     out.table(summary)
-    params = info["parameters"]
     shown = params if top == 0 else params[:top]
-    table = Table(title=f"Parameters ({len(shown)} of {len(params)})", title_justify="left")
-    for column in (
-        "name",
-        "shape",
-        "dtype",
-        "sigma mean",
-        "sigma min",
-        "sigma max",
-        "|mu|/sigma median",
-    ):
-        table.add_column(
-            column,
-            overflow="fold",
-            justify="left" if column in ("name", "shape", "dtype") else "right",
-        )
-    for p in shown:
-        table.add_row(
-            Text(p["name"]),
-            str(tuple(p["shape"])),
-            p["dtype"],
-            f"{p['sigma_mean']:.3g}",
-            f"{p['sigma_min']:.3g}",
-            f"{p['sigma_max']:.3g}",
-            f"{p['snr_median']:.3g}",
-        )
-    out.table(table)
+    stats = ("sigma_mean", "sigma_min", "sigma_max", "snr_median")
+    cells = [
+        (Text(p["name"]), str(tuple(p["shape"])), p["dtype"], *(f"{p[k]:.3g}" for k in stats))
+        for p in shown
+    ]
+    title = f"Parameters ({len(shown)} of {len(params)})"
+    out.table(table(title, COLUMNS, cells, right=COLUMNS[3:]))

@@ -2,44 +2,44 @@
 
 from __future__ import annotations
 
-from rich.table import Table
 from rich.text import Text
 
-from bnnify.catalog import POSTERIORS, PRIORS
 from bnnify.cli.options import JsonOpt
 from bnnify.cli.output import Output, command
+from bnnify.cli.tables import table
 
 __all__ = ["list_registered"]
+
+COLUMNS = ("name", "aliases", "arguments (defaults)", "description")
 
 
 @command
 def list_registered(json: JsonOpt = False) -> None:
     """List the posteriors and priors you can name in a spec or with --posterior/--prior."""
     out = Output(json_mode=json)
+    # Read from the library's source, not imported: `bnnify list` does not load torch.
+    from bnnify.catalog import POSTERIORS, PRIORS
+
     data = {
         kind: [
             {
                 "name": name,
-                "aliases": list(aliases),
-                "class": cls,
-                "arguments": args,
-                "description": text,
+                "aliases": list(entry.aliases),
+                "class": entry.class_name,
+                "arguments": entry.arguments,
+                "description": entry.description,
             }
-            for name, (aliases, cls, args, text) in table.items()
+            for name, entry in registry.items()
         ]
-        for kind, table in (("posteriors", POSTERIORS), ("priors", PRIORS))
+        for kind, registry in (("posteriors", POSTERIORS), ("priors", PRIORS))
     }
     out.json(data)
     for kind, rows in data.items():
-        table = Table(title=kind.capitalize(), title_justify="left")
-        for column in ("name", "aliases", "arguments (defaults)", "description"):
-            table.add_column(column, overflow="fold")
+        cells = []
         for row in rows:
-            args = ", ".join(f"{k}={v!r}" for k, v in row["arguments"].items())
-            table.add_row(
-                Text(row["name"]),
-                Text(", ".join(row["aliases"])),
-                Text(args),
-                Text(row["description"]),
+            arguments = ", ".join(f"{k}={v!r}" for k, v in row["arguments"].items())
+            aliases = ", ".join(row["aliases"])
+            cells.append(
+                [Text(text) for text in (row["name"], aliases, arguments, row["description"])]
             )
-        out.table(table)
+        out.table(table(kind.capitalize(), COLUMNS, cells))

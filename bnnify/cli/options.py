@@ -1,4 +1,4 @@
-"""Options shared by several commands, declared once."""
+"""The options of the commands, declared once (`Annotated` aliases), shared ones first."""
 
 from __future__ import annotations
 
@@ -7,19 +7,54 @@ from typing import Annotated
 
 import typer
 
+from bnnify.enums import NoiseMode, Task
+
 __all__ = [
     "ArchKwargsOpt",
     "ArchOpt",
+    "BatchSizeOpt",
+    "CheckpointArg",
+    "CheckpointOutOpt",
+    "ClassDimOpt",
+    "ClipOpt",
+    "ConvertSeedOpt",
+    "DataOpt",
     "DeviceOpt",
+    "DtypeOpt",
+    "EpochsOpt",
+    "ExcludeOpt",
+    "FitOutOpt",
+    "FitSamplesOpt",
+    "FitTaskOpt",
     "ForceOpt",
+    "IncludeOpt",
+    "InputKeyOpt",
     "JsonOpt",
+    "KlWeightOpt",
+    "LrOpt",
     "McSamplesOpt",
+    "ModelArg",
+    "ModelArgOpt",
     "ModelOpt",
+    "NoiseOpt",
+    "PosteriorArgOpt",
+    "PosteriorOpt",
     "PriorArgOpt",
     "PriorOpt",
     "QuietOpt",
+    "ReportOpt",
+    "ResumeOpt",
+    "SeedOpt",
+    "ShardSizeOpt",
+    "SpecOpt",
+    "TargetOpt",
     "TrustPickleOpt",
+    "ValOpt",
+    "ValSamplesOpt",
+    "ValSplitOpt",
     "VerboseOpt",
+    "WarmupOpt",
+    "YKeyOpt",
 ]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -71,4 +106,123 @@ ArchKwargsOpt = Annotated[
 ]
 ModelOpt = Annotated[
     Path, typer.Option("--model", "-m", help="The model file the checkpoint was converted from.")
+]
+
+# ------------------------------------------------------------------ convert
+
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Model file (TorchScript, torch.export, state dict, "
+        "safetensors) or sharded checkpoint folder/index."
+    ),
+]
+SpecOpt = Annotated[Path | None, typer.Option("--spec", "-c", help="YAML conversion spec.")]
+PosteriorOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Posterior name; default pretrained_gaussian (mu = the trained "
+        "weights, sigma = 0.1 |w|)."
+    ),
+]
+PosteriorArgOpt = Annotated[
+    list[str] | None, typer.Option("--posterior-arg", help="Posterior argument key=value.")
+]
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="float32, float64, float16 or bfloat16 (default: keep).")
+]
+IncludeOpt = Annotated[
+    list[str] | None, typer.Option(help="Glob of parameter names to make Bayesian.")
+]
+ExcludeOpt = Annotated[
+    list[str] | None, typer.Option(help="Glob of parameter names to keep deterministic.")
+]
+ConvertSeedOpt = Annotated[int | None, typer.Option(min=0, help="Random seed (default 0).")]
+CheckpointOutOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Checkpoint path [default: <stem>.bnn.safetensors]."),
+]
+ReportOpt = Annotated[
+    Path | None, typer.Option(help="KL report path [default: <stem>.kl.safetensors].")
+]
+ShardSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Write a sharded checkpoint with shards up to this size (e.g. 2GB); "
+        "default for sharded inputs: their largest shard."
+    ),
+]
+
+# ---------------------------------------------------------------- fit, predict
+
+CheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint to fit.")]
+DataOpt = Annotated[
+    Path, typer.Option("--data", "-d", help="Training data: safetensors (x, y), .npz, CSV.")
+]
+FitTaskOpt = Annotated[
+    Task | None,
+    typer.Option(
+        help="regression (Gaussian likelihood, learned noise) or classification "
+        "(logits). Default: the task of a resumed fit."
+    ),
+]
+ValOpt = Annotated[Path | None, typer.Option(help="Validation data file.")]
+ValSplitOpt = Annotated[
+    float, typer.Option(min=0.0, max=0.9, help="Fraction of the data held out instead.")
+]
+EpochsOpt = Annotated[int, typer.Option(min=1)]
+LrOpt = Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1)]
+FitSamplesOpt = Annotated[
+    int, typer.Option(min=1, help="Weight samples per step for the expected NLL.")
+]
+KlWeightOpt = Annotated[float, typer.Option(min=0.0, help="Multiplies KL / N (1: the true ELBO).")]
+WarmupOpt = Annotated[
+    int, typer.Option(min=0, help="Linear KL warm-up from 0 over this many epochs.")
+]
+ClipOpt = Annotated[float, typer.Option(min=0.0, help="Gradient norm clipping (0: off).")]
+SeedOpt = Annotated[int, typer.Option(min=0, max=2**31 - 1)]
+NoiseOpt = Annotated[
+    NoiseMode,
+    typer.Option(
+        help="Weight noise of each training step: fresh normals, or one reused buffer "
+        "under a random shift and signs (cheaper; see README)."
+    ),
+]
+ValSamplesOpt = Annotated[int, typer.Option(min=1, help="Weight samples for validation metrics.")]
+InputKeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-key",
+        "--x-key",
+        help="Input tensor name in the data file (default: x); repeat for a model with "
+        "several inputs (each goes to forward's parameter of its name, else in order); "
+        "ARG=NAME passes tensor NAME as forward's ARG.",
+    ),
+]
+ModelArgOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-arg",
+        help="Constant argument of the model's forward, NAME=VALUE (repeatable), e.g. "
+        "sr=16000; the value is a number, boolean or string.",
+    ),
+]
+ClassDimOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Classification: the dimension of the classes in the model's output "
+        "(default: the last, -1; 1 for (batch, classes, H, W) segmentation).",
+    ),
+]
+YKeyOpt = Annotated[str, typer.Option(help="Target tensor name in the data file.")]
+TargetOpt = Annotated[
+    str | None, typer.Option(help="CSV target column (name or index; default: last).")
+]
+FitOutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Fitted checkpoint [default: <checkpoint>.fit.safetensors]."),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option(help="Continue a previous fit (its noise scale, history, task).")
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -27,9 +26,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, InvalidArgumentError
+from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, clip
+from bnnify.usecases import LOGGER_NAME
 
-__all__ = ["Output", "command", "human_bytes", "parse_size", "sanitize"]
+__all__ = ["Output", "command", "human_bytes", "sanitize"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -191,7 +191,7 @@ def command(function: F) -> F:
                 _print_lines(err, traceback.format_exc())
             err.print(
                 f"[bold red]Error:[/bold red] internal error: "
-                f"{escape(type(error).__name__)}: {escape(str(error))}"
+                f"{escape(type(error).__name__)}: {escape(clip(str(error)))}"
             )
             err.print("[dim]Hint:[/dim] set BNNIFY_DEBUG=1 for the traceback and report it.")
             raise typer.Exit(EXIT_RUNTIME) from None
@@ -231,60 +231,32 @@ def _routed_logs(err: Console, debug: bool) -> Iterator[None]:
     sink = _SinkHandler(err, debug)
     own.addHandler(sink)
     previous, level = logging.root.manager.disable, own.level
+    exempt = [own, logging.getLogger(LOGGER_NAME)]
     if debug:
         own.setLevel(logging.DEBUG)
     else:
         logging.disable(logging.CRITICAL)
-        # The global switch, lifted for bnnify's own logger (an instance attribute).
-        own.isEnabledFor = lambda level: level >= own.getEffectiveLevel()  # type: ignore[method-assign]
+        # The global switch, lifted for bnnify's own loggers (an instance attribute each).
+        for logger in exempt:
+            logger.isEnabledFor = functools.partial(_enabled, logger)  # type: ignore[method-assign]
     try:
         with warnings.catch_warnings():
             warnings.showwarning = functools.partial(_show_warning, err)
             yield
     finally:
         own.removeHandler(sink)
-        own.__dict__.pop("isEnabledFor", None)
+        for logger in exempt:
+            logger.__dict__.pop("isEnabledFor", None)
         own.setLevel(level)
         logging.disable(previous)
 
 
+def _enabled(logger: logging.Logger, level: int) -> bool:
+    return level >= logger.getEffectiveLevel()
+
+
 def _show_warning(err: Console, message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
     err.print(f"[yellow]Warning:[/yellow] {escape(str(message))}")
-
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 10**3,
-    "KB": 10**3,
-    "M": 10**6,
-    "MB": 10**6,
-    "G": 10**9,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "T": 10**12,
-    "TB": 10**12,
-}
-
-
-def parse_size(text: str) -> int:
-    """Parses "2GB", "500MiB" or "1048576" into bytes (for --shard-size)."""
-    raw = text.strip().upper().replace(" ", "")
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number) :]
-    try:
-        size = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        size = 0.0
-    if not (math.isfinite(size) and size >= 1):
-        # A usage error (exit 2): typer.BadParameter raised here would be an internal error.
-        raise InvalidArgumentError(
-            f"--shard-size: {text!r} is not a size such as 2GB or 500MiB",
-            hint="Units: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB (powers of 1024).",
-        )
-    return int(size)
 
 
 def human_bytes(count: float) -> str:

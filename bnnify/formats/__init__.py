@@ -1,3 +1,3 @@
-"""bnnify's files and formats: model files, checkpoints, KL reports, specs, data, outputs."""
+"""bnnify's files and formats: model files, checkpoints, KL reports, predictions, specs, data."""
 
 __all__: list[str] = []

@@ -3,33 +3,45 @@
 Layout (format version 1), documented for other tools in `docs/format.md`:
 tensors `<param>.mu` / `<param>.rho` (Gaussian posteriors; other posteriors store
 their own state as `<param>.<name>`), `<param>.prior.<buffer>` for non-scalar prior
-tensors, `<name>` for every tensor kept deterministic, and `bnnify.fit.*` tensors
-written by `bnnify fit`. The metadata (all strings, JSON where structured) carries
-the format version, tool versions, source file, resolved spec and the parameter map.
+tensors (names made by `bnnify.bnn.keys`), `<name>` for every tensor kept
+deterministic, and `bnnify.fit.*` tensors written by `bnnify fit`. The metadata (all
+strings, JSON where structured) carries the format version, tool versions, source
+file, resolved spec and the parameter map.
 """
 
 from __future__ import annotations
 
 import glob
-import json
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 import bnnify
-from bnnify.errors import FormatError, InputError
-from bnnify.formats.detect import shard_path
-from bnnify.formats.safetensors_io import (
-    SafetensorsWriter,
-    ShardedWriter,
-    TensorInfo,
-    read_header,
+from bnnify.bnn.keys import posterior_key, prior_key
+from bnnify.bnn.posteriors import VariationalPosterior, restore_posterior
+from bnnify.errors import BnnifyError, FormatError, shorten
+from bnnify.formats.checkpoint_checks import (
+    LOG_NOISE_KEY,
+    check_log_noise,
+    check_parameter,
+    check_spread,
+    check_tensor,
+    metadata_json,
+    parse_dtype,
+    record_fields,
+    require_finite,
+    string_metadata,
 )
+from bnnify.formats.detect import describe
+from bnnify.formats.input_file import open_regular, regular_file
+from bnnify.formats.safetensors_io import TensorInfo
+from bnnify.formats.safetensors_reader import SafetensorsFile, looks_like_safetensors
+from bnnify.formats.sharded import read_index
 from bnnify.formats.spec import ConversionSpec
 
 __all__ = [
@@ -38,9 +50,7 @@ __all__ = [
     "Checkpoint",
     "ParameterRecord",
     "TensorRecord",
-    "checkpoint_metadata",
     "dtype_name",
-    "write_tensors",
 ]
 
 FORMAT = "bnnify.variational"
@@ -88,134 +98,116 @@ class TensorRecord:
         return {"kind": self.kind, "shape": self.shape, "dtype": self.dtype}
 
 
-def checkpoint_metadata(
-    *,
-    source: Mapping[str, Any],
-    spec: ConversionSpec,
-    parameters: Sequence[ParameterRecord],
-    deterministic: Sequence[TensorRecord],
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
-    """The metadata strings of a checkpoint (namespaced keys, JSON values)."""
-    metadata = {
-        "bnnify.format": FORMAT,
-        "bnnify.format_version": FORMAT_VERSION,
-        "bnnify.version": bnnify.__version__,
-        "torch.version": torch.__version__,
-        "bnnify.source": json.dumps(dict(source), sort_keys=True),
-        "bnnify.spec": json.dumps(spec.to_json(), sort_keys=True),
-        "bnnify.parameters": json.dumps({r.name: r.to_json() for r in parameters}),
-        "bnnify.deterministic": json.dumps({r.name: r.to_json() for r in deterministic}),
-    }
-    for key, value in (extra or {}).items():
-        metadata[f"bnnify.{key}"] = json.dumps(value, sort_keys=True)
-    return metadata
-
-
-def write_tensors(
-    target: Path,
-    infos: Sequence[TensorInfo],
-    produce: Callable[[str], Tensor],
-    metadata: Mapping[str, str],
-    temp_path: Callable[[Path], Path],
-    *,
-    shard_bytes: int | None = None,
-    stem: str | None = None,
-) -> None:
-    """Streams tensors into `target` (or shards under its folder) in storage order.
-
-    `produce(key)` is called once per tensor, in the writer's order, so that only
-    one tensor (or one parameter's tensors) is in memory at a time.
-    """
-    if shard_bytes is None:
-        with open(temp_path(target), "wb") as file:
-            writer = SafetensorsWriter(file, infos, metadata)
-            for key in writer.order:
-                writer.write(key, produce(key))
-            writer.finish()
-        return
-    assert stem is not None
-    with ShardedWriter(target.parent, stem, infos, metadata, shard_bytes) as writer:
-        writer.temp_path = temp_path
-        for key in writer.order:
-            writer.write(key, produce(key))
-        writer.finish()
-
-
-def sharded_paths(
-    target: Path, stem: str, infos: Sequence[TensorInfo], shard_bytes: int
-) -> list[Path]:
-    """Files a sharded checkpoint of `infos` will consist of (shards, then the index)."""
-    return ShardedWriter(target.parent, stem, infos, None, shard_bytes).paths()
-
-
 class Checkpoint:
-    """A variational checkpoint opened for reading; tensors are memory-mapped lazily.
+    """A variational checkpoint opened for reading; tensors are read lazily.
+
+    Opening checks the file against its own metadata: every posterior role the recorded
+    posterior has (and no other), every non-scalar prior buffer, every kept tensor, each
+    present with the shape and dtype the metadata implies. Posterior, prior and fit
+    tensors are checked to be finite as they are read.
 
     Args:
         path: A checkpoint file, or the `.safetensors.index.json` of a sharded one.
 
     Raises:
-        InputError: If the file is missing or unreadable.
-        FormatError: If it is not a bnnify checkpoint of a supported format version.
+        InputError: If the file is missing, unreadable or not a regular file.
+        FormatError: If it is not a bnnify checkpoint of a supported format version, or
+            its tensors do not match its metadata.
+        UnsafeInputError: If a shard lies outside the index's folder.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"checkpoint {str(path)!r} does not exist")
+        regular_file(self.path, "checkpoint")
+        self._readers: dict[Path, SafetensorsFile] = {}
         self.files: dict[str, Path] = {}
-        self.metadata = self._read_metadata()
-        self._check_format()
+        self._kind = "a safetensors file"
+        metadata = self._read_metadata()
+        self._check_format(metadata)
+        self.metadata = string_metadata(metadata, str(self.path))
+        source = str(self.path)
+        spec = metadata_json(self.metadata, "bnnify.spec", source, dict)
         try:
-            spec = json.loads(self.metadata["bnnify.spec"])
             self.spec = ConversionSpec.from_json(spec, recorded=True)
-            self.source: dict[str, Any] = json.loads(self.metadata["bnnify.source"])
-            self.parameters = {
-                name: ParameterRecord(name=name, **record)
-                for name, record in json.loads(self.metadata["bnnify.parameters"]).items()
-            }
-            self.deterministic = {
-                name: TensorRecord(name=name, **record)
-                for name, record in json.loads(self.metadata["bnnify.deterministic"]).items()
-            }
-            self.fit: dict[str, Any] | None = (
-                json.loads(self.metadata["bnnify.fit"]) if "bnnify.fit" in self.metadata else None
-            )
-        except (KeyError, ValueError, TypeError, AttributeError) as error:
-            raise FormatError(f"{self.path}: malformed bnnify metadata ({error})") from None
+        except BnnifyError as error:
+            raise FormatError(f"{source}: malformed bnnify metadata ({error.message})") from None
+        self.source: dict[str, Any] = metadata_json(self.metadata, "bnnify.source", source, dict)
+        self.parameters = {
+            name: ParameterRecord(**record_fields(name, record, "parameter", source))
+            for name, record in metadata_json(
+                self.metadata, "bnnify.parameters", source, dict
+            ).items()
+        }
+        self.deterministic = {
+            name: TensorRecord(**record_fields(name, record, "tensor", source))
+            for name, record in metadata_json(
+                self.metadata, "bnnify.deterministic", source, dict
+            ).items()
+        }
+        self.fit: dict[str, Any] | None = (
+            metadata_json(self.metadata, "bnnify.fit", source, dict)
+            if "bnnify.fit" in self.metadata
+            else None
+        )
+        self._check_tensors()
 
-    def _read_metadata(self) -> dict[str, str]:
-        if self.path.name.endswith(".index.json"):
-            try:
-                index = json.loads(self.path.read_text(encoding="utf-8"))
-                metadata = dict(index["metadata"])
-                weight_map = index["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                raise FormatError(f"{self.path}: not a valid checkpoint index ({error})") from None
-            for key, shard in weight_map.items():
-                # Confined to the index's folder; a missing shard is a FormatError.
-                self.files[key] = shard_path(self.path, str(shard))
-            return {k: str(v) for k, v in metadata.items()}
-        metadata, infos = read_header(self.path)
-        self.files = dict.fromkeys(infos, self.path)
-        return metadata
-
-    def _check_format(self) -> None:
-        if self.metadata.get("bnnify.format") != FORMAT:
-            found = self.metadata.get("bnnify.format")
+    def _read_metadata(self) -> dict[str, Any]:
+        with open_regular(self.path, "checkpoint") as stream:
+            head = stream.read(16)
+            size = os.fstat(stream.fileno()).st_size
+        if looks_like_safetensors(head, size):
+            reader = SafetensorsFile(self.path, "checkpoint")
+            self._readers[self.path] = reader
+            self.files = dict.fromkeys(reader.infos, self.path)
+            return reader.metadata
+        if not head.lstrip().startswith(b"{"):
+            what = describe(self.path) or "not a safetensors file"
             raise FormatError(
-                f"{self.path} is not a bnnify variational checkpoint "
-                f"(format {found!r}, expected {FORMAT!r})",
+                f"'{self.path}' is not a bnnify checkpoint ({what}): run `bnnify convert` first",
+                hint="bnnify kl, inspect, fit and predict read the checkpoints `bnnify convert` "
+                "writes (*.bnn.safetensors, or the index of a sharded one).",
+            )
+        index = read_index(self.path)
+        self._readers = {f: SafetensorsFile(f, "checkpoint shard") for f in index.shards.values()}
+        self.files = {key: index.file_of(key) for key in index.weight_map}
+        for key, file in self.files.items():
+            if key not in self._readers[file].infos:
+                raise FormatError(
+                    f"'{self.path}' maps tensor {shorten(key)} to shard "
+                    f"{shorten(index.weight_map[key])}, which does not hold it",
+                    hint="The index and its shards come from different checkpoints.",
+                )
+        self._kind = "a sharded safetensors index"
+        return index.metadata
+
+    def _check_format(self, metadata: dict[str, Any]) -> None:
+        found = metadata.get("bnnify.format")
+        if found != FORMAT:
+            what = f"{self._kind} without bnnify metadata" if found is None else None
+            raise FormatError(
+                f"'{self.path}' is not a bnnify checkpoint "
+                f"({what or f'its format is {shorten(found)}, expected {FORMAT!r}'}): "
+                "run `bnnify convert` first",
                 hint="Create one with `bnnify convert MODEL`.",
             )
-        version = self.metadata.get("bnnify.format_version")
+        version = metadata.get("bnnify.format_version")
         if version not in _SUPPORTED:
             raise FormatError(
-                f"{self.path}: checkpoint format version {version!r} is not supported by "
+                f"{self.path}: checkpoint format version {shorten(version)} is not supported by "
                 f"bnnify {bnnify.__version__} (supported: {', '.join(sorted(_SUPPORTED))})",
                 hint="Upgrade bnnify, or convert the model again with this version.",
             )
+
+    def _check_tensors(self) -> None:
+        infos = {key: self._info(key) for key in self.files}
+        for name, record in self.parameters.items():
+            check_parameter(record, self.spec, infos, f"{self.path}: parameter {shorten(name)}")
+        for name, record in self.deterministic.items():
+            dtype = parse_dtype(record.dtype, str(self.path))
+            check_tensor(name, infos.get(name), record.shape, dtype, str(self.path))
+
+    def _info(self, key: str) -> TensorInfo:
+        return self._readers[self.files[key]].infos[key]
 
     # -------------------------------------------------------------- tensors
 
@@ -223,29 +215,64 @@ class Checkpoint:
         return list(self.files)
 
     def tensor(self, key: str, device: str | torch.device = "cpu") -> Tensor:
-        """One tensor of the file, by key."""
+        """One tensor of the file, by key, as stored (not checked for finiteness)."""
         path = self.files.get(key)
         if path is None:
-            raise FormatError(f"{self.path}: no tensor {key!r} in the checkpoint")
-        # A mapping per tensor: its pages go with the tensor instead of staying resident.
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(key).to(device)
+            raise FormatError(f"{self.path}: no tensor {shorten(key)} in the checkpoint")
+        return self._readers[path].tensor(key, device)
 
-    def variational_state(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-        """`"<param>.<role>"` and `"<param>.prior.<buffer>"` tensors of every parameter."""
-        state = {}
-        for name, record in self.parameters.items():
-            for role, key in record.tensors.items():
-                state[f"{name}.{role}"] = self.tensor(key, device)
-            for buffer, key in record.prior_tensors.items():
-                state[f"{name}.prior.{buffer}"] = self.tensor(key, device)
+    def posterior_state(self, name: str, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        """Role -> tensor of parameter `name`'s posterior (`mu`, `rho`...), checked finite."""
+        record = self.parameters[name]
+        state = {role: self._finite(key, device) for role, key in record.tensors.items()}
+        if "rho" in state and "mu" in state:  # a Gaussian: sigma = softplus(rho) > 0
+            check_spread(state["rho"], record.tensors["rho"], str(self.path))
         return state
+
+    def prior_state(self, name: str, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        """Buffer -> tensor of parameter `name`'s recorded prior, checked finite."""
+        record = self.parameters[name]
+        return {buffer: self._finite(key, device) for buffer, key in record.prior_tensors.items()}
+
+    def state_keys(self, *, priors: bool = True) -> dict[str, str]:
+        """`BayesianModule.variational_state()` keys -> the keys of their tensors in the file."""
+        keys = {}
+        for name, record in self.parameters.items():
+            keys.update({posterior_key(name, role): key for role, key in record.tensors.items()})
+            if priors:
+                keys.update({prior_key(name, b): key for b, key in record.prior_tensors.items()})
+        return keys
+
+    def variational_state(
+        self, device: str | torch.device = "cpu", *, priors: bool = True
+    ) -> dict[str, Tensor]:
+        """`"<param>.<role>"` and (with `priors`) `"<param>.prior.<buffer>"` tensors, checked."""
+        state = {}
+        for name in self.parameters:
+            for role, tensor in self.posterior_state(name, device).items():
+                state[posterior_key(name, role)] = tensor
+            if priors:
+                for buffer, tensor in self.prior_state(name, device).items():
+                    state[prior_key(name, buffer)] = tensor
+        return state
+
+    def posterior(self, name: str, device: str | torch.device = "cpu") -> VariationalPosterior:
+        """The posterior of parameter `name`, rebuilt from its tensors (checked finite)."""
+        state = self.posterior_state(name, device)
+        return restore_posterior(self.spec.posterior, state, next(iter(state.values())))
 
     def deterministic_state(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
         return {name: self.tensor(name, device) for name in self.deterministic}
 
     def fit_tensors(self, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-        return {k: self.tensor(k, device) for k in self.files if k.startswith("bnnify.fit.")}
+        """The `bnnify.fit.*` tensors, checked (finite; the log noise a usable scalar)."""
+        tensors = {k: self._finite(k, device) for k in self.files if k.startswith("bnnify.fit.")}
+        if LOG_NOISE_KEY in tensors:
+            tensors[LOG_NOISE_KEY] = check_log_noise(tensors[LOG_NOISE_KEY], str(self.path))
+        return tensors
+
+    def _finite(self, key: str, device: str | torch.device) -> Tensor:
+        return require_finite(self.tensor(key, device), key, str(self.path))
 
     def num_elements(self) -> int:
         total = 0
@@ -281,7 +308,7 @@ class Checkpoint:
         from bnnify.bnn import BayesianModule
         from bnnify.formats.tree import build_tree
 
-        state = self.variational_state(device)
+        state = self.variational_state(device, priors=prior is None)
         deterministic = self.deterministic_state(device)
         if module is None:
             tensors = {name: self._placeholder(name, state) for name in self.parameters}
@@ -296,26 +323,23 @@ class Checkpoint:
             prior if prior is not None else self.spec.prior,
             include=include or [glob.escape(n) for n in self.parameters],
         )
-        if prior is not None:
-            state = {k: v for k, v in state.items() if ".prior." not in k}
         bnn.load_variational_state(state, strict=prior is None)
         _load_deterministic(bnn.module, deterministic, self.path)
         return bnn
 
     def _placeholder(self, name: str, state: Mapping[str, Tensor]) -> Tensor:
         record = self.parameters[name]
-        if f"{name}.mu" in state:
-            return state[f"{name}.mu"]
-        return torch.zeros(record.shape, dtype=getattr(torch, record.dtype))
-
-    def close(self) -> None:
-        """Nothing stays open between reads; kept for the context-manager protocol."""
+        mu = state.get(posterior_key(name, "mu"))
+        if mu is not None:
+            return mu
+        return torch.zeros(record.shape, dtype=parse_dtype(record.dtype, str(self.path)))
 
     def __enter__(self) -> Checkpoint:
+        # Nothing stays open between reads: `with` only scopes the object.
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        pass
 
 
 def _load_deterministic(module: nn.Module, tensors: Mapping[str, Tensor], path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 import zipfile
 from enum import Enum
@@ -12,15 +12,18 @@ from pathlib import Path
 import torch
 
 from bnnify.errors import FormatError, InputError
+from bnnify.formats.input_file import open_regular, regular_file
+from bnnify.formats.safetensors_reader import looks_like_safetensors
+from bnnify.formats.sharded import INDEX_SUFFIX, read_index
+from bnnify.formats.zip_archive import ZipListing, check_inflation, check_stored, list_zip
 
 __all__ = [
     "ModelFormat",
+    "describe",
     "detect_format",
-    "read_index",
     "refused_global",
     "resolve_model_path",
     "sha256_file",
-    "shard_path",
 ]
 
 _SUPPORTED = (
@@ -30,8 +33,6 @@ _SUPPORTED = (
 )
 # torch.save's legacy (non-zip) format: a pickled magic number follows the protocol opcode.
 _LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
-_MAX_JSON_BYTES = 64 << 20
-_MAX_SAFETENSORS_HEADER = 100 << 20
 _CHUNK = 1 << 20
 
 
@@ -44,6 +45,18 @@ class ModelFormat(str, Enum):
     SAFETENSORS = "safetensors"
     SHARDED = "sharded_safetensors"
     PICKLED_MODULE = "pickled_module"
+    # Not a file: an `nn.Module` handed to the Python API (`model_files.from_module`).
+    MODULE = "module"
+
+
+_DESCRIPTIONS = {
+    ModelFormat.TORCHSCRIPT: "a TorchScript archive",
+    ModelFormat.EXPORT: "a torch.export program",
+    ModelFormat.STATE_DICT: "a torch.save file",
+    ModelFormat.SAFETENSORS: "a safetensors file",
+    ModelFormat.SHARDED: "a sharded safetensors index",
+    ModelFormat.PICKLED_MODULE: "a torch.save file",
+}
 
 
 def detect_format(path: str | Path) -> ModelFormat:
@@ -67,73 +80,112 @@ def sha256_file(path: str | Path) -> str:
     for a directory holding a single `model.safetensors`, that file's bytes.
 
     Raises:
-        InputError: If `path` does not exist.
-        FormatError: If a directory holds no checkpoint or an index names a missing shard.
+        InputError: If `path` or a shard does not exist or is not a regular file.
+        FormatError: If a directory holds no checkpoint or the index is malformed.
+        UnsafeInputError: If a shard lies outside the index's folder.
     """
     file = resolve_model_path(path)
     digest = hashlib.sha256()
     files = [file]
-    try:
-        sharded = _sniff(file) is ModelFormat.SHARDED
-    except FormatError:
-        sharded = False
-    if sharded:
-        weight_map = read_index(file)
-        files += [shard_path(file, shard) for shard in sorted(set(weight_map.values()))]
+    head, size = _head(file)
+    if not looks_like_safetensors(head, size) and head.lstrip().startswith(b"{"):
+        files += read_index(file).files
     for part in files:
-        with open(part, "rb") as stream:
+        with open_regular(part, "model file") as stream:
             while chunk := stream.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def describe(path: str | Path) -> str | None:
+    """What a file is, from its content ("a torch.save file"), or None if unrecognized."""
+    try:
+        fmt = _sniff(regular_file(path))
+    except InputError:  # FormatError included
+        return None
+    return _DESCRIPTIONS[fmt]
 
 
 # ------------------------------------------------------------------ detection
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """The file behind `path`: itself, or a directory's index file or `model.safetensors`."""
+    """The file behind `path`: itself, or a directory's index file or `model.safetensors`.
+
+    Raises:
+        InputError: `path` does not exist, or it (or the file chosen in a directory) is
+            not a regular file.
+        FormatError: A directory holds no checkpoint, or several index files.
+    """
     path = Path(path)
-    if not path.exists():
-        raise InputError(
-            f"no such file or directory: '{path}'", hint="Check the path of the model file."
-        )
-    if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        if len(indexes) > 1:
-            raise FormatError(
-                f"directory '{path}' holds several index files: {[p.name for p in indexes]}",
-                hint="Pass the index file of the checkpoint to use.",
-            )
-        if indexes:
-            return indexes[0]
-        if (path / "model.safetensors").is_file():
-            return path / "model.safetensors"
+    if not path.is_dir():
+        return regular_file(path, "model file")
+    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) > 1:
         raise FormatError(
-            f"directory '{path}' holds no *.safetensors.index.json nor model.safetensors",
-            hint=_SUPPORTED + " Pass a model file, not a directory.",
+            f"directory '{path}' holds several index files: {[p.name for p in indexes][:5]}",
+            hint="Pass the index file of the checkpoint to use.",
         )
-    if not path.is_file():
-        raise FormatError(f"'{path}' is not a regular file", hint=_SUPPORTED)
-    return path
+    if indexes:
+        return regular_file(indexes[0], "index file")
+    single = path / "model.safetensors"
+    if single.exists() or single.is_symlink():
+        return regular_file(single, "model file")
+    raise FormatError(
+        f"directory '{path}' holds no *{INDEX_SUFFIX} nor model.safetensors",
+        hint=_SUPPORTED + " Pass a model file, not a directory.",
+    )
+
+
+def _head(file: Path) -> tuple[bytes, int]:
+    with open_regular(file, "model file") as stream:
+        return stream.read(32), os.fstat(stream.fileno()).st_size
 
 
 def _sniff(file: Path) -> ModelFormat:
-    size = file.stat().st_size
-    with open(file, "rb") as stream:
-        head = stream.read(32)
+    head, size = _head(file)
     if not head:
         raise FormatError(f"'{file}' is empty", hint=_SUPPORTED)
-    header_len = int.from_bytes(head[:8].ljust(8, b"\0"), "little")
-    if head[8:9] == b"{" and 2 <= header_len <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+    if looks_like_safetensors(head, size):
         return ModelFormat.SAFETENSORS
     if head[:1] == b"\x80" and _LEGACY_MAGIC in head:
         return ModelFormat.STATE_DICT
     if head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(file):
-        return _zip_format(file)
+        listing = _bounded_zip(file)
+        fmt = _zip_format(file)
+        if fmt is ModelFormat.STATE_DICT:
+            check_stored(listing, "torch.save")
+        return fmt
     if head.lstrip().startswith(b"{"):
-        read_index(file)
+        try:
+            read_index(file)
+        except FormatError as error:
+            raise FormatError(
+                error.message, hint=f"{error.hint or ''} {_SUPPORTED}".strip()
+            ) from None
         return ModelFormat.SHARDED
     raise FormatError(f"'{file}' is not a model file bnnify can read", hint=_SUPPORTED)
+
+
+def _bounded_zip(file: Path) -> ZipListing:
+    """The archive's members, refused before torch's reader inflates any of them.
+
+    `PyTorchFileReader` reads a version record as it opens an archive, so a bomb is
+    refused here, from the central directory, before `_zip_format` opens it. A
+    torch.save archive must moreover store its records uncompressed, as torch.save
+    writes them (`torch.load(mmap=True)` would take compressed bytes for tensor data).
+    """
+    kind = "torch.export archive" if _first_member(file).startswith(_EXPORT_RECORDS) else None
+    try:
+        listing = list_zip(file, "model file", kind=kind or "zip archive")
+    except FormatError as error:
+        raise FormatError(error.message, hint=f"{error.hint} {_SUPPORTED}") from None
+    check_inflation(
+        listing,
+        hint="Save the model again with torch (torch.save, torch.jit.save or "
+        "torch.export.save), without rewriting the archive.",
+    )
+    return listing
 
 
 def _zip_format(file: Path) -> ModelFormat:
@@ -201,51 +253,6 @@ def _first_member(file: Path) -> str:
             return ""
         name = stream.read(int.from_bytes(header[26:28], "little"))
     return name.decode("utf-8", "replace").partition("/")[2]
-
-
-def read_index(file: Path) -> dict[str, str]:
-    """The `weight_map` of a sharded checkpoint's index file, checked.
-
-    Raises:
-        FormatError: If the file is not JSON, has no weight map, or maps a name to no shard.
-    """
-    if file.stat().st_size > _MAX_JSON_BYTES:
-        raise FormatError(f"'{file}' is too large for a JSON index file", hint=_SUPPORTED)
-    try:
-        index = json.loads(file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FormatError(f"'{file}' is not valid JSON: {error}", hint=_SUPPORTED) from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise FormatError(
-            f"'{file}' is JSON but not a safetensors index: no \"weight_map\" object",
-            hint='An index file looks like {"metadata": {...}, "weight_map": {name: shard}}. '
-            + _SUPPORTED,
-        )
-    bad = [name for name, shard in weight_map.items() if not isinstance(shard, str) or not shard]
-    if bad or not weight_map:
-        raise FormatError(
-            f"'{file}': the weight map is empty or names no shard file for {bad[:5]}",
-            hint="Each weight_map entry maps a tensor name to a shard file name.",
-        )
-    return weight_map
-
-
-def shard_path(index: Path, shard: str) -> Path:
-    """The file of `shard`, named by index file `index`, checked to exist beside it."""
-    relative = Path(shard)
-    if relative.is_absolute() or ".." in relative.parts:
-        raise FormatError(
-            f"'{index}' names shard {shard!r} outside its directory",
-            hint="Shard names are file names relative to the index file.",
-        )
-    path = index.parent / relative
-    if not path.is_file():
-        raise FormatError(
-            f"'{index}' names shard {shard!r}, but '{path}' does not exist",
-            hint="Download every shard of the checkpoint next to its index file.",
-        )
-    return path
 
 
 def refused_global(error: BaseException) -> str | None:

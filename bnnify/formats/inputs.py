@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bnnify.errors import BnnifyError, UsageError
+from bnnify.formats.sharded import MAX_INDEX_BYTES, read_weight_map
 
 __all__ = ["file_identity", "input_files", "refuse_inputs"]
-
-_MAX_INDEX_BYTES = 64 << 20
 
 
 def input_files(path: str | Path) -> list[Path]:
@@ -50,7 +49,7 @@ def _shards(file: Path) -> list[str]:
     """The shard names of an index file; nothing for any other file."""
     try:
         info = os.stat(file)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_INDEX_BYTES:
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_INDEX_BYTES:
             return []  # a FIFO is never opened here; other readers refuse it
         with open(file, "rb") as stream:
             if not stream.read(64).lstrip().startswith(b"{"):
@@ -62,9 +61,7 @@ def _shards(file: Path) -> list[str]:
 
 def _weight_map(index: Path) -> dict[str, str]:
     """The tensor -> shard map of an index file, read by the model reader's own parser."""
-    from bnnify.formats.detect import read_index
-
-    return read_index(index)
+    return read_weight_map(index)
 
 
 def refuse_inputs(outputs: Sequence[str | Path], inputs: Sequence[str | Path]) -> None:

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import pickle
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from torch.export.graph_signature import InputKind
 
 from bnnify.errors import (
+    ArgumentTypeError,
     BnnifyError,
     FormatError,
     InputError,
@@ -26,23 +27,27 @@ from bnnify.errors import (
     UnsafeInputError,
     UsageError,
     closest,
+    shorten,
 )
 from bnnify.formats.detect import (
     ModelFormat,
     detect_format,
-    read_index,
     refused_global,
     resolve_model_path,
     sha256_file,
-    shard_path,
 )
 from bnnify.formats.export_archive import load_export
+from bnnify.formats.safetensors_io import SafetensorsWriter, TensorInfo
+from bnnify.formats.safetensors_reader import SafetensorsFile
+from bnnify.formats.sharded import read_index
+from bnnify.formats.ties import alias_key, find_ties
 
 __all__ = [
     "LoadedModel",
     "ModelFormat",
     "TensorMeta",
     "detect_format",
+    "from_module",
     "load_model",
     "sha256_file",
 ]
@@ -142,6 +147,16 @@ class LoadedModel:
             )
         return self._fetch(name).detach()
 
+    def ties(self) -> dict[str, str]:
+        """Tensors sharing an earlier one's memory (tied weights) -> its name.
+
+        Only a state dict lists tied tensors under each name: the formats that hold
+        a module list each distinct tensor once, and safetensors files cannot tie.
+        """
+        if self.format is not ModelFormat.STATE_DICT:
+            return {}
+        return find_ties((name, self.tensor(name)) for name in self.names())
+
     def close(self) -> None:
         """Releases the open files and memory maps; `tensor()` fails afterwards."""
         self._fetch = None
@@ -214,6 +229,44 @@ def load_model(path: str | Path, *, device: str = "cpu", trust_pickle: bool = Fa
     fmt, module, metas, fetch, close = loader(file, device, trust_pickle)
     logger.info("loaded %s: %s, %d tensors, sha256 %s", path, fmt.value, len(metas), digest)
     return LoadedModel(Path(path), fmt, digest, module, metas, fetch, close)
+
+
+def from_module(module: nn.Module) -> LoadedModel:
+    """An `nn.Module` held in memory, as a model of format `MODULE` (nothing is copied).
+
+    Its `sha256` is the digest of its state dict written as a safetensors file without
+    metadata, so that `fit` and `predict` recognize the module a checkpoint came from.
+
+    Raises:
+        ArgumentTypeError: If `module` is not an `nn.Module`.
+    """
+    if not isinstance(module, nn.Module):
+        raise ArgumentTypeError(
+            f"expected a model file or an nn.Module, got {type(module).__name__}",
+            hint="Pass a path, a LoadedModel or the nn.Module itself.",
+        )
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    writer = SafetensorsWriter(_Digest(digest), [TensorInfo.of(n, t) for n, t in state.items()])
+    for name in writer.order:
+        writer.write(name, state[name])
+    fmt, module, metas, fetch, close = _from_module(module, ModelFormat.MODULE)
+    path = Path(f"<{type(module).__name__}>")
+    return LoadedModel(path, fmt, digest.hexdigest(), module, metas, fetch, close)
+
+
+class _Digest:
+    """A write-only file that hashes what is written to it."""
+
+    def __init__(self, digest: Any):
+        self.digest = digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def _device(device: str | torch.device) -> str:
@@ -364,69 +417,37 @@ def _unnest(content: dict, file: Path) -> Any:
 
 
 def _load_safetensors(file: Path, device: str, trust_pickle: bool) -> _Loaded:
-    with ExitStack() as stack:
-        handle = _safe_open(file, device, stack)
-        metas = {name: _slice_meta(handle, name) for name in _offset_keys(handle)}
-    return ModelFormat.SAFETENSORS, None, metas, lambda n: _read_one(file, n, device), None
+    reader = SafetensorsFile(file, "model file")
+    metas = {name: _meta(info) for name, info in reader.infos.items()}
+    return ModelFormat.SAFETENSORS, None, metas, lambda n: reader.tensor(n, device), None
 
 
 def _load_sharded(file: Path, device: str, trust_pickle: bool) -> _Loaded:
-    weight_map = read_index(file)
-    shards = sorted(set(weight_map.values()))
-    paths = {shard: shard_path(file, shard) for shard in shards}
+    index = read_index(file)
+    readers = {shard: SafetensorsFile(path, "shard") for shard, path in index.shards.items()}
+    lacking = [n for n, shard in index.weight_map.items() if n not in readers[shard].infos]
+    if lacking:
+        raise FormatError(
+            f"'{file}': the shards lack {len(lacking)} tensors the index maps to them: "
+            f"{shorten(lacking[:5], 200)}",
+            hint="The index and the shards come from different checkpoints: download them again.",
+        )
     metas = {}
-    with ExitStack() as stack:
-        for shard in shards:
-            handle = _safe_open(paths[shard], device, stack)
-            held = set(handle.keys())
-            lacking = [n for n, s in weight_map.items() if s == shard and n not in held]
-            if lacking:
-                raise FormatError(
-                    f"'{file}' maps {len(lacking)} tensors to shard {shard!r}, which lacks "
-                    f"them: {lacking[:5]}",
-                    hint="The index and the shards come from different checkpoints: "
-                    "download them again.",
-                )
-            for name in _offset_keys(handle):
-                if weight_map.get(name) == shard:
-                    metas[name] = _slice_meta(handle, name)
-                else:
-                    logger.debug("ignoring %r of shard %s: not in the index", name, shard)
+    for shard, reader in readers.items():
+        for name, info in reader.infos.items():
+            if index.weight_map.get(name) == shard:
+                metas[name] = _meta(info)
+            else:
+                logger.debug("ignoring %r of shard %s: not in the index", name, shard)
 
     def fetch(name: str) -> Tensor:
-        return _read_one(paths[weight_map[name]], name, device)
+        return readers[index.weight_map[name]].tensor(name, device)
 
     return ModelFormat.SHARDED, None, metas, fetch, None
 
 
-def _read_one(file: Path, name: str, device: str) -> Tensor:
-    """Tensor `name`, through a mapping of its own.
-
-    A long-lived handle keeps every page it ever read resident (file-backed RSS that
-    grows to the model's size); a handle per tensor lets the pages go with the tensor.
-    """
-    with ExitStack() as stack:
-        return _safe_open(file, device, stack).get_tensor(name)
-
-
-def _safe_open(file: Path, device: str, stack: ExitStack) -> Any:
-    try:
-        return stack.enter_context(safe_open(str(file), "pt", device=device))
-    except (SafetensorError, OSError) as error:
-        raise FormatError(f"'{file}' is a corrupt safetensors file: {error}") from error
-
-
-def _offset_keys(handle: Any) -> list[str]:
-    # offset_keys() (safetensors >= 0.4.3) follows the file's data; keys() is sorted.
-    return list(getattr(handle, "offset_keys", handle.keys)())
-
-
-def _slice_meta(handle: Any, name: str) -> TensorMeta:
-    view = handle.get_slice(name)
-    shape = tuple(view.get_shape())
-    # An empty slice has the dtype without reading data; 0-dim tensors cannot be sliced.
-    dtype = (view[:0] if shape else handle.get_tensor(name)).dtype
-    return TensorMeta(name, dtype, shape, "unknown")
+def _meta(info: Any) -> TensorMeta:
+    return TensorMeta(info.name, info.dtype, info.shape, "unknown")
 
 
 # --------------------------------------------------------------------- helpers
@@ -447,29 +468,14 @@ def _eager(
     metas: dict[str, TensorMeta] = {}
     seen: set[tuple] = set()
     for name, tensor, kind in entries:
-        key = _alias_key(tensor)
-        if dedup and key in seen:
+        key = alias_key(tensor)
+        if dedup and key is not None and key in seen:
             logger.debug("%s is tied to an earlier tensor: listed once", name)
             continue
         seen.add(key)
         tensors[name] = tensor.detach()
         metas[name] = TensorMeta(name, tensor.dtype, tuple(tensor.shape), kind)
     return tensors, metas
-
-
-def _alias_key(tensor: Tensor) -> tuple:
-    """Equal for two views of the same memory with the same layout (tied weights)."""
-    storage = tensor.untyped_storage()
-    if storage.nbytes() == 0:
-        return (id(tensor),)
-    return (
-        storage.data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tensor.stride(),
-        tensor.dtype,
-        tensor.device,
-    )
 
 
 def _reason(error: BaseException) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,10 +12,21 @@ from typing import Any
 import torch
 
 from bnnify.bnn.kl_report import kl_total
-from bnnify.errors import FormatError, InputError
-from bnnify.formats.safetensors_io import load_file, read_header, save_file
+from bnnify.enums import KLMethod
+from bnnify.errors import FormatError, InputError, shorten
+from bnnify.formats.safetensors_io import SafetensorsFile, read_header, save_file
+from bnnify.formats.strict_json import load_json
 
-__all__ = ["REPORT_FORMAT", "KLReport", "is_report", "read_report", "write_report"]
+__all__ = [
+    "REPORT_FORMAT",
+    "KLReport",
+    "checked_kl",
+    "is_report",
+    "read_report",
+    "write_report",
+]
+
+logger = logging.getLogger("bnnify")
 
 REPORT_FORMAT = "bnnify.kl_report"
 REPORT_VERSION = "1"
@@ -27,7 +40,7 @@ class KLReport:
         names: Parameter names, in the order of the vectors below.
         per_parameter: Summed KL of each parameter (float64).
         numels: Number of elements of each parameter (int64).
-        method: "analytic" or "monte_carlo".
+        method: How the KL was computed: analytic or Monte Carlo.
         samples: Monte Carlo samples per element (None when analytic).
         posterior: Posterior spec `{"name": ..., "kwargs": {...}}`.
         prior: Prior spec `{"name": ..., "kwargs": {...}}`.
@@ -37,7 +50,7 @@ class KLReport:
     names: list[str]
     per_parameter: torch.Tensor
     numels: torch.Tensor
-    method: str
+    method: KLMethod
     samples: int | None
     posterior: dict[str, Any]
     prior: dict[str, Any]
@@ -57,7 +70,7 @@ class KLReport:
             "kl_sum": self.total,
             "kl_mean": self.mean,
             "elements": int(self.numels.sum()),
-            "method": self.method,
+            "method": KLMethod(self.method).value,
             "samples": self.samples,
             "posterior": self.posterior,
             "prior": self.prior,
@@ -81,7 +94,7 @@ def write_report(report: KLReport, path: str | Path) -> None:
         "bnnify.format": REPORT_FORMAT,
         "bnnify.format_version": REPORT_VERSION,
         "bnnify.names": json.dumps(report.names),
-        "bnnify.method": report.method,
+        "bnnify.method": KLMethod(report.method).value,
         "bnnify.samples": json.dumps(report.samples),
         "bnnify.posterior": json.dumps(report.posterior, sort_keys=True),
         "bnnify.prior": json.dumps(report.prior, sort_keys=True),
@@ -94,42 +107,123 @@ def is_report(path: str | Path) -> bool:
     """Whether `path` is a bnnify KL report (by its header)."""
     try:
         metadata, _ = read_header(path)
-    except (InputError, OSError):  # FormatError is an InputError
+    except InputError:  # FormatError is an InputError
         return False
     return metadata.get("bnnify.format") == REPORT_FORMAT
 
 
-def read_report(path: str | Path) -> KLReport:
-    """Reads a KL report.
+def checked_kl(value: float, *, name: str, elements: int, method: KLMethod, source: str) -> float:
+    """A parameter's KL divergence as it may be reported: finite and not negative.
+
+    KL >= 0 always. A closed form below zero by more than rounding means the posterior
+    and prior tensors do not fit together, and is refused. A Monte Carlo estimate is
+    noisy and may fall below zero when the posterior is close to the prior; it is reported
+    as 0, which is never farther from the true value than the estimate itself.
 
     Raises:
-        FormatError: If the file is not a KL report of a supported version.
+        InputError: The value is NaN or infinite, or a closed form is negative.
     """
-    metadata, _ = read_header(path)
+    if not math.isfinite(value):
+        raise InputError(
+            f"{source}: the KL divergence of parameter {shorten(name)} is {value}: its "
+            "posterior or prior has a spread of zero or infinity",
+            hint="Check the checkpoint's mu and rho, and the prior's arguments.",
+        )
+    if value >= 0:
+        return value
+    rounding = _ROUNDING * max(elements, 1)
+    if method == KLMethod.MONTE_CARLO or value >= -rounding:
+        if value < -rounding:
+            logger.warning("the Monte Carlo KL estimate of %s, %.6g, is reported as 0", name, value)
+        return 0.0
+    raise InputError(
+        f"{source}: the KL divergence of parameter {shorten(name)} comes out negative "
+        f"({value:.6g}): its posterior and prior tensors do not fit together",
+        hint="The checkpoint is corrupt or was edited: convert the model again.",
+    )
+
+
+def read_report(path: str | Path) -> KLReport:
+    """Reads a KL report, checking it describes what `bnnify kl` would have written.
+
+    Raises:
+        FormatError: If the file is not a KL report of a supported version, or is malformed.
+    """
+    reader = SafetensorsFile(path, "KL report")
+    metadata = reader.metadata
     if metadata.get("bnnify.format") != REPORT_FORMAT:
         raise FormatError(f"{path}: not a bnnify KL report")
     version = metadata.get("bnnify.format_version")
     if version != REPORT_VERSION:
         raise FormatError(
-            f"{path}: KL report format version {version!r} is not supported "
+            f"{path}: KL report format version {shorten(version)} is not supported "
             f"(this bnnify reads version {REPORT_VERSION})",
             hint="Recompute the report with `bnnify kl CHECKPOINT --out ...`.",
         )
+    source = str(path)
     try:
-        tensors = load_file(path)
-        names = json.loads(metadata["bnnify.names"])
+        fields = {key: _json(metadata, key, source) for key in _JSON_FIELDS}
         report = KLReport(
-            names=names,
-            per_parameter=tensors["kl.per_parameter"],
-            numels=tensors["numel.per_parameter"],
+            names=fields["names"],
+            per_parameter=_vector(reader, "kl.per_parameter", torch.float64),
+            numels=_vector(reader, "numel.per_parameter", torch.int64),
             method=metadata["bnnify.method"],
-            samples=json.loads(metadata["bnnify.samples"]),
-            posterior=json.loads(metadata["bnnify.posterior"]),
-            prior=json.loads(metadata["bnnify.prior"]),
-            checkpoint=json.loads(metadata.get("bnnify.checkpoint", "{}")),
+            samples=fields["samples"],
+            posterior=fields["posterior"],
+            prior=fields["prior"],
+            checkpoint=fields["checkpoint"],
         )
-    except (KeyError, ValueError, TypeError) as error:
-        raise FormatError(f"{path}: malformed KL report ({error})") from None
-    if len(report.names) != report.per_parameter.numel():
-        raise FormatError(f"{path}: malformed KL report (names and values differ in length)")
+    except KeyError as error:
+        raise _malformed(path, f"no {error}") from None
+    _check(report, path)
+    report.method = KLMethod(report.method)
     return report
+
+
+_ROUNDING = 1e-5
+_JSON_FIELDS = ("names", "samples", "posterior", "prior", "checkpoint")
+
+
+def _json(metadata: dict[str, str], key: str, source: str) -> Any:
+    text = metadata.get(f"bnnify.{key}", "{}" if key == "checkpoint" else None)
+    if text is None:
+        raise KeyError(f"bnnify.{key}")
+    try:
+        return load_json(text, source, f"metadata 'bnnify.{key}'")
+    except FormatError as error:
+        raise _malformed(source, error.message.removeprefix(f"{source}: ")) from None
+
+
+def _vector(reader: SafetensorsFile, key: str, dtype: torch.dtype) -> torch.Tensor:
+    info = reader.infos.get(key)
+    if info is None or info.dtype != dtype or len(info.shape) != 1:
+        raise _malformed(reader.path, f"{key!r} is not a {dtype} vector")
+    return reader.tensor(key)
+
+
+def _check(report: KLReport, path: str | Path) -> None:
+    names, values, numels = report.names, report.per_parameter, report.numels
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _malformed(path, "the names are not a list of strings")
+    if not len(names) == len(values) == len(numels):
+        raise _malformed(path, "names and values differ in length")
+    if report.method not in {m.value for m in KLMethod}:
+        raise _malformed(path, f"unknown method {shorten(report.method)}")
+    samples = report.samples
+    if (samples is None) != (report.method == KLMethod.ANALYTIC) or not (
+        samples is None or (type(samples) is int and samples > 0)
+    ):
+        raise _malformed(path, f"{shorten(samples)} samples for method {report.method!r}")
+    if not all(isinstance(p, dict) for p in (report.posterior, report.prior, report.checkpoint)):
+        raise _malformed(path, "posterior, prior and checkpoint must be JSON objects")
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise _malformed(path, "a KL value is negative, NaN or infinite")
+    if bool((numels < 0).any()):
+        raise _malformed(path, "an element count is negative")
+
+
+def _malformed(path: str | Path, problem: str) -> FormatError:
+    return FormatError(
+        f"{path}: malformed KL report ({problem})",
+        hint="Recompute the report with `bnnify kl CHECKPOINT --out ...`.",
+    )

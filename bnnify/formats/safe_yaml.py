@@ -7,9 +7,9 @@ from typing import Any, NoReturn
 
 import yaml
 
-from bnnify.errors import SpecError
+from bnnify.errors import SpecError, clip, shorten
 
-__all__ = ["MAX_CHARS", "MAX_DEPTH", "decode_utf8", "dump_yaml", "load_yaml"]
+__all__ = ["MAX_CHARS", "MAX_DEPTH", "decode_utf8", "load_yaml"]
 
 # A spec is a few hundred bytes; these bounds keep hostile documents cheap to refuse.
 MAX_CHARS = 1 << 20
@@ -76,21 +76,18 @@ class _Loader(yaml.SafeLoader):
             if isinstance(error, SpecError):
                 raise
             value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
-            problem = f"cannot read {value!r} as {node.tag.rpartition(':')[2]}: {error}"
+            problem = (
+                f"cannot read {shorten(value)} as {node.tag.rpartition(':')[2]}: {clip(str(error))}"
+            )
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
-class _Dumper(yaml.SafeDumper):
-    """`SafeDumper` that quotes the strings `_Loader` would read as numbers."""
-
-
 # PyYAML reads `1e-3` as a string (YAML 1.1 wants a dot); a spec means a number, as in YAML 1.2.
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-        list("-+0123456789."),
-    )
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def decode_utf8(raw: bytes, source: str = "<bytes>") -> str:
@@ -158,18 +155,6 @@ def load_yaml(text: str, source: str = "<string>") -> Any:
     finally:
         if loader is not None:
             loader.dispose()
-
-
-def dump_yaml(data: Any) -> str:
-    """Dumps plain data as block-style YAML that `load_yaml` reads back unchanged.
-
-    Example:
-        >>> text = dump_yaml({"seed": 0, "tag": "1e5"})
-        >>> load_yaml(text) == {"seed": 0, "tag": "1e5"}
-        True
-    """
-    # Non-ASCII is escaped: PyYAML mangles raw line separators such as U+0085 on reading back.
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def _describe(error: yaml.MarkedYAMLError) -> str:

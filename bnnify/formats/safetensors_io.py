@@ -1,39 +1,42 @@
-"""Safetensors files written tensor by tensor with bounded memory, and read strictly."""
+"""Safetensors files written tensor by tensor with bounded memory, and read strictly.
+
+The official writer needs every tensor in memory at once; these writers stream one
+tensor at a time. Reading goes through the official reader (`safetensors_reader`).
+"""
 
 from __future__ import annotations
 
 import json
-import math
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from bnnify.errors import (
     ArgumentTypeError,
     FormatError,
-    InputError,
     InvalidArgumentError,
-    closest,
 )
 from bnnify.formats.safetensors_layout import (
     CODES,
     MAX_HEADER_BYTES,
     METADATA_KEY,
     RANK,
-    Malformed,
+    TensorInfo,
     encode_header,
-    parse_header,
-    read_raw_header,
     write_tensor_bytes,
+)
+from bnnify.formats.safetensors_reader import (
+    SafetensorsFile,
+    is_safetensors,
+    load_file,
+    read_header,
 )
 
 __all__ = [
     "MAX_HEADER_BYTES",
+    "SafetensorsFile",
     "SafetensorsWriter",
     "ShardedWriter",
     "TensorInfo",
@@ -45,28 +48,6 @@ __all__ = [
 ]
 
 TempPath = Callable[[Path], str | Path] | Mapping[Path, str | Path]
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a safetensors header says about one tensor: its name, dtype and shape."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        """The size of the tensor's data in bytes."""
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> TensorInfo:
-        """Describes `tensor` under `name`."""
-        return cls(name, tensor.dtype, tuple(tensor.shape))
 
 
 def plan_order(infos: Iterable[TensorInfo]) -> list[TensorInfo]:
@@ -188,87 +169,6 @@ def save_file(
         for name in writer.order:
             writer.write(name, tensors[name])
         writer.finish()
-
-
-def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-    """Reads and validates the header of a safetensors file, without its tensor data.
-
-    Returns:
-        The metadata, and the tensors in storage order.
-
-    Raises:
-        InputError: The file cannot be read.
-        FormatError: The file is not a well-formed safetensors file; the message says why.
-    """
-    path = Path(path)
-    try:
-        metadata, entries = parse_header(*read_raw_header(path))
-    except Malformed as error:
-        raise FormatError(
-            f"{str(path)!r} is not a valid safetensors file: {error}",
-            hint="Check that the file was copied completely, or save it again with "
-            "safetensors.torch.save_file.",
-        ) from None
-    except OSError as error:
-        raise _unreadable(path, error) from error
-    return metadata, {name: TensorInfo(name, dtype, shape) for name, dtype, shape, _, _ in entries}
-
-
-def is_safetensors(path: str | Path) -> bool:
-    """Tells from its first bytes whether a regular file looks like a safetensors file.
-
-    Raises:
-        InputError: The file exists but cannot be read.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as file:
-            prefix = file.read(9)
-            size = os.fstat(file.fileno()).st_size
-    except OSError as error:
-        raise _unreadable(path, error) from error
-    if len(prefix) < 9:
-        return False
-    length = int.from_bytes(prefix[:8], "little")
-    return 2 <= length <= min(MAX_HEADER_BYTES, size - 8) and prefix[8:] == b"{"
-
-
-def load_file(
-    path: str | Path,
-    names: Iterable[str] | None = None,
-    device: str | int | torch.device = "cpu",
-) -> dict[str, torch.Tensor]:
-    """Loads tensors from a safetensors file, memory-mapped, after validating its header.
-
-    Args:
-        path: The file.
-        names: The tensors to load; all of them by default.
-        device: Where to put the tensors.
-
-    Raises:
-        InputError: The file cannot be read, or lacks one of `names`.
-        FormatError: The file is malformed.
-    """
-    path = Path(path)
-    _, infos = read_header(path)
-    wanted = list(infos) if names is None else list(names)
-    for name in wanted:
-        if name not in infos:
-            raise InputError(
-                f"{str(path)!r} has no tensor {name!r}.{closest(name, infos)}",
-                hint=f"It holds {len(infos)} tensors: {', '.join(list(infos)[:10])}"
-                + (", ..." if len(infos) > 10 else ""),
-            )
-    where = device if isinstance(device, (str, int)) else str(device)
-    try:
-        with safe_open(str(path), framework="pt", device=where) as file:
-            return {name: file.get_tensor(name) for name in wanted}
-    except SafetensorError as error:
-        raise FormatError(f"cannot load {str(path)!r}: {error}") from error
-    except OSError as error:
-        raise _unreadable(path, error) from error
 
 
 class ShardedWriter:
@@ -467,10 +367,3 @@ def _split(ordered: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
         shards[-1].append(info)
         size += info.nbytes
     return shards
-
-
-def _unreadable(path: Path, error: OSError) -> InputError:
-    return InputError(
-        f"cannot read {str(path)!r}: {error.strerror or error}",
-        hint="Check the path and its permissions.",
-    )

@@ -1,12 +1,13 @@
-"""The safetensors byte layout: dtype codes, header encoding and strict header parsing."""
+"""The safetensors byte layout: dtype codes, tensor descriptions and header encoding."""
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
@@ -19,18 +20,15 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "METADATA_KEY",
     "RANK",
-    "Entry",
-    "Malformed",
+    "HeaderEntry",
+    "TensorInfo",
     "encode_header",
-    "parse_header",
-    "read_raw_header",
     "write_tensor_bytes",
 ]
 
 # The limit of the official reader: a larger header is refused there, so here too.
 MAX_HEADER_BYTES = 100_000_000
 METADATA_KEY = "__metadata__"
-_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 _CHUNK_BYTES = 1 << 24
 
 # The safetensors dtype enum in its declaration order: the official writer stores tensors
@@ -63,14 +61,32 @@ DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in CODES.items()}
 RANK: dict[torch.dtype, int] = {dtype: rank for rank, dtype in enumerate(CODES)}
 
 # Name, dtype, shape, and the data offsets [begin, end) of one tensor.
-Entry = tuple[str, torch.dtype, tuple[int, ...], int, int]
+HeaderEntry = tuple[str, torch.dtype, tuple[int, ...], int, int]
 
 
-class Malformed(Exception):
-    """A problem in a header, reported by the caller with the file name."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says about one tensor: its name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the tensor's data in bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorInfo:
+        """Describes `tensor` under `name`."""
+        return cls(name, tensor.dtype, tuple(tensor.shape))
 
 
-def encode_header(entries: Sequence[Entry], metadata: dict[str, str] | None) -> bytes:
+def encode_header(entries: Sequence[HeaderEntry], metadata: dict[str, str] | None) -> bytes:
     """Returns the length prefix and the space-padded JSON header of a file."""
     header: dict[str, Any] = {} if metadata is None else {METADATA_KEY: metadata}
     for name, dtype, shape, begin, end in entries:
@@ -109,137 +125,3 @@ def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
             if written is None or written >= len(chunk):
                 break
             chunk = chunk[written:]
-
-
-def read_raw_header(path: Path) -> tuple[bytes, int]:
-    """Returns the header bytes of a file and the number of data bytes after them.
-
-    Raises:
-        Malformed: The length prefix is missing or impossible.
-        OSError: The file cannot be read.
-    """
-    with open(path, "rb") as file:
-        size = file.seek(0, 2)
-        file.seek(0)
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise Malformed(f"the file has {size} bytes, too few for a header")
-        length = int.from_bytes(prefix, "little")
-        if length > MAX_HEADER_BYTES:
-            raise Malformed(f"header length {length} exceeds {MAX_HEADER_BYTES} bytes")
-        if length > size - 8:
-            raise Malformed(f"header length {length} exceeds the file size ({size} bytes)")
-        raw = file.read(length)
-    if len(raw) < length:
-        raise Malformed("the file is shorter than its header")
-    return raw, size - 8 - length
-
-
-def parse_header(raw: bytes, data_bytes: int) -> tuple[dict[str, str], list[Entry]]:
-    """Validates a header followed by `data_bytes` bytes of data.
-
-    Returns:
-        The metadata, and the tensors sorted by offset.
-
-    Raises:
-        Malformed: Anything is wrong; nothing else is raised.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise Malformed(
-            f"header is not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
-    if not text.startswith("{"):
-        raise Malformed("header does not start with '{'")
-    try:
-        header = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as error:
-        raise Malformed(f"header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise Malformed("header is not a JSON object")
-    metadata = header.pop(METADATA_KEY, None)
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(
-        isinstance(v, str) and _is_unicode(k) and _is_unicode(v) for k, v in metadata.items()
-    ):
-        raise Malformed(f"{METADATA_KEY!r} must map strings to strings")
-    entries = sorted(
-        (_parse_entry(name, entry) for name, entry in header.items()),
-        key=lambda entry: (entry[3], entry[4], entry[0]),
-    )
-    position = 0
-    for name, _, _, begin, end in entries:
-        if begin != position:
-            raise Malformed(
-                f"tensor {name!r} starts at byte {begin} of the data, but the previous "
-                f"tensor ends at byte {position} (data overlaps or has a hole)"
-            )
-        if end > data_bytes:
-            raise Malformed(f"tensor {name!r} ends beyond the file's {data_bytes} data bytes")
-        position = end
-    if position != data_bytes:
-        raise Malformed(f"{data_bytes - position} bytes follow the last tensor")
-    return metadata, entries
-
-
-def _parse_entry(name: str, entry: object) -> Entry:
-    if not _is_unicode(name):
-        raise Malformed(f"tensor name {name!r} is not valid Unicode")
-    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-        raise Malformed(f"tensor {name!r} must have exactly the keys {sorted(_ENTRY_KEYS)}")
-    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(code, str) or code not in DTYPES:
-        raise Malformed(
-            f"tensor {name!r} has unknown or unsupported dtype {code!r}; "
-            f"supported: {', '.join(DTYPES)}"
-        )
-    if not isinstance(shape, list) or not all(map(_is_count, shape)):
-        raise Malformed(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
-        raise Malformed(f"tensor {name!r} has data_offsets {offsets!r}, not two offsets")
-    begin, end = offsets
-    dtype = DTYPES[code]
-    if end < begin or _nbytes(shape, dtype.itemsize, end - begin) != end - begin:
-        raise Malformed(
-            f"tensor {name!r} of dtype {code} and shape {shape} does not fit its "
-            f"data_offsets {offsets}"
-        )
-    return name, dtype, tuple(shape), begin, end
-
-
-def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
-    """The size of a tensor, or `limit + 1` as soon as it exceeds `limit`."""
-    if 0 in shape:
-        return 0
-    total = itemsize
-    for n in shape:
-        total *= n
-        if total > limit:
-            return limit + 1
-    return total
-
-
-def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        keys = [key for key, _ in pairs]
-        repeated = next(key for key in keys if keys.count(key) > 1)
-        raise Malformed(f"key {repeated!r} appears twice in the header")
-    return result
-
-
-def _no_constant(name: str) -> None:
-    raise Malformed(f"header holds {name}, which is not JSON")

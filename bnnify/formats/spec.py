@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from bnnify.bnn import PosteriorFactory, PriorFactory
-from bnnify.errors import SpecError
+from bnnify.errors import InputError, SpecError
 from bnnify.formats import spec_checks as check
+from bnnify.formats.input_file import open_regular
 from bnnify.formats.safe_yaml import MAX_CHARS, decode_utf8, load_yaml
 
 __all__ = [
@@ -20,10 +21,11 @@ __all__ = [
     "ConversionSpec",
     "load_yaml",
     "parse_key_values",
-    "parse_spec",
     "read_spec",
     "resolve_device",
+    "resolve_prior",
     "resolve_spec",
+    "validate_spec",
 ]
 
 ALLOWED_KEYS = (
@@ -41,7 +43,7 @@ ALLOWED_KEYS = (
 
 @dataclass(frozen=True)
 class ConversionSpec:
-    """A validated conversion spec; build it with `parse_spec`, `read_spec` or `resolve_spec`.
+    """A validated conversion spec; build it with `validate_spec`, `read_spec` or `resolve_spec`.
 
     Attributes:
         posterior: Canonical (lower-case) posterior name and its keyword arguments.
@@ -55,7 +57,7 @@ class ConversionSpec:
         arch_kwargs: Keyword arguments of `arch`.
 
     Example:
-        >>> spec = parse_spec({"prior": {"name": "Gaussian", "kwargs": {"sigma": 0.5}}})
+        >>> spec = validate_spec({"prior": {"name": "Gaussian", "kwargs": {"sigma": 0.5}}})
         >>> spec.prior, spec.posterior
         (('gaussian', {'sigma': 0.5}), ('pretrained_gaussian', {'delta': 0.1}))
         >>> ConversionSpec.from_json(spec.to_json()) == spec
@@ -98,7 +100,7 @@ class ConversionSpec:
         Raises:
             ValueError: (`SpecError`) If `data` is not a valid spec.
         """
-        return parse_spec(data, source="<json>", available_only=not recorded)
+        return validate_spec(data, source="<json>", available_only=not recorded)
 
     def torch_dtype(self) -> torch.dtype | None:
         """The `torch.dtype` named by `dtype`, or None to keep the model's."""
@@ -127,18 +129,19 @@ def read_spec(path: str | Path) -> ConversionSpec:
     """
     source = str(path)
     try:
-        with open(path, "rb") as file:
+        with open_regular(path, "spec file") as file:
             raw = file.read(4 * MAX_CHARS + 1)
-    except FileNotFoundError:
-        check.fail(source, "", "spec file not found", hint="Check the path given to --spec.")
+    except InputError as error:
+        problem = "spec file not found" if "does not exist" in error.message else error.message
+        check.fail(source, "", problem, hint="Check the path given to --spec.")
     except OSError as error:
         check.fail(source, "", f"cannot read the spec file: {error.strerror or error}")
     if len(raw) > 4 * MAX_CHARS:
         check.fail(source, "", f"too large for a spec (over {4 * MAX_CHARS} bytes)")
-    return parse_spec(load_yaml(decode_utf8(raw, source), source), source)
+    return validate_spec(load_yaml(decode_utf8(raw, source), source), source)
 
 
-def parse_spec(
+def validate_spec(
     document: Any, source: str = "<string>", *, available_only: bool = True
 ) -> ConversionSpec:
     """Validates a loaded spec document; a missing or null key takes its default.
@@ -238,46 +241,98 @@ def _scalar(text: str) -> Any:
 _SPREADS = {"rho", "sigma", "delta"}
 
 
+Args = Mapping[str, Any] | Sequence[str]
+Component = str | tuple[str, Mapping[str, Any]]
+
+
 def resolve_spec(
-    path: str | Path | None = None,
+    path: str | Path | ConversionSpec | Mapping[str, Any] | None = None,
     *,
-    posterior: str | None = None,
-    posterior_args: Sequence[str] = (),
-    prior: str | None = None,
-    prior_args: Sequence[str] = (),
+    posterior: Component | None = None,
+    posterior_args: Args = (),
+    prior: Component | None = None,
+    prior_args: Args = (),
     device: str | None = None,
     dtype: str | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     seed: int | None = None,
 ) -> ConversionSpec:
-    """The spec of `bnnify convert`: the file at `path` (or the defaults), overridden by flags.
+    """The spec of `bnnify convert`: a spec (or the defaults), overridden by flags.
 
-    A new `posterior` (or `prior`) name drops the file's keyword arguments unless it
-    names the same one; `*_args` (`KEY=VALUE` strings) are merged over them (a
-    spread argument, `rho`, `sigma` or `delta`, replaces the default posterior's
-    `delta`). Empty `include` and `exclude` sequences mean "not given".
+    A new `posterior` (or `prior`) name drops the spec's keyword arguments unless it
+    names the same one; `*_args` (a mapping, or `KEY=VALUE` strings) are merged over
+    them (a spread argument, `rho`, `sigma` or `delta`, replaces the default
+    posterior's `delta`). Empty `include` and `exclude` sequences mean "not given".
+
+    Args:
+        path: A YAML spec file, a `ConversionSpec`, a spec document (a mapping), or
+            None for the defaults.
+        posterior: A posterior name, or `(name, kwargs)`: the name and arguments.
+        posterior_args: Posterior arguments merged over the spec's.
+        prior: A prior name, or `(name, kwargs)`.
+        prior_args: Prior arguments merged over the spec's.
+        device: The device to convert on.
+        dtype: The floating-point dtype to convert to.
+        include: Glob patterns of the parameters to make Bayesian.
+        exclude: Glob patterns of the parameters to keep deterministic.
+        seed: The seed of the random initialisation.
 
     Raises:
-        ValueError: (`SpecError`) If the file or the flags are invalid.
+        ValueError: (`SpecError`) If the spec or the flags are invalid.
     """
-    base = DEFAULT_SPEC if path is None else read_spec(path)
+    base = _base_spec(path)
     data = base.to_json()
-    posterior_kwargs = parse_key_values(posterior_args, "--posterior-arg")
+    posterior, posterior_kwargs = _named(posterior, posterior_args, "--posterior-arg")
+    prior, prior_kwargs = _named(prior, prior_args, "--prior-arg")
     if base.posterior == DEFAULT_SPEC.posterior and set(posterior_kwargs) & _SPREADS:
         # The default spread (delta=0.1) gives way to a spread chosen on the command
         # line (say sigma=0.05): the pretrained posterior takes only one of them.
         data["posterior"] = {"name": base.posterior[0], "kwargs": {}}
     data["posterior"] = _override(data["posterior"], posterior, posterior_kwargs)
-    data["prior"] = _override(data["prior"], prior, parse_key_values(prior_args, "--prior-arg"))
+    data["prior"] = _override(data["prior"], prior, prior_kwargs)
     flags = {"device": device, "dtype": dtype, "seed": seed}
     data.update({key: value for key, value in flags.items() if value is not None})
     # A lone string is one pattern, not a sequence of one-letter patterns.
     for key, patterns in (("include", include), ("exclude", exclude)):
         if patterns:
             data[key] = patterns if isinstance(patterns, str) else list(patterns)
-    source = "command-line flags" if path is None else f"command-line flags over {path}"
-    return parse_spec(data, source)
+    given = isinstance(path, (str, Path))
+    source = f"command-line flags over {path}" if given else "command-line flags"
+    return validate_spec(data, source)
+
+
+def resolve_prior(
+    recorded: tuple[str, dict], prior: Component | None = None, prior_args: Args = ()
+) -> tuple[str, dict]:
+    """A recorded prior overridden by flags, as `resolve_spec` overrides a spec's prior.
+
+    Raises:
+        ValueError: (`SpecError`) If the prior or its arguments are invalid.
+    """
+    current = {"name": recorded[0], "kwargs": dict(recorded[1])}
+    component = _override(current, *_named(prior, prior_args, "--prior-arg"))
+    return validate_spec({"prior": component}, "command-line flags").prior
+
+
+def _base_spec(spec: str | Path | ConversionSpec | Mapping[str, Any] | None) -> ConversionSpec:
+    if spec is None:
+        return DEFAULT_SPEC
+    if isinstance(spec, ConversionSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return validate_spec(spec, "<spec>")
+    return read_spec(spec)
+
+
+def _named(component: Component | None, args: Args, what: str) -> tuple[Any, dict[str, Any]]:
+    """The name and the arguments of a `name` or `(name, kwargs)` flag, `args` merged over."""
+    extra = dict(args) if isinstance(args, Mapping) else parse_key_values(args, what)
+    if isinstance(component, (tuple, list)) and len(component) == 2:
+        name, kwargs = component
+        if isinstance(kwargs, Mapping):
+            return name, {**kwargs, **extra}
+    return component, extra
 
 
 def _override(current: dict, name: str | None, args: dict[str, Any]) -> dict:

@@ -1,3 +1,7 @@
-"""bnnify's use cases: convert, fit, predict, kl and inspect, over the file formats."""
+"""bnnify's use cases, one module per command: the Python API (re-exported by `bnnify.api`)."""
 
-__all__: list[str] = []
+__all__ = ["LOGGER_NAME"]
+
+# The one logger of the use cases: their informational lines and warnings, which the CLI
+# draws on stderr (`bnnify.cli.reporting`) and a Python caller configures as it likes.
+LOGGER_NAME = "bnnify.usecases"

@@ -1,4 +1,4 @@
-"""Variational fine-tuning of a checkpoint on data: maximise the ELBO with Adam.
+"""`fit`: variational fine-tuning of a checkpoint's posterior on data (maximise the ELBO).
 
 Per example, the loss is
 
@@ -7,379 +7,344 @@ Per example, the loss is
 with N the number of training examples (so the sum over one epoch is the negative
 ELBO of the data set, divided by N), the expectation estimated with `mc_samples`
 weight samples, and beta(t) a linear warm-up from 0 to 1 over `warmup_epochs`.
-Under `torchrun` each process trains on its share of every batch with its own
-noise, gradients averaged by DistributedDataParallel.
+The loop itself, and its distributed form under `torchrun`, is in `training`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-import bnnify
-from bnnify.bnn.likelihood import CategoricalLikelihood, GaussianLikelihood, Likelihood
-from bnnify.bnn.metrics import (
-    classification_summary,
-    expected_calibration_error,
-    gaussian_mixture_log_likelihood,
-)
-from bnnify.errors import DivergedError, InputError
-from bnnify.formats.checkpoint import Checkpoint, write_tensors
+from bnnify.bnn.likelihood import Likelihood
+from bnnify.enums import NoiseMode, Task
+from bnnify.errors import InputError, InvalidArgumentError, UsageError
+from bnnify.formats.atomic import AtomicOutputs
+from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset
-from bnnify.formats.safetensors_io import TensorInfo
-from bnnify.usecases.runner import Runner
+from bnnify.formats.spec import resolve_device
+from bnnify.usecases import LOGGER_NAME
+from bnnify.usecases.model_call import model_arguments
+from bnnify.usecases.runner import Runner, check_input, open_runner
+from bnnify.usecases.sources import (
+    CheckpointLike,
+    DataLike,
+    ModelLike,
+    as_checkpoint,
+    as_dataset,
+    file_paths,
+    opened_model,
+    path_of,
+)
+from bnnify.usecases.training import (
+    FitSettings,
+    make_likelihood,
+    process_device,
+    process_rank,
+    save_fitted,
+    settings_json,
+    train,
+)
 
-__all__ = [
-    "FitSettings",
-    "evaluate",
-    "fit",
-    "make_likelihood",
-    "refuse_overflow",
-    "save_fitted",
-    "settings_json",
-]
+__all__ = ["FitResult", "FitSettings", "fit"]
+
+logger = logging.getLogger(LOGGER_NAME)
 
 
 @dataclass
-class FitSettings:
-    """Settings of `bnnify fit` (recorded in the fitted checkpoint)."""
+class FitResult:
+    """What a fit did (what `bnnify fit` prints, and records in the fitted checkpoint).
 
-    task: str
-    epochs: int = 50
-    lr: float = 1e-3
-    batch_size: int = 128
-    mc_samples: int = 1
-    kl_weight: float = 1.0
-    warmup_epochs: int = 0
-    clip: float | None = 10.0
-    seed: int = 0
-    val_samples: int = 16
-    noise: str = "fresh"
+    Attributes:
+        output: The fitted checkpoint (written by the process of rank 0 only).
+        task: The task fitted.
+        settings: The settings used.
+        n_train: Training examples.
+        n_val: Validation examples (0 without validation).
+        data: Name of the training data.
+        model: `{"name": ..., "sha256": ...}` of the model file.
+        history: One record per epoch, those of the fits resumed included: loss,
+            nll, kl, elbo (per example), beta, noise, and `val` metrics.
+        inputs: The names of the model's per-example inputs, in order.
+        model_args: The constant arguments of the model's `forward`.
+        call: What each parameter of `forward` received (`"input NAME"` or a constant).
+        val_estimator: How the validation predictions were sampled
+            (`{"estimator": ..., "reason": ...}`), None without validation.
+    """
 
+    output: Path
+    task: Task
+    settings: FitSettings
+    n_train: int
+    n_val: int
+    data: str
+    model: dict[str, str]
+    history: list[dict[str, Any]]
+    inputs: list[str] = field(default_factory=lambda: ["x"])
+    model_args: dict[str, Any] = field(default_factory=dict)
+    call: dict[str, Any] = field(default_factory=dict)
+    val_estimator: dict[str, str] | None = None
 
-def make_likelihood(task: str, checkpoint: Checkpoint, resume: bool) -> Likelihood:
-    """The likelihood of `task`; with `resume`, the noise scale fitted before."""
-    if task == "classification":
-        return CategoricalLikelihood()
-    likelihood = GaussianLikelihood()
-    tensors = checkpoint.fit_tensors()
-    if resume and "bnnify.fit.log_noise" in tensors:
-        with torch.no_grad():
-            likelihood.log_noise.copy_(tensors["bnnify.fit.log_noise"])
-    return likelihood
+    @property
+    def final(self) -> dict[str, Any]:
+        """The record of the last epoch."""
+        return self.history[-1]
 
+    def info(self) -> dict[str, Any]:
+        """The fit's record in the checkpoint's metadata (`bnnify.fit`)."""
+        return {
+            "task": self.task.value,
+            "settings": settings_json(self.settings),
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "data": self.data,
+            "model": self.model,
+            "inputs": self.inputs,
+            "model_args": self.model_args,
+            "call": self.call,
+            "val_estimator": self.val_estimator,
+            "history": self.history,
+            "final": self.final,
+        }
 
-def process_device(device: str) -> str:
-    """The device of this process: under torchrun, `cuda` means `cuda:LOCAL_RANK`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(torch.device(device))
-    return device
-
-
-def _distributed(device: torch.device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # nccl moves CUDA tensors only; CPU training needs gloo even on a GPU machine.
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-class _Objective(nn.Module):
-    """Runner and likelihood in one module, so that DDP sees every trained parameter."""
-
-    def __init__(self, runner: Runner, likelihood: Likelihood):
-        super().__init__()
-        self.runner = runner
-        self.likelihood = likelihood
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.runner(x)
-
-
-@torch.no_grad()
-def _init_noise(runner: Runner, likelihood: Likelihood, data: Dataset, batch: int) -> None:
-    """Starts the noise scale at the RMSE of the mean-weights model on the data."""
-    if not isinstance(likelihood, GaussianLikelihood):
-        return
-    errors = []
-    for start in range(0, len(data), batch):
-        x, y = data.x[start : start + batch], data.y[start : start + batch]
-        out = runner.mean_forward(x)
-        errors.append((out.reshape(len(x), -1) - y.reshape(len(y), -1).to(out.dtype)).square())
-    rmse = float(torch.cat(errors).mean().sqrt())
-    likelihood.log_noise.fill_(math.log(max(rmse, 1e-3)))
+    def to_json(self) -> dict[str, Any]:
+        """The result as `bnnify fit --json` prints it."""
+        return {"output": str(self.output), **self.info()}
 
 
 def fit(
-    runner: Runner,
-    likelihood: Likelihood,
-    train: Dataset,
-    settings: FitSettings,
+    checkpoint: CheckpointLike,
+    model: ModelLike,
+    data: DataLike,
     *,
-    val: Dataset | None = None,
-    start_epoch: int = 0,
-    init_noise: bool = True,
+    task: Task | str | None = None,
+    val: DataLike | None = None,
+    val_split: float = 0.0,
+    epochs: int = 50,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    mc_samples: int = 1,
+    kl_weight: float = 1.0,
+    warmup_epochs: int = 0,
+    clip: float | None = 10.0,
+    seed: int = 0,
+    val_samples: int = 16,
+    noise: NoiseMode | str = NoiseMode.FRESH,
+    class_dim: int | None = None,
+    x_key: str | Sequence[str] = "x",
+    y_key: str = "y",
+    target: str | None = None,
+    model_args: Mapping[str, Any] | Sequence[str] | None = None,
+    output: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    arch: str | None = None,
+    arch_kwargs: str | Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    force: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Fits the posterior of `runner` (and the likelihood's noise) to `train`.
+) -> FitResult:
+    """Fits a checkpoint's posterior to data and writes the fitted checkpoint, atomically.
 
-    Returns:
-        One record per epoch: loss, nll, kl, elbo (all per example), beta, and the
-        validation metrics when `val` is given.
-    """
-    device = runner.bnn._kl_meta.device
-    rank, world = _distributed(device)
-    train = Dataset(train.x.to(device), train.y.to(device), train.source)
-    torch.manual_seed(settings.seed * 1000 + rank)
-    if init_noise:
-        _init_noise(runner, likelihood, train, settings.batch_size)
-    likelihood.to(device)
-    for data in (train, val):
-        if data is not None:
-            refuse_overflow(runner, likelihood, data, settings.batch_size)
-    runner.bnn.noise = settings.noise
-    objective: nn.Module = _Objective(runner, likelihood)
-    _freeze_deterministic(runner)
-    trained = [p for p in objective.parameters() if p.requires_grad]
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    Under `torchrun --nproc_per_node=N` each process trains on its share of every
+    batch (DistributedDataParallel: gloo on CPU, nccl on GPU); rank 0 writes.
 
-        objective = DistributedDataParallel(objective)
-    optimizer = _adam(trained, settings.lr)
-    n = len(train)
-    steps = math.ceil(n / settings.batch_size)
-    warmup = settings.warmup_epochs * steps
-    order_generator = torch.Generator().manual_seed(settings.seed)
-    history = []
-    for epoch in range(start_epoch, start_epoch + settings.epochs):
-        order = torch.randperm(n, generator=order_generator).to(device)
-        totals = {"nll": 0.0, "loss": 0.0, "count": 0}
-        beta = 1.0
-        for step in range(steps):
-            index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            # Equal shares on every process (the last batch loses its remainder, as with
-            # DistributedSampler's drop_last): averaged gradients are the batch mean's.
-            index = index[: len(index) - len(index) % world][rank::world]
-            if len(index) == 0:
-                continue
-            done = (epoch - start_epoch) * steps + step
-            beta = min(1.0, (done + 1) / warmup) if warmup else 1.0
-            nll, loss = _step(
-                objective, runner, likelihood, train, index, n, beta, settings, optimizer, trained
-            )
-            if not math.isfinite(loss):
-                where = f"epoch {epoch + 1}, step {step + 1}: the loss or its gradient"
-                _diverged(f"{where} became infinite or NaN", settings)
-            totals["nll"] += nll * len(index)
-            totals["loss"] += loss * len(index)
-            totals["count"] += len(index)
-        if not all(bool(torch.isfinite(p).all()) for p in trained):
-            _diverged(f"epoch {epoch + 1}: the parameters became infinite or NaN", settings)
-        record = _epoch_record(runner, likelihood, totals, max(totals["count"], 1), beta, epoch, n)
-        if val is not None:
-            record["val"] = evaluate(
-                runner, likelihood, val, settings.val_samples, settings.batch_size
-            )
-        history.append(record)
-        if on_epoch is not None and rank == 0:
-            on_epoch(record)
-    return history
-
-
-def _adam(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam, fused (one kernel per flat tensor) where torch has the fused kernel."""
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None)
-
-
-def _step(
-    objective: nn.Module,
-    runner: Runner,
-    likelihood: Likelihood,
-    data: Dataset,
-    index: Tensor,
-    n: int,
-    beta: float,
-    settings: FitSettings,
-    optimizer: torch.optim.Optimizer,
-    trained: list[Tensor],
-) -> tuple[float, float]:
-    x, y = data.x[index], data.y[index]
-    optimizer.zero_grad(set_to_none=True)
-    nll = sum(likelihood.nll(objective(x), y).mean() for _ in range(settings.mc_samples))
-    nll = nll / settings.mc_samples
-    kl = runner.bnn.kl_divergence().to(nll.dtype)
-    loss = nll + settings.kl_weight * beta * kl / n
-    loss.backward()
-    if settings.clip:
-        norm = torch.nn.utils.clip_grad_norm_(trained, settings.clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
-    if not _everywhere(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
-        return float(nll.detach()), math.nan
-    optimizer.step()
-    return float(nll.detach()), float(loss.detach())
-
-
-@torch.no_grad()
-def _epoch_record(
-    runner: Runner,
-    likelihood: Likelihood,
-    totals: dict,
-    count: float,
-    beta: float,
-    epoch: int,
-    n: int,
-) -> dict[str, Any]:
-    kl = float(runner.bnn.kl_divergence())
-    nll = totals["nll"] / count
-    record = {
-        "epoch": epoch + 1,
-        "loss": totals["loss"] / count,
-        "nll": nll,
-        "kl": kl,
-        "elbo": -(nll + kl / n),
-        "beta": beta,
-    }
-    if isinstance(likelihood, GaussianLikelihood):
-        record["noise"] = float(likelihood.noise)
-    return record
-
-
-def _everywhere(finite: Tensor) -> bool:
-    """Whether `finite` holds in every process: under torchrun all of them stop together
-    (the gradients are averaged already, but each process has its own loss)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        flag = finite.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag)
-    return bool(finite)
-
-
-@torch.no_grad()
-def refuse_overflow(runner: Runner, likelihood: Likelihood, data: Dataset, batch: int) -> None:
-    """Refuses data on which the mean model's output or its loss is infinite or NaN.
-
-    Data are checked to be finite when read, but values near the floating-point limit
-    (3.4e38 in float32) still overflow in the model or in the likelihood, and training on
-    them can only write NaN.
+    Args:
+        checkpoint: The checkpoint to fit (a file or a `Checkpoint`).
+        model: The model it was converted from (a file, `LoadedModel` or `nn.Module`).
+        data: Training data: a file (safetensors `x`/`y`, .npz, CSV), a `Dataset`
+            or a tuple `(x, y)`, `x` a tensor or tensors by name (several inputs).
+        task: "regression" (Gaussian likelihood, learned noise) or "classification"
+            (logits); default: the task of a resumed fit.
+        val: Validation data, as `data`.
+        val_split: Fraction of `data` held out for validation instead.
+        epochs: Passes over the data.
+        lr: Adam's learning rate.
+        batch_size: Examples per step.
+        mc_samples: Weight samples per step for the expected NLL.
+        kl_weight: Multiplies KL / N (1: the true ELBO).
+        warmup_epochs: Linear KL warm-up from 0 over this many epochs.
+        clip: Gradient norm clipping (None or 0: off).
+        seed: Seed of the data order and the weight noise.
+        val_samples: Weight samples for the validation metrics.
+        noise: The weight noise of each training step, "fresh" (default) or
+            "shifted" (cheaper; see `BayesianModule`'s `noise`).
+        class_dim: Classification: the dimension of the classes in the model's
+            output (0 is the batch; default: a resumed fit's, else the last, -1).
+        x_key: Input tensor name in data files, or names of several inputs (`NAME`
+            or `NAME=TENSOR`); each goes to forward's parameter of its name, or
+            fills its first free parameters in order.
+        y_key: Target tensor name in data files.
+        target: CSV target column (name or index; default: the last).
+        model_args: Constant arguments of the model's forward, by name (a mapping,
+            or `NAME=VALUE` strings with YAML scalar values), e.g. `{"sr": 16000}`.
+        output: The fitted checkpoint [default: `<checkpoint>.fit.safetensors`].
+        resume: Continue a previous fit (its noise scale, history and task).
+        device: Where to train (default "cpu").
+        arch: For a state dict: confirms the architecture the checkpoint names.
+        arch_kwargs: Confirms its recorded keyword arguments too (a JSON object or a
+            mapping; needed when it has any).
+        trust_pickle: Load a pickled `nn.Module` file (this runs its code).
+        force: Overwrite `output` if it exists.
+        on_epoch: Called with each epoch's record (on rank 0).
 
     Raises:
-        InputError: Naming the data and the first batch that overflows.
+        UsageError: For a missing or conflicting task, an invalid setting, or inputs
+            and model arguments that do not fit the model's forward.
+        InputError: If the model is not the checkpoint's, or the data do not fit it or
+            overflow it.
+        UnsafeInputError: If the checkpoint names an architecture that `arch` and
+            `arch_kwargs` do not confirm.
+        OutputExistsError: If `output` exists and `force` is false.
+        DivergedError: If the loss, its gradient or the parameters become infinite or
+            NaN (nothing is written).
     """
-    for start in range(0, len(data), batch):
-        x, y = data.x[start : start + batch], data.y[start : start + batch]
-        output = runner.mean_forward(x)
-        if torch.isfinite(output).all() and torch.isfinite(likelihood.nll(output, y)).all():
-            continue
-        largest = float(data.x.abs().max()) if data.x.is_floating_point() else math.nan
-        raise InputError(
-            f"{data.source}: the model's output or loss is infinite or NaN on examples "
-            f"{start}-{start + len(x) - 1} (inputs up to {largest:.3g} in magnitude): the "
-            "values are too large for the model's floating-point type",
-            hint="Standardise the inputs and targets (zero mean, unit variance) first.",
-        )
-
-
-def _diverged(where: str, settings: FitSettings) -> NoReturn:
-    raise DivergedError(
-        f"training diverged at {where}; nothing was written",
-        hint=f"Lower the learning rate (--lr, now {settings.lr:g}), keep gradient clipping "
-        "on (--clip), or standardise the inputs and targets.",
+    if not 0.0 <= val_split < 1.0:
+        raise InvalidArgumentError(f"val_split must be in [0, 1), got {val_split!r}")
+    device = process_device(resolve_device(device))
+    destination = Path(output) if output is not None else _fitted_name(path_of(checkpoint))
+    paths = file_paths(checkpoint, model, data, val)
+    outputs = AtomicOutputs([destination], force=force, inputs=paths)
+    ckpt = as_checkpoint(checkpoint)
+    chosen = _task(task, ckpt, resume)
+    settings = FitSettings(
+        task=chosen,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        mc_samples=mc_samples,
+        kl_weight=kl_weight,
+        warmup_epochs=warmup_epochs,
+        clip=clip or None,
+        seed=seed,
+        val_samples=val_samples,
+        noise=noise,
+        class_dim=_class_dim(class_dim, ckpt, resume),
     )
+    constants = model_arguments(model_args)
+    keys = {"x_key": x_key, "y_key": y_key, "target": target}
+    train_data = as_dataset(data, **keys)
+    validation = as_dataset(val, **keys) if val is not None else None
+    if validation is None and val_split > 0:
+        train_data, validation = _split(train_data, val_split, seed)
+    if validation is not None and validation.x.names != train_data.x.names:
+        raise InputError(
+            f"the validation inputs ({', '.join(validation.x.names)}) are not the training "
+            f"inputs ({', '.join(train_data.x.names)})",
+            hint="Store the same input tensors in both files.",
+        )
+    with opened_model(model, trust_pickle=trust_pickle) as loaded:
+        confirm = {"arch": arch, "arch_kwargs": arch_kwargs, "model_args": constants}
+        runner = open_runner(loaded, ckpt, device=device, **confirm)
+        source = {"name": loaded.path.name, "sha256": loaded.sha256}
+        what = f"{loaded.path.name} ({loaded.format.value})"
+    likelihood = make_likelihood(chosen, ckpt, resume, settings.class_dim)
+    for part in (train_data, validation):
+        if part is not None:
+            _check_fits(runner, likelihood, part)
+    val_estimator = None
+    if validation is not None:
+        choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
+        val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
+        logger.info("Validation predictions: %s", choice)
+    previous = (ckpt.fit or {}).get("history", []) if resume else []
+    logger.info(
+        "Fitting %d Bayesian parameters of %s on %d examples, %s",
+        len(ckpt.parameters),
+        what,
+        len(train_data),
+        chosen.value,
+    )
+    history = train(
+        runner,
+        likelihood,
+        train_data,
+        settings,
+        val=validation,
+        start_epoch=len(previous),
+        init_noise=not resume,
+        on_epoch=on_epoch,
+    )
+    result = FitResult(
+        output=destination,
+        task=chosen,
+        settings=settings,
+        n_train=len(train_data),
+        n_val=0 if validation is None else len(validation),
+        data=_name(data, train_data),
+        model=source,
+        history=previous + history,
+        inputs=train_data.x.names,
+        model_args=constants,
+        call=runner.call.describe(train_data.x.names),
+        val_estimator=val_estimator,
+    )
+    if process_rank() == 0:
+        with outputs:
+            temp = outputs.temp(destination)
+            save_fitted(destination, temp, ckpt, runner, likelihood, result.info())
+    return result
 
 
-def _freeze_deterministic(runner: Runner) -> None:
-    """Kept-deterministic parameters stay as converted: only the posterior is fitted."""
-    trained = {id(p) for store in runner.bnn.variational for p in store.parameters()}
-    trained |= {id(p) for p in runner.bnn.posteriors.parameters()}
-    for param in runner.bnn.parameters():
-        if id(param) not in trained:
-            param.requires_grad_(False)
+def _check_fits(runner: Runner, likelihood: Likelihood, data: Dataset) -> None:
+    """The model runs on the inputs, and its outputs fit the targets' likelihood."""
+    output = check_input(runner, data.x)
+    like_targets = output[:1].expand(len(data.y), *output.shape[1:])
+    likelihood.check(like_targets, data.y.to(output.device))
 
 
-@torch.no_grad()
-def evaluate(
-    runner: Runner, likelihood: Likelihood, data: Dataset, samples: int, batch_size: int
-) -> dict[str, float]:
-    """Test metrics of the Bayesian model (`samples` weight samples) on `data`."""
-    device = runner.bnn._kl_meta.device
-    outputs = []
-    for start in range(0, len(data), batch_size):
-        x = data.x[start : start + batch_size].to(device)
-        outputs.append(runner.predict_samples(x, samples).cpu())
-    draws = torch.cat(outputs, 1)
-    y = data.y
-    if isinstance(likelihood, GaussianLikelihood):
-        mean = draws.mean(0).reshape(len(y), -1)
-        rmse = float((mean - y.reshape(len(y), -1).to(mean.dtype)).square().mean().sqrt())
-        ll = gaussian_mixture_log_likelihood(draws, float(likelihood.noise), y)
-        return {"rmse": rmse, "log_likelihood": float(ll.mean())}
-    summary = classification_summary(draws)
-    probs = summary["probs"]
-    labels = y.long()
-    nll = -probs[torch.arange(len(labels)), labels].clamp_min(1e-300).log().mean()
-    return {
-        "accuracy": float((summary["predicted"] == labels).double().mean()),
-        "log_likelihood": float(-nll),
-        "ece": expected_calibration_error(probs, labels),
-    }
+def _fitted_name(checkpoint: Path) -> Path:
+    name = checkpoint.name
+    for suffix in (".safetensors.index.json", ".safetensors"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return checkpoint.with_name(f"{name}.fit.safetensors")
 
 
-def save_fitted(
-    path: Path,
-    temp: Path,
-    checkpoint: Checkpoint,
-    runner: Runner,
-    likelihood: Likelihood,
-    info: dict[str, Any],
-) -> None:
-    """Writes the fitted checkpoint to `temp` (renamed onto `path` by the caller)."""
-    tensors: dict[str, Tensor] = {}
-    for key, value in runner.bnn.variational_state().items():
-        tensors[_file_key(checkpoint, key)] = value.detach().cpu().contiguous()
-    tensors.update({k: v.contiguous() for k, v in checkpoint.deterministic_state().items()})
-    if isinstance(likelihood, GaussianLikelihood):
-        tensors["bnnify.fit.log_noise"] = likelihood.log_noise.detach().cpu().clone()
-    metadata = {k: v for k, v in checkpoint.metadata.items() if k != "total_size"}
-    metadata["bnnify.version"] = bnnify.__version__
-    metadata["torch.version"] = torch.__version__
-    metadata["bnnify.fit"] = _json(info)
-    infos = [TensorInfo(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-    write_tensors(path, infos, tensors.__getitem__, metadata, lambda final: temp)
+def _name(data: DataLike, dataset: Dataset) -> str:
+    return Path(data).name if isinstance(data, (str, Path)) else dataset.source
 
 
-def _file_key(checkpoint: Checkpoint, state_key: str) -> str:
-    """The checkpoint's tensor key for a `variational_state()` key."""
-    for name, record in checkpoint.parameters.items():
-        prefix = f"{name}."
-        if state_key.startswith(prefix):
-            rest = state_key[len(prefix) :]
-            if rest.startswith("prior."):
-                return record.prior_tensors.get(rest[6:], state_key)
-            return record.tensors.get(rest, state_key)
-    return state_key
+def _task(task: Task | str | None, ckpt: Checkpoint, resume: bool) -> Task:
+    fitted = (ckpt.fit or {}).get("task")
+    if resume and fitted is None:
+        raise UsageError(
+            f"{ckpt.path.name} was never fitted: there is nothing to resume",
+            hint="Drop --resume to start fitting it.",
+        )
+    if task is None:
+        if resume:
+            return Task.parse(fitted)
+        raise UsageError("choose the task with --task regression or --task classification")
+    task = Task.parse(task)
+    if resume and task.value != fitted:
+        raise UsageError(f"--task {task.value} differs from the resumed fit's task {fitted!r}")
+    return task
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+def _class_dim(class_dim: int | None, ckpt: Checkpoint, resume: bool) -> int:
+    if class_dim is not None:
+        return class_dim
+    settings = ((ckpt.fit or {}).get("settings") or {}) if resume else {}
+    return settings.get("class_dim", -1)
 
 
-def settings_json(settings: FitSettings) -> dict[str, Any]:
-    """The settings as a JSON-able dict (recorded in the checkpoint's `bnnify.fit`)."""
-    return asdict(settings)
+def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    n = len(data)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = n - max(1, round(fraction * n))
+    if cut < 1:
+        raise UsageError(
+            f"--val-split {fraction} leaves no training data from {n} example(s)",
+            hint="Use a smaller fraction or a separate --val file.",
+        )
+    train, val = order[:cut], order[cut:]
+    return (
+        Dataset(data.x[train], data.y[train], data.source),
+        Dataset(data.x[val], data.y[val], data.source + " (validation split)"),
+    )

@@ -9,73 +9,172 @@ back to `mu` and `rho` (the chain rule of the reparameterization trick).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bnnify.bnn import BayesianModule
-from bnnify.errors import InputError, UsageError
+from bnnify.bnn import BayesianModule, Estimator, EstimatorChoice
+from bnnify.bnn.reach import refuse_stateful, refuse_unreached
+from bnnify.errors import BnnifyError, InputError, UsageError
 from bnnify.formats.arch import build_arch, confirm_arch, load_strict
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.export_archive import unlift
 from bnnify.formats.model_files import LoadedModel, ModelFormat
+from bnnify.formats.model_inputs import Inputs, as_inputs
+from bnnify.usecases.model_call import ModelCall, forward_signature
+from bnnify.usecases.script_weights import ScriptWeights
+from bnnify.usecases.sources import InputsLike
 
 __all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
+
+_MODULE_FIX = "Read the parameter in forward (not a copy or a tensor computed from it in __init__)."
 
 
 class Runner(nn.Module):
     """A model file with Bayesian weights: `forward` draws one weight sample.
 
+    Every method takes the model's per-example inputs as `Inputs` (or one tensor, or
+    tensors by name) and binds them and the constant arguments to the model's
+    `forward` (`call`). Before the first pass it checks, on two examples, that every
+    Bayesian weight reaches the output and that the model keeps no state between
+    calls (`bnnify.bnn.reach`).
+
     Attributes:
         bnn: The `BayesianModule` holding the variational parameters (train these).
+        call: How inputs and constant arguments are passed to the model's `forward`.
     """
 
     bnn: BayesianModule
+    call: ModelCall
+    _checked = False
+    _model = "the model"  # in messages
 
-    def cast_input(self, x: Tensor) -> Tensor:
-        """`x` in the model's floating dtype: CSV and numpy data come as float64."""
-        dtype = self.bnn._kl_meta.dtype
-        if x.is_floating_point() and x.dtype != dtype:
-            return x.to(dtype)
-        return x
+    def cast_inputs(self, inputs: InputsLike) -> Inputs:
+        """Floating inputs in the model's dtype (CSV and numpy data come as float64)."""
+        dtype = self.bnn.dtype
+        return as_inputs(inputs).map(
+            lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        )
 
-    def mean_forward(self, x: Tensor) -> Tensor:
+    def arguments(self, inputs: InputsLike) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of the model's `forward` for these inputs (cast, not moved)."""
+        inputs = self.cast_inputs(inputs)
+        if not self._checked:
+            # Once, on two examples: bounded by the cost of one small training step.
+            args, kwargs = self.call.bind(inputs[:2].map(torch.clone))
+            self._check_reach(args, kwargs)
+            with torch.no_grad():
+                first = self._mean_call(args, kwargs)
+                refuse_stateful(first, self._mean_call(args, kwargs), model=self._model)
+            self._checked = True
+        return self.call.bind(inputs)
+
+    def _check_reach(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _mean_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The model's output with the posterior means, without the checks."""
+        raise NotImplementedError
+
+    def mean_forward(self, inputs: InputsLike) -> Tensor:
         """The model with every weight at its posterior mean."""
         with self.bnn.mean_weights():
-            return self(x)
+            return self(inputs)
 
     @torch.no_grad()
-    def predict_samples(self, x: Tensor, num_samples: int) -> Tensor:
-        """`num_samples` outputs for `x`, stacked on a new first dimension."""
-        return torch.stack([self(x) for _ in range(num_samples)])
+    def predict_samples(self, inputs: InputsLike, num_samples: int) -> Tensor:
+        """`num_samples` outputs for `inputs`, stacked on a new first dimension."""
+        return torch.stack([self(inputs) for _ in range(num_samples)])
+
+    def estimator(self, inputs: InputsLike, *, mean: bool = False) -> EstimatorChoice:
+        """The estimator `predict_samples` (or, with `mean`, `mean_forward`) uses, and why."""
+        if mean:
+            return EstimatorChoice(
+                Estimator.POSTERIOR_MEAN, "mean weights: one pass with the posterior means"
+            )
+        return self._sampling_estimator(inputs)
+
+    def _sampling_estimator(self, inputs: InputsLike) -> EstimatorChoice:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_batches(
+        self, inputs: InputsLike, num_samples: int, batch_size: int, *, mean: bool = False
+    ) -> Tensor:
+        """`predict_samples` of `inputs` batch by batch, on the CPU (`mean`: one mean pass).
+
+        Every per-example input is sliced along dim 0; constant arguments are passed
+        unchanged with every batch.
+        """
+        inputs = as_inputs(inputs)
+        parts = []
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size].to(self.bnn.device)
+            if mean:
+                parts.append(self.mean_forward(chunk).unsqueeze(0).cpu())
+            else:
+                parts.append(self.predict_samples(chunk, num_samples).cpu())
+        return torch.cat(parts, 1)
 
 
 class ModuleRunner(Runner):
-    """An `nn.Module` reparametrized in place."""
+    """An `nn.Module` reparametrized in place.
 
-    def __init__(self, module: nn.Module, checkpoint: Checkpoint, device: str):
+    Args:
+        module: The module (reparametrized in place).
+        checkpoint: The variational checkpoint.
+        device: Where to run.
+        call: How to call its `forward` (default: the signature of `module.forward`,
+            no constant arguments).
+    """
+
+    def __init__(
+        self, module: nn.Module, checkpoint: Checkpoint, device: str, call: ModelCall | None = None
+    ):
         super().__init__()
+        self.call = call or ModelCall(forward_signature(module))
         self.bnn = checkpoint.to_bayesian(module, device=device)
         _eval(self.bnn)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bnn(self.cast_input(x))
+    def forward(self, inputs: InputsLike) -> Tensor:
+        args, kwargs = self.arguments(inputs)
+        return self.bnn(*args, **kwargs)
 
     @torch.no_grad()
-    def predict_samples(self, x: Tensor, num_samples: int) -> Tensor:
-        return self.bnn.predict_samples(self.cast_input(x), num_samples=num_samples)
+    def predict_samples(self, inputs: InputsLike, num_samples: int) -> Tensor:
+        args, kwargs = self.arguments(inputs)
+        return self.bnn.predict_samples(*args, num_samples=num_samples, **kwargs)
+
+    def _sampling_estimator(self, inputs: InputsLike) -> EstimatorChoice:
+        args, kwargs = self.call.bind(self.cast_inputs(inputs))
+        return self.bnn.predictive_estimator(*args, **kwargs)
+
+    def _mean_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with self.bnn.mean_weights():
+            return self.bnn(*args, **kwargs)
+
+    def _check_reach(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        names = self.bnn.reparametrized_names()
+        means = self.bnn.sample_parameters(mean=True)
+        with torch.inference_mode(False), torch.enable_grad():
+            # Views of the means as leaves: no copy of the weights.
+            leaves = {name: means[name].detach().requires_grad_() for name in names}
+            with self.bnn.given_weights(leaves):
+                output = self.bnn(*args, **kwargs)
+        refuse_unreached(output, list(leaves.values()), names, fix=_MODULE_FIX)
 
 
 class _ScriptCall(torch.autograd.Function):
     """Output of a TorchScript module whose parameters are given as inputs."""
 
     @staticmethod
-    def forward(ctx: Any, runner: ScriptRunner, x: Tensor, *weights: Tensor) -> Tensor:
+    def forward(ctx: Any, runner: ScriptRunner, run: Callable[[], Tensor], *weights: Tensor):
         leaves = runner.assign(weights)
         with torch.enable_grad():
-            output = runner.script(x)
+            output = run()
         ctx.leaves, ctx.output = leaves, output
         return output.detach()
 
@@ -89,16 +188,26 @@ class _ScriptCall(torch.autograd.Function):
 class ScriptRunner(Runner):
     """A TorchScript module run with weights drawn from the checkpoint's posterior."""
 
-    def __init__(self, script: torch.jit.ScriptModule, checkpoint: Checkpoint, device: str):
+    _model = "the TorchScript model"
+
+    def __init__(
+        self,
+        script: torch.jit.ScriptModule,
+        checkpoint: Checkpoint,
+        device: str,
+        call: ModelCall | None = None,
+    ):
         super().__init__()
+        self.call = call or ModelCall(forward_signature(script))
         self.bnn = checkpoint.to_bayesian(device=device)
         self.bnn.eval()
+        self.names = self.bnn.reparametrized_names()
+        # Found before the move to `device`, which may turn shared memory into copies.
+        self._weights = ScriptWeights(script, self.names)
         # Not a submodule: its parameters are replaced on every pass and must stay out
         # of parameters() (the optimizer and DDP see only the variational ones).
         object.__setattr__(self, "script", script.to(device).eval())
         self._load(checkpoint.deterministic_state(device))
-        self.names = self.bnn.reparametrized_names()
-        self._aliases = _aliases(self.script, self.names)
 
     def _load(self, tensors: dict[str, Tensor]) -> None:
         """Copies the deterministic tensors (buffers, excluded parameters) into the script."""
@@ -111,38 +220,61 @@ class ScriptRunner(Runner):
                 target.copy_(tensor)
 
     def assign(self, weights: tuple[Tensor, ...]) -> list[nn.Parameter]:
-        """Installs `weights` as new leaf parameters (tied names share one)."""
-        leaves = []
-        for name, weight in zip(self.names, weights, strict=True):
-            leaf = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
-            for owner, attr in self._aliases[name]:
-                setattr(owner, attr, leaf)
-            leaves.append(leaf)
-        return leaves
+        """Installs `weights` as new leaf parameters wherever the script reads them."""
+        return self._weights.install(weights)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.cast_input(x)
-        values = self.bnn.sample_parameters()
-        weights = [values[name] for name in self.names]
+    def _sampling_estimator(self, inputs: InputsLike) -> EstimatorChoice:
+        return EstimatorChoice(
+            Estimator.WEIGHT_SAMPLING,
+            "a TorchScript model runs once per sample, every weight drawn from its posterior",
+        )
+
+    def _sampled(self, *, mean: bool = False) -> list[Tensor]:
+        values = self.bnn.sample_parameters(mean=mean)
+        return [values[name] for name in self.names]
+
+    def _mean_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.assign(tuple(self._sampled(mean=True)))
+        return self.script(*args, **kwargs)
+
+    def _check_reach(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # The means: the check draws no random numbers, so seeded runs stay as they were.
+        weights = self._sampled(mean=True)
+        self._weights.check_reach(lambda: self.script(*args, **kwargs), weights)
+
+    def forward(self, inputs: InputsLike) -> Tensor:
+        args, kwargs = self.arguments(inputs)
+        weights = self._sampled()
         if not torch.is_grad_enabled() or not any(w.requires_grad for w in weights):
             self.assign(tuple(weights))
-            return self.script(x)
-        return _ScriptCall.apply(self, x, *weights)
+            return self.script(*args, **kwargs)
+        return _ScriptCall.apply(self, lambda: self.script(*args, **kwargs), *weights)
 
 
 @torch.no_grad()
-def check_input(runner: Runner, x: Tensor) -> Tensor:
-    """Runs the mean model on two examples; a failure becomes an `InputError`."""
-    sample = runner.cast_input(x[:2].to(runner.bnn._kl_meta.device))
+def check_input(runner: Runner, inputs: InputsLike) -> Tensor:
+    """Runs the mean model on two examples; a failure becomes an `InputError`.
+
+    Also checks, once, that every Bayesian weight reaches the output.
+    """
+    inputs = as_inputs(inputs)
+    sample = runner.cast_inputs(inputs[:2].to(runner.bnn.device))
     try:
         return runner.mean_forward(sample)
+    except BnnifyError:
+        raise
     except Exception as error:  # the model's own code: any failure means bad input
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for _, t in sample}))
+        tensors = list(sample.tensors.values())
+        one = f"of shape {tuple(tensors[0].shape[1:])}"
+        shapes = one if len(tensors) == 1 else sample.shapes(per_example=True)
         raise InputError(
-            f"the model cannot run on inputs of shape {tuple(x.shape[1:])} per example, "
-            f"dtype {str(sample.dtype).removeprefix('torch.')} ({type(error).__name__}: {first})",
-            hint="Check the data against the model's input. A torch.export program only "
-            "takes the shapes it was exported for: export with a dynamic batch dimension.",
+            f"the model cannot run on inputs {shapes} per example, dtype {dtypes} "
+            f"({type(error).__name__}: {first})",
+            hint="Check the data against the model's input (and --model-arg). A "
+            "torch.export program only takes the shapes it was exported for: export "
+            "with a dynamic batch dimension.",
         ) from None
 
 
@@ -153,24 +285,6 @@ def _eval(module: nn.Module) -> None:
     except NotImplementedError:
         # torch.export modules are fixed in the mode they were exported in.
         module.training = False
-
-
-def _aliases(script: nn.Module, names: list[str]) -> dict[str, list[tuple[Any, str]]]:
-    """For each parameter name, every (submodule, attribute) holding the same tensor."""
-    by_pointer: dict[int, list[tuple[Any, str]]] = {}
-    for _, module in script.named_modules(remove_duplicate=False):
-        for attr, param in module.named_parameters(recurse=False):
-            by_pointer.setdefault(param.data_ptr(), []).append((module, attr))
-    found = {}
-    params = dict(script.named_parameters())
-    for name in names:
-        if name not in params:
-            raise InputError(
-                f"the TorchScript model has no parameter {name!r} recorded in the checkpoint",
-                hint="Pass the model file the checkpoint was converted from.",
-            )
-        found[name] = by_pointer[params[name].data_ptr()]
-    return found
 
 
 def _check_source(loaded: LoadedModel, checkpoint: Checkpoint) -> None:
@@ -196,6 +310,7 @@ def open_runner(
     device: str = "cpu",
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
+    model_args: Mapping[str, Any] | None = None,
 ) -> Runner:
     """A runner for `model` with the posterior of `checkpoint`.
 
@@ -208,6 +323,8 @@ def open_runner(
             data that must not decide on its own what code runs.
         arch_kwargs: Its recorded keyword arguments, repeated likewise (a JSON object
             or a mapping); see `confirm_arch`.
+        model_args: Constant arguments of the model's `forward`, by name (passed
+            unchanged with every batch; see `ModelCall`).
 
     Raises:
         InputError: If the model file is not the one the checkpoint came from.
@@ -215,14 +332,20 @@ def open_runner(
             without `arch`).
         UnsafeInputError: If the checkpoint names an architecture and `arch` and
             `arch_kwargs` do not confirm it.
+        InvalidArgumentError: If `forward` has no parameter for a model argument.
     """
     _check_source(model, checkpoint)
     if model.format is ModelFormat.TORCHSCRIPT:
-        return ScriptRunner(model.module, checkpoint, device)
+        call = ModelCall(forward_signature(model.module), model_args)
+        return ScriptRunner(model.module, checkpoint, device, call)
     if model.format is ModelFormat.EXPORT:
-        return ModuleRunner(unlift(model.module, model.path), checkpoint, device)
-    if model.format is ModelFormat.PICKLED_MODULE:
-        return ModuleRunner(model.module, checkpoint, device)
+        module = unlift(model.module, model.path)
+        call = ModelCall(forward_signature(module, model.module), model_args)
+        return ModuleRunner(module, checkpoint, device, call)
+    if model.format in (ModelFormat.PICKLED_MODULE, ModelFormat.MODULE):
+        # Reparametrized in place: the caller's module stays as it was.
+        call = ModelCall(forward_signature(model.module), model_args)
+        return ModuleRunner(copy.deepcopy(model.module), checkpoint, device, call)
     recorded = checkpoint.spec.arch
     if recorded is None:
         raise UsageError(
@@ -235,4 +358,6 @@ def open_runner(
     confirm_arch(recorded, kwargs, arch, arch_kwargs, where=str(checkpoint.path))
     module = build_arch(recorded, kwargs)
     load_strict(module, {n: model.tensor(n) for n in model.names()}, recorded)
-    return ModuleRunner(module, checkpoint, device)
+    return ModuleRunner(
+        module, checkpoint, device, ModelCall(forward_signature(module), model_args)
+    )

@@ -18,5 +18,11 @@ def seeded(seed: int, name: str, device: torch.device | str = "cpu") -> Iterator
     device = torch.device(device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        value = int.from_bytes(digest[:8], "little") & (2**63 - 1)
+        # Only the generators forked above: torch.manual_seed would also queue a seed for
+        # every lazily initialized backend, recording a stack trace each time (ms per call).
+        torch.random.default_generator.manual_seed(value)
+        for cuda in devices:
+            with torch.cuda.device(cuda):
+                torch.cuda.manual_seed(value)
         yield

@@ -1,7 +1,8 @@
-"""Tests of bnnify.usecases.analysis: the KL and statistics of a checkpoint, tensor by tensor."""
+"""Tests of bnnify.usecases.kl: the KL of a checkpoint, tensor by tensor, and `bnnify.kl`."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -9,13 +10,15 @@ import torch
 import torch.nn.functional as F
 from model_files import shared_files
 
-from bnnify.errors import SpecError
+import bnnify
+from bnnify.enums import Reduction
+from bnnify.errors import InvalidArgumentError, SpecError
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.model_files import load_model
 from bnnify.formats.report import read_report
 from bnnify.formats.spec import resolve_spec
-from bnnify.usecases.analysis import checkpoint_kl, parameter_stats
 from bnnify.usecases.convert import convert
+from bnnify.usecases.kl import checkpoint_kl
 
 PRIORS = ["gaussian", "laplace", "scale_mixture", "empirical_gaussian"]
 
@@ -29,7 +32,7 @@ def make(models, folder, **spec_args):
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint, report = folder / "c.bnn.safetensors", folder / "c.kl.safetensors"
     with load_model(models.path("lstm", "safetensors")) as loaded:
-        convert(loaded, resolve_spec(None, **spec_args), checkpoint=checkpoint, report=report)
+        convert(loaded, resolve_spec(None, **spec_args), output=checkpoint, report=report)
     return checkpoint, read_report(report)
 
 
@@ -39,10 +42,11 @@ def test_the_kl_of_a_checkpoint_reproduces_its_report(models, tmp_path, posterio
     checkpoint, report = make(models, tmp_path, posterior=posterior, prior=prior, seed=3)
     progress = []
     with Checkpoint(checkpoint) as ckpt:
-        again = checkpoint_kl(ckpt, progress=progress.append)
+        again = checkpoint_kl(ckpt, progress=lambda n, total: progress.append((n, total)))
     assert again.to_json() == report.to_json()
     assert torch.equal(again.per_parameter, report.per_parameter)
-    assert progress == report.numels.tolist()
+    total = int(report.numels.sum())
+    assert progress == [(n, total) for n in report.numels.tolist()]
     assert (report.method == "monte_carlo") == (prior == "scale_mixture")
 
 
@@ -95,21 +99,42 @@ def test_the_empirical_prior_needs_the_recorded_weights(models, tmp_path):
         checkpoint_kl(ckpt, prior=("empirical_gaussian", {}))
 
 
-def test_parameter_statistics(models, tmp_path):
-    checkpoint, _ = make(models, tmp_path, posterior_args=["sigma=0.05"])
-    with Checkpoint(checkpoint) as ckpt:
-        rows = parameter_stats(ckpt)
-        state = ckpt.variational_state()
-    assert [row["name"] for row in rows] == list(ckpt.parameters)
-    for row in rows:
-        mu = state[row["name"] + ".mu"].double()
-        sigma = F.softplus(state[row["name"] + ".rho"].double())
-        assert row["shape"] == list(mu.shape)
-        assert row["elements"] == mu.numel()
-        assert row["dtype"] == "float32"
-        assert row["sigma_mean"] == pytest.approx(0.05, rel=1e-5)
-        assert row["sigma_min"] == pytest.approx(float(sigma.min()))
-        assert row["sigma_max"] == pytest.approx(float(sigma.max()))
-        snr = mu.abs() / sigma
-        assert row["snr_mean"] == pytest.approx(float(snr.mean()))
-        assert row["snr_median"] == pytest.approx(float(snr.reshape(-1).median()))
+# ---------------------------------------------------------------------- bnnify.kl
+
+
+def test_kl_of_a_checkpoint_and_of_its_report(models, tmp_path):
+    checkpoint, report = make(models, tmp_path)
+    result = bnnify.kl(checkpoint, reduction="MEAN", output=tmp_path / "again.kl.safetensors")
+    assert result.reduction is Reduction.MEAN and not result.from_report
+    assert result.value == result.report.mean and result.to_json()["kl"] == result.value
+    assert result.to_json()["reduction"] == "mean"
+    assert torch.equal(result.report.per_parameter, report.per_parameter)
+    saved = bnnify.kl(result.output)
+    assert saved.from_report and saved.value == report.total
+    assert saved.report.to_json() == report.to_json()
+
+
+def test_a_report_ignores_the_computing_options_with_a_warning(models, tmp_path, caplog):
+    make(models, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="bnnify.usecases"):
+        result = bnnify.kl(tmp_path / "c.kl.safetensors", prior="laplace", mc_samples=4)
+    assert result.from_report and result.report.prior["name"] == "gaussian"
+    assert "are ignored" in caplog.text
+
+
+def test_prior_arguments_merge_over_the_recorded_prior(models, tmp_path):
+    checkpoint, _ = make(models, tmp_path, prior="laplace", prior_args=["scale=0.5"])
+    merged = bnnify.kl(checkpoint, prior_args={"mu": 0.1})
+    assert merged.report.prior == {"name": "laplace", "kwargs": {"mu": 0.1, "scale": 0.5}}
+    same = bnnify.kl(checkpoint, prior="Laplace", prior_args=["mu=0.1"])
+    assert same.report.prior == merged.report.prior
+    other = bnnify.kl(checkpoint, prior="gaussian", prior_args={"sigma": 2.0})
+    assert other.report.prior == {"name": "gaussian", "kwargs": {"sigma": 2.0}}
+    with pytest.raises(SpecError, match=r"prior\.kwargs\.scale"):
+        bnnify.kl(checkpoint, prior_args={"scale": -1})
+
+
+def test_an_invalid_reduction_is_a_usage_error(models, tmp_path):
+    checkpoint, _ = make(models, tmp_path)
+    with pytest.raises(InvalidArgumentError, match="invalid reduction 'median'"):
+        bnnify.kl(checkpoint, reduction="median")

@@ -1,0 +1,68 @@
+"""String options shared by the library, the spec, the Python API and the CLI (torch-free)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from bnnify.errors import InvalidArgumentError, closest
+
+__all__ = ["KLMethod", "NoiseMode", "Reduction", "Task"]
+
+
+class _Choice(str, Enum):
+    """A `str` enum whose members print as their value ("regression", not "Task.REGRESSION")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        """The member named by `value` (case-insensitive).
+
+        Raises:
+            ValueError: (`InvalidArgumentError`) Listing the valid words.
+        """
+        words = [member.value for member in cls]
+        key = value.lower() if isinstance(value, str) else value
+        if key not in words:
+            raise InvalidArgumentError(
+                f"invalid {cls.__name__.lower()} {value!r}.{closest(str(key), words)}",
+                hint=f"Choose one of: {', '.join(words)}.",
+            )
+        return cls(key)
+
+
+class Task(_Choice):
+    """What `fit` and `predict` model: the likelihood of the targets."""
+
+    REGRESSION = "regression"
+    CLASSIFICATION = "classification"
+
+
+class Reduction(_Choice):
+    """How a KL divergence is reduced over the elements of the parameters."""
+
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class KLMethod(_Choice):
+    """How a KL divergence was computed."""
+
+    ANALYTIC = "analytic"
+    MONTE_CARLO = "monte_carlo"
+
+
+class NoiseMode(_Choice):
+    """How a training step draws its weight noise.
+
+    `fresh`: new standard normals for every weight at every step (the default).
+    `shifted`: one buffer of standard normals, read at every step under a fresh
+    random cyclic shift and fresh random signs (`bnnify.bnn.noise.ShiftedNoise`).
+    """
+
+    FRESH = "fresh"
+    SHIFTED = "shifted"

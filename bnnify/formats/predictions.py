@@ -1,0 +1,111 @@
+"""The predictions file of `bnnify predict`: predictive tensors as safetensors, described."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from bnnify.enums import Task
+from bnnify.errors import FormatError, clip, shorten
+from bnnify.formats.safetensors_io import save_file
+from bnnify.formats.safetensors_reader import SafetensorsFile
+from bnnify.formats.strict_json import load_json
+
+__all__ = [
+    "PREDICTIONS_FORMAT",
+    "PREDICTIONS_VERSION",
+    "Predictions",
+    "read_predictions",
+    "write_predictions",
+]
+
+PREDICTIONS_FORMAT = "bnnify.predictions"
+PREDICTIONS_VERSION = "1"
+
+
+@dataclass
+class Predictions:
+    """The tensors of a predictions file and what made them.
+
+    Attributes:
+        tensors: Regression: `mean`, `std`, `epistemic_std`, `aleatoric_std`;
+            classification: `probs`, `predicted`, `predictive_entropy`,
+            `expected_entropy`, `mutual_information`; `samples` when kept.
+        task: The task the model was run for.
+        samples: Weight samples per prediction (1 for the posterior means).
+        checkpoint: File name of the checkpoint that made them.
+        estimator: How the samples were drawn, `{"estimator": ..., "reason": ...}`
+            (see `bnnify.bnn.EstimatorChoice`).
+        call: What each parameter of the model's forward received (`"input NAME"`
+            or a constant argument).
+    """
+
+    tensors: dict[str, Tensor]
+    task: Task
+    samples: int
+    checkpoint: str
+    estimator: dict[str, str] | None = None
+    call: dict[str, Any] | None = None
+
+
+def write_predictions(predictions: Predictions, path: str | Path) -> None:
+    """Writes `predictions` to `path` (use an `AtomicOutputs` temp path for safety)."""
+    metadata = {
+        "bnnify.format": PREDICTIONS_FORMAT,
+        "bnnify.format_version": PREDICTIONS_VERSION,
+        "bnnify.task": Task(predictions.task).value,
+        "bnnify.samples": str(predictions.samples),
+        "bnnify.checkpoint": predictions.checkpoint,
+    }
+    if predictions.estimator is not None:
+        metadata["bnnify.estimator"] = predictions.estimator["estimator"]
+        metadata["bnnify.estimator_reason"] = predictions.estimator["reason"]
+    if predictions.call is not None:
+        metadata["bnnify.call"] = json.dumps(predictions.call, sort_keys=True)
+    tensors = {k: v.contiguous() for k, v in predictions.tensors.items()}
+    save_file(tensors, path, metadata)
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """Reads a predictions file.
+
+    Raises:
+        FormatError: If the file is not a predictions file of a supported version.
+        InputError: If it cannot be read.
+    """
+    reader = SafetensorsFile(path, "predictions file")
+    metadata = reader.metadata
+    if metadata.get("bnnify.format") != PREDICTIONS_FORMAT:
+        raise FormatError(
+            f"{path}: not a bnnify predictions file",
+            hint="Write one with `bnnify predict ... --out FILE`.",
+        )
+    version = metadata.get("bnnify.format_version")
+    if version != PREDICTIONS_VERSION:
+        raise FormatError(
+            f"{path}: predictions format version {shorten(version)} is not supported "
+            f"(this bnnify reads version {PREDICTIONS_VERSION})",
+            hint="Predict again with this version of bnnify.",
+        )
+    try:
+        estimator = None
+        if "bnnify.estimator" in metadata:
+            estimator = {
+                "estimator": metadata["bnnify.estimator"],
+                "reason": metadata.get("bnnify.estimator_reason", ""),
+            }
+        call = metadata.get("bnnify.call")
+        return Predictions(
+            tensors={name: reader.tensor(name) for name in reader.infos},
+            task=Task(metadata["bnnify.task"]),
+            samples=int(metadata["bnnify.samples"]),
+            checkpoint=metadata["bnnify.checkpoint"],
+            estimator=estimator,
+            call=None if call is None else load_json(call, str(path), "metadata 'bnnify.call'"),
+        )
+    except (KeyError, ValueError) as error:
+        raise FormatError(f"{path}: malformed predictions metadata ({clip(str(error))})") from None
