@@ -128,6 +128,15 @@ def test_shifted_noise_and_compiled_kernels_from_the_cli(files, tmp_path, monkey
     assert refused.exit_code == 2 and "cheap" in refused.output
 
 
+def test_shifted_noise_on_eager_kernels_says_the_noise_stays_fresh(files, tmp_path, monkeypatch):
+    monkeypatch.delenv("BNNIFY_COMPILE", raising=False)  # the toy model is too small
+    result = cli(*fit_args(files, tmp_path / "s.safetensors", "--noise", "shifted"))
+    assert result.exit_code == 0, result.output
+    warning = flat(result.stderr)
+    assert "draw fresh noise instead: eager (1153 elements, fewer than the" in warning
+    assert "BNNIFY_COMPILE=1 compiles a store of any size" in warning
+
+
 def test_kl_warmup_rises_linearly_to_one(files, tmp_path):
     info = fit_json(
         *fit_args(files, tmp_path / "w.safetensors", "--epochs", "5"), "--warmup-epochs", "3"

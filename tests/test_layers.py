@@ -39,6 +39,9 @@ MAX_COMMAND_LINES = 100
 OVERSIZED = {
     "bnnify.formats.model_files": 495,
     "bnnify.formats.atomic": 415,
+    # The compiled training step's switches (noise, compile_kernels) on top of the api
+    # merge's 395 lines; the variational-state I/O is the part to move out next.
+    "bnnify.bnn.module": 431,
 }
 
 

@@ -57,19 +57,14 @@ class BayesianModule(nn.Module):
             `predict_samples` uses the trick only where it is proven (see
             `predictive_estimator`).
         debug: Alias of `verbose` (the name used by torchbayesian 0.2.1).
-        compile_kernels: How training samples flat Gaussian stores. None (default):
-            by kernels compiled with `torch.compile` for stores of at least
-            `bnnify.bnn.fused.MIN_COMPILE_NUMEL` elements where compiling is possible
-            (a C++ compiler, float32 or float64 on the CPU), else eagerly; True:
-            compiled whatever the size; False: always eager. The environment
-            variable `BNNIFY_COMPILE=0` forces eager everywhere, `=1` compiles
-            whatever the size. The choice is logged once at debug level.
-        noise: "fresh" (default): new normal noise for every weight at every
-            training step. "shifted": one buffer of normals reused at every step
-            under a fresh random cyclic shift and random signs, cheaper (each
-            step's estimate is unbiased, but the steps share the noise magnitudes;
-            see README). Gradient steps of compiled stores only; the others draw
-            fresh noise. Settable later as `model.noise`.
+        compile_kernels: None (default): training samples flat Gaussian stores of
+            `bnnify.bnn.fused.MIN_COMPILE_NUMEL` elements or more by kernels compiled
+            with `torch.compile` where possible, else eagerly; True: compiled at any
+            size; False: eager (`BNNIFY_COMPILE=0` or `=1` forces either everywhere).
+        noise: "fresh" (default) normals at every training step, or "shifted": one
+            buffer of normals under a random cyclic shift and random signs per step,
+            cheaper, unbiased per step, magnitudes shared between steps (README).
+            Gradient steps of compiled stores only. Settable as `model.noise`.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -233,11 +228,7 @@ class BayesianModule(nn.Module):
 
     @property
     def noise(self) -> str:
-        """How training steps draw the weight noise: "fresh" or "shifted" (settable).
-
-        Only compiled stores use shifted noise, and only for gradient steps:
-        predictions and passes without gradients always draw fresh noise.
-        """
+        """The training steps' weight noise, "fresh" or "shifted" (settable; see `noise=`)."""
         return self._noise.value
 
     @noise.setter
@@ -253,11 +244,7 @@ class BayesianModule(nn.Module):
             >>> BayesianModule(nn.Linear(3, 2)).training_kernels()
             ['eager (8 elements, fewer than the 1048576 worth compiling)']
         """
-        choices = []
-        for fused in self._sampler.fused:
-            reason = fused.refusal()
-            choices.append("compiled" if reason is None else f"eager ({reason})")
-        return choices
+        return [f"eager ({r})" if (r := f.refusal()) else "compiled" for f in self._sampler.fused]
 
     def predictive_estimator(self, *inputs: Any, **kwargs: Any) -> EstimatorChoice:
         """The estimator `predict_samples(*inputs, ...)` uses, with the reason.

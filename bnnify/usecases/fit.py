@@ -251,6 +251,7 @@ def fit(
         choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
         val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
         logger.info("Validation predictions: %s", choice)
+    _check_noise(runner, settings.noise)
     previous = (ckpt.fit or {}).get("history", []) if resume else []
     logger.info(
         "Fitting %d Bayesian parameters of %s on %d examples, %s",
@@ -288,6 +289,17 @@ def fit(
             temp = outputs.temp(destination)
             save_fitted(destination, temp, ckpt, runner, likelihood, result.info())
     return result
+
+
+def _check_noise(runner: Runner, noise: NoiseMode) -> None:
+    """Warns when shifted noise was asked for where only fresh noise can serve."""
+    eager = [k for k in runner.bnn.training_kernels() if k != "compiled"]
+    if noise is NoiseMode.SHIFTED and eager:
+        logger.warning(
+            "shifted noise serves the compiled training kernels only; these steps draw "
+            "fresh noise instead: %s (BNNIFY_COMPILE=1 compiles a store of any size)",
+            "; ".join(eager),
+        )
 
 
 def _check_fits(runner: Runner, likelihood: Likelihood, data: Dataset) -> None:
