@@ -1,6 +1,7 @@
 """Fresh against shifted noise: convergence of the ELBO and test metrics, several seeds.
 
     python benchmarks/noise_experiment.py [--seeds 5] [--epochs 300] [--out PATH]
+    python benchmarks/noise_experiment.py --plot RESULTS.json FIGURE.png
 
 Two small tasks (a nonlinear regression and a 5-class classification, synthetic
 data drawn once), one MLP each, trained by the same loop (Adam, batches of 128,
@@ -150,12 +151,40 @@ def _summary(runs: list[dict], key: str) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values) / len(values) ** 0.5:.4f}"
 
 
+def plot(results: Path, figure: Path) -> None:
+    """The ELBO curves of a results file: mean over seeds, and the band of +-1 s.e."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results.read_text())
+    fig, axes = plt.subplots(1, len(data["results"]), figsize=(10, 3.6))
+    for ax, (task, by_noise) in zip(axes, data["results"].items(), strict=True):
+        for noise, runs in by_noise.items():
+            curves = torch.tensor([r["curve"] for r in runs], dtype=torch.float64)
+            mean, se = curves.mean(0), curves.std(0) / len(runs) ** 0.5
+            epochs = torch.arange(1, curves.shape[1] + 1)
+            ax.plot(epochs, mean, label=f"{noise} ({len(runs)} seeds)")
+            ax.fill_between(epochs, mean - se, mean + se, alpha=0.3)
+        ax.set(title=task, xlabel="epoch", ylabel="ELBO / example (training)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(figure, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/noise_experiment.json"))
+    parser.add_argument("--plot", nargs=2, type=Path, metavar=("RESULTS", "FIGURE"))
     args = parser.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return
     # Small models: one thread is faster, and on a shared machine far steadier.
     torch.set_num_threads(1)
     # The smallest pool, the worst case for the shifted noise (see the docstring).
