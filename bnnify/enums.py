@@ -7,7 +7,15 @@ from typing import Any
 
 from bnnify.errors import InvalidArgumentError, closest
 
-__all__ = ["KLMethod", "NoiseMode", "Reduction", "Task"]
+__all__ = [
+    "ExportFormat",
+    "KLMethod",
+    "ModuleKind",
+    "NoiseMode",
+    "PruneScope",
+    "Reduction",
+    "Task",
+]
 
 
 class _Choice(str, Enum):
@@ -66,3 +74,35 @@ class NoiseMode(_Choice):
 
     FRESH = "fresh"
     SHIFTED = "shifted"
+
+
+class ModuleKind(_Choice):
+    """Kinds of modules, chosen with `--only` and `--skip` (`bnnify.bnn.kinds` maps classes).
+
+    A parameter has the kind of the outermost module of a known kind holding it
+    (`MultiheadAttention`'s output projection is `attention`), else `other`.
+    """
+
+    LINEAR = "linear"
+    CONV = "conv"
+    NORM = "norm"
+    EMBEDDING = "embedding"
+    RNN = "rnn"
+    ATTENTION = "attention"
+    OTHER = "other"
+
+
+class ExportFormat(_Choice):
+    """The file format of a plain model written by `export` (and `prune --export`)."""
+
+    STATE_DICT = "state_dict"
+    SAFETENSORS = "safetensors"
+    TORCHSCRIPT = "torchscript"
+    EXPORT = "export"
+
+
+class PruneScope(_Choice):
+    """Over which weights `prune --keep` ranks the signal-to-noise ratios."""
+
+    GLOBAL = "global"
+    LAYER = "layer"

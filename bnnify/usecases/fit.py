@@ -237,7 +237,7 @@ def fit(
             f"inputs ({', '.join(train_data.x.names)})",
             hint="Store the same input tensors in both files.",
         )
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
+    with opened_model(model, trust_pickle=trust_pickle, key=ckpt.source.get("key")) as loaded:
         confirm = {"arch": arch, "arch_kwargs": arch_kwargs, "model_args": constants}
         runner = open_runner(loaded, ckpt, device=device, **confirm)
         source = {"name": loaded.path.name, "sha256": loaded.sha256}
