@@ -311,6 +311,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset")
+    parser.add_argument("--only", default="", help="workloads whose name contains this")
     parser.add_argument(
         "--eager", action="store_true", help="also time bnnify's eager kernels, same process"
     )
@@ -319,13 +321,16 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    tools = [t for t in TOOLS if _available(t)]
-    missing = [t for t in TOOLS if t not in tools]
+    chosen = [t for t in TOOLS if t in args.tools.split(",")]
+    tools = [t for t in chosen if _available(t)]
+    missing = [t for t in chosen if t not in tools]
     if missing:
         print(f"not importable (run `make bench-peers`): {', '.join(missing)}", file=sys.stderr)
     repeats = args.repeats or (3 if args.quick else 7)
     results = []
     for spec in workloads(args.device, args.quick):
+        if args.only not in spec["name"]:
+            continue
         print(f"running {spec['name']} ...", file=sys.stderr)
         results.append(run(spec, tools, args.device, repeats, args.eager))
     print(table(results, tools))
