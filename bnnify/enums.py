@@ -9,6 +9,7 @@ from bnnify.errors import InvalidArgumentError, closest
 
 __all__ = [
     "ExportFormat",
+    "Figure",
     "KLMethod",
     "ModuleKind",
     "NoiseMode",
@@ -106,3 +107,14 @@ class PruneScope(_Choice):
 
     GLOBAL = "global"
     LAYER = "layer"
+
+
+class Figure(_Choice):
+    """The figures `bnnify plot` draws (the first two from a checkpoint, the rest from a
+    predictions file)."""
+
+    LAYERS = "layers"
+    SIGMA = "sigma"
+    RELIABILITY = "reliability"
+    COVERAGE = "coverage"
+    BANDS = "bands"
