@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bnnify.enums import ExportFormat, PruneScope, Task
+from bnnify.enums import ExportFormat, NoiseMode, PruneScope, Task
 
 __all__ = [
     "AleatoricOpt",
@@ -46,6 +46,7 @@ __all__ = [
     "ModelArg",
     "ModelArgOpt",
     "ModelOpt",
+    "NoiseOpt",
     "OnlyOpt",
     "OptionalModelOpt",
     "PosteriorArgOpt",
@@ -220,6 +221,13 @@ WarmupOpt = Annotated[
 ]
 ClipOpt = Annotated[float, typer.Option(min=0.0, help="Gradient norm clipping (0: off).")]
 SeedOpt = Annotated[int, typer.Option(min=0, max=2**31 - 1)]
+NoiseOpt = Annotated[
+    NoiseMode,
+    typer.Option(
+        help="Weight noise of each training step: fresh normals, or one reused buffer "
+        "under a random shift and signs (cheaper; see README)."
+    ),
+]
 ValSamplesOpt = Annotated[int, typer.Option(min=1, help="Weight samples for validation metrics.")]
 InputKeyOpt = Annotated[
     list[str] | None,
