@@ -132,11 +132,16 @@ class ModuleRunner(Runner):
     """
 
     def __init__(
-        self, module: nn.Module, checkpoint: Checkpoint, device: str, call: ModelCall | None = None
+        self,
+        module: nn.Module,
+        checkpoint: Checkpoint,
+        device: str,
+        call: ModelCall | None = None,
+        prior: tuple[str, dict] | None = None,
     ):
         super().__init__()
         self.call = call or ModelCall(forward_signature(module))
-        self.bnn = checkpoint.to_bayesian(module, device=device)
+        self.bnn = checkpoint.to_bayesian(module, prior=prior, device=device)
         _eval(self.bnn)
 
     def forward(self, inputs: InputsLike) -> Tensor:
@@ -196,10 +201,11 @@ class ScriptRunner(Runner):
         checkpoint: Checkpoint,
         device: str,
         call: ModelCall | None = None,
+        prior: tuple[str, dict] | None = None,
     ):
         super().__init__()
         self.call = call or ModelCall(forward_signature(script))
-        self.bnn = checkpoint.to_bayesian(device=device)
+        self.bnn = checkpoint.to_bayesian(prior=prior, device=device)
         self.bnn.eval()
         self.names = self.bnn.reparametrized_names()
         # Found before the move to `device`, which may turn shared memory into copies.
@@ -311,6 +317,7 @@ def open_runner(
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
     model_args: Mapping[str, Any] | None = None,
+    prior: tuple[str, dict] | None = None,
 ) -> Runner:
     """A runner for `model` with the posterior of `checkpoint`.
 
@@ -325,6 +332,7 @@ def open_runner(
             or a mapping); see `confirm_arch`.
         model_args: Constant arguments of the model's `forward`, by name (passed
             unchanged with every batch; see `ModelCall`).
+        prior: A prior spec `(name, kwargs)` replacing the checkpoint's (`fit --search`).
 
     Raises:
         InputError: If the model file is not the one the checkpoint came from.
@@ -337,15 +345,15 @@ def open_runner(
     _check_source(model, checkpoint)
     if model.format is ModelFormat.TORCHSCRIPT:
         call = ModelCall(forward_signature(model.module), model_args)
-        return ScriptRunner(model.module, checkpoint, device, call)
+        return ScriptRunner(model.module, checkpoint, device, call, prior)
     if model.format is ModelFormat.EXPORT:
         module = unlift(model.module, model.path)
         call = ModelCall(forward_signature(module, model.module), model_args)
-        return ModuleRunner(module, checkpoint, device, call)
+        return ModuleRunner(module, checkpoint, device, call, prior)
     if model.format in (ModelFormat.PICKLED_MODULE, ModelFormat.MODULE):
         # Reparametrized in place: the caller's module stays as it was.
         call = ModelCall(forward_signature(model.module), model_args)
-        return ModuleRunner(copy.deepcopy(model.module), checkpoint, device, call)
+        return ModuleRunner(copy.deepcopy(model.module), checkpoint, device, call, prior)
     recorded = checkpoint.spec.arch
     if recorded is None:
         raise UsageError(
@@ -358,6 +366,5 @@ def open_runner(
     confirm_arch(recorded, kwargs, arch, arch_kwargs, where=str(checkpoint.path))
     module = build_arch(recorded, kwargs)
     load_strict(module, {n: model.tensor(n) for n in model.names()}, recorded)
-    return ModuleRunner(
-        module, checkpoint, device, ModelCall(forward_signature(module), model_args)
-    )
+    call = ModelCall(forward_signature(module), model_args)
+    return ModuleRunner(module, checkpoint, device, call, prior)
