@@ -15,6 +15,7 @@ from fit_files import (
     argv,
     cli,
     convert_file,
+    fit_output,
     run_bnnify,
     save_script,
     shared_fit_files,
@@ -57,9 +58,10 @@ def fit_args(files, out: Path, *extra) -> list:
 
 
 def fit_json(*args) -> dict:
+    """The summary of `bnnify fit ARGS --json`, with `history`: its streamed epochs."""
     result = cli(*args, "--json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return fit_output(result.stdout)
 
 
 # --------------------------------------------------------------- happy paths
@@ -73,23 +75,25 @@ def test_json_history_settings_and_fitted_metadata(files, tmp_path):
     assert (info["n_train"], info["n_val"]) == (384, 128)
     assert info["settings"]["epochs"] == 3 and info["settings"]["lr"] == 0.01
     history = info["history"]
-    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["epoch"] for r in history] == [1, 2, 3] and info["epochs_run"] == 3
     for record in history:
-        assert set(record) == RECORD_KEYS | {"val"}
+        assert set(record) == RECORD_KEYS | {"val", "improved"}
         assert set(record["val"]) == {"rmse", "log_likelihood"}
         assert record["elbo"] == pytest.approx(-(record["nll"] + record["kl"] / 384))
     assert info["final"] == history[-1]
+    kept = info["selection"]["kept_epoch"]
+    assert info["kept"] == [info["start"], *history][kept]
     model_sha = hashlib.sha256(files.reg_model.read_bytes()).hexdigest()
     assert info["model"] == {"name": files.reg_model.name, "sha256": model_sha}
 
     assert listing(tmp_path) == [out.name]
     with Checkpoint(out) as fitted:
         recorded = fitted.fit
-        assert recorded == {k: v for k, v in info.items() if k != "output"}
+        summary_only = ("output", "schema", "search", "epochs_run")
+        assert recorded == {k: v for k, v in info.items() if k not in summary_only}
         assert recorded["settings"]["seed"] == 0
-        assert recorded["final"]["val"] == history[-1]["val"]
         log_noise = fitted.fit_tensors()["bnnify.fit.log_noise"]
-        assert math.exp(float(log_noise)) == pytest.approx(history[-1]["noise"], rel=1e-6)
+        assert math.exp(float(log_noise)) == pytest.approx(info["kept"]["noise"], rel=1e-6)
         with Checkpoint(files.reg_ckpt) as source:
             assert set(fitted.keys()) == set(source.keys()) | {"bnnify.fit.log_noise"}
             assert fitted.parameters.keys() == source.parameters.keys()
@@ -111,9 +115,8 @@ def test_a_validation_file_and_human_output(files, tmp_path):
 
 
 def test_kl_warmup_rises_linearly_to_one(files, tmp_path):
-    info = fit_json(
-        *fit_args(files, tmp_path / "w.safetensors", "--epochs", "5"), "--warmup-epochs", "3"
-    )
+    args = fit_args(files, tmp_path / "w.safetensors", "--epochs", "5", "--val-split", "0")
+    info = fit_json(*args, "--warmup-epochs", "3")
     betas = [record["beta"] for record in info["history"]]
     assert betas == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
     assert "val" not in info["history"][0]
@@ -159,21 +162,26 @@ def test_default_output_and_no_overwrite_without_force(files, tmp_path):
 
 def test_resume_continues_history_noise_and_task(files, tmp_path):
     first = tmp_path / "first.safetensors"
-    info = fit_json(*fit_args(files, first, "--lr", "0.01"))
+    info = fit_json(*fit_args(files, first, "--lr", "0.01", "--val-split", "0"))
     noise = info["final"]["noise"]
     # No --task: the resumed fit's; lr 0: a continued fit keeps the noise it was given.
     template = "fit {first} -m {model} -d {data} -o resumed.safetensors --resume --epochs 3"
     paths = {"first": first, "model": files.reg_model, "data": files.reg_train}
-    more = fit_json(*argv(template, **paths), "--lr", "0")
+    more = fit_json(*argv(template, **paths), "--lr", "0", "--val-split", "0")
     assert more["task"] == "regression"
-    assert [r["epoch"] for r in more["history"]] == [1, 2, 3, 4, 5]
-    assert more["history"][:2] == info["history"]
+    assert [r["epoch"] for r in more["history"]] == [3, 4, 5]  # the epochs run
+    assert more["selection"]["start_epoch"] == 2
+    with Checkpoint(tmp_path / "resumed.safetensors") as resumed:
+        assert [r["epoch"] for r in resumed.fit["history"]] == [1, 2, 3, 4, 5]
+        assert resumed.fit["history"][:2] == info["history"]
     assert more["final"]["noise"] == pytest.approx(noise, rel=1e-6)
     before, after = load_file(str(first)), load_file("resumed.safetensors")
     assert before.keys() == after.keys()
     for key, tensor in before.items():
         assert torch.equal(tensor, after[key]), key  # lr 0: nothing moved
-    fresh = fit_json(*fit_args(files, tmp_path / "fresh.safetensors", "--lr", "0"))
+    fresh = fit_json(
+        *fit_args(files, tmp_path / "fresh.safetensors", "--lr", "0", "--val-split", "0")
+    )
     assert fresh["final"]["noise"] != pytest.approx(noise, rel=1e-3)
 
     wrong = cli(*argv(template, **paths), "--task", "classification", "-o", "x.safetensors")
@@ -237,7 +245,7 @@ def test_custom_keys_and_a_csv_file(files, tmp_path):
     rows = "\n".join(f"{float(b)},{float(a)}" for a, b in zip(x[:, 0], y[:, 0], strict=True))
     (tmp_path / "d.csv").write_text("target,feature\n" + rows + "\n")
     info = fit_json(*toy, *argv("-d d.csv --target target -o csv.safetensors"))
-    assert info["n_train"] == 40
+    assert info["n_train"] + info["n_val"] == 40 and info["n_val"] == 4  # 10% by default
     assert math.isfinite(info["final"]["nll"])
 
 
@@ -349,7 +357,7 @@ def test_labels_of_shape_n_1_fit_and_mismatched_labels_are_refused(files, tmp_pa
         assert ckpt.fit["val_estimator"] == info["val_estimator"]
     refused = cli(*base, "-d", tmp_path / "two.st", "-o", tmp_path / "two.fit.safetensors")
     assert refused.exit_code == 1
-    assert "labels of shape (300, 2) do not match predictions of shape (300, 3)" in flat(
+    assert "labels of shape (270, 2) do not match predictions of shape (270, 3)" in flat(
         refused.stderr
     )
     assert not (tmp_path / "two.fit.safetensors").exists()

@@ -161,4 +161,4 @@ def test_fit_confirms_a_recorded_arch_with_its_kwargs(tmp_path):
         arch_kwargs=spec.arch_kwargs,
         output=out,
     )
-    assert result.n_train == 16 and out.exists()
+    assert result.n_train + result.n_val == 16 and out.exists()

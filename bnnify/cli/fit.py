@@ -20,8 +20,9 @@ def fit(
     data: opt.DataOpt,
     task: opt.FitTaskOpt = None,
     val: opt.ValOpt = None,
-    val_split: opt.ValSplitOpt = 0.0,
+    val_split: opt.ValSplitOpt = None,
     epochs: opt.EpochsOpt = 50,
+    patience: opt.PatienceOpt = 20,
     lr: opt.LrOpt = 1e-3,
     batch_size: opt.BatchSizeOpt = 128,
     mc_samples: opt.FitSamplesOpt = 1,
@@ -30,6 +31,7 @@ def fit(
     clip: opt.ClipOpt = 10.0,
     seed: opt.SeedOpt = 0,
     val_samples: opt.ValSamplesOpt = 16,
+    search: opt.SearchOpt = False,
     input_key: opt.InputKeyOpt = None,
     y_key: opt.YKeyOpt = "y",
     target: opt.TargetOpt = None,
@@ -48,53 +50,83 @@ def fit(
 ) -> None:
     """Fit the posterior to data by maximising the ELBO (expected NLL + KL / N).
 
+    With validation data (--val, --val-split; 10% of the data by default) the epoch of
+    best validation log-likelihood is kept. --json prints JSON Lines: one object per
+    epoch (schema bnnify.fit.epoch/1), then the summary (schema bnnify.fit/1).
+
     Runs under `torchrun --nproc_per_node=N -m bnnify fit ...` with
     DistributedDataParallel (gloo on CPU, nccl on GPU); rank 0 writes the output.
     """
     rank = int(os.environ.get("RANK", "0"))
-    sink = Output(json_mode=json, quiet=quiet or rank != 0, verbose=verbose)
+    sink = Output(json_mode=json and rank == 0, quiet=quiet or rank != 0, verbose=verbose)
     import bnnify
+    from bnnify.usecases.fit import EPOCH_SCHEMA, POINT_SCHEMA
+    from bnnify.usecases.search import grid
+
+    total = epochs * (len(grid()) if search else 1)
 
     settings = dict(task=task, val=val, val_split=val_split, epochs=epochs, lr=lr)
     settings |= dict(batch_size=batch_size, mc_samples=mc_samples, kl_weight=kl_weight)
     settings |= dict(warmup_epochs=warmup_epochs, clip=clip, seed=seed, val_samples=val_samples)
+    settings |= dict(patience=patience, search=search)
     settings |= dict(class_dim=class_dim, model_args=model_arg, force=force, resume=resume)
     files = dict(x_key=input_key or "x", y_key=y_key, target=target, output=out, device=device)
     files |= dict(arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     with reporting(sink, "Fitting") as progress:
 
         def on_epoch(record: dict[str, Any]) -> None:
-            progress(1, epochs)
+            progress(1, total)
+            sink.json_line({"schema": EPOCH_SCHEMA, **record})
             _log_epoch(sink, record, epochs)
 
-        result = bnnify.fit(checkpoint, model, data, on_epoch=on_epoch, **settings, **files)
+        def on_point(point: dict[str, Any]) -> None:
+            sink.json_line({"schema": POINT_SCHEMA, **point})
+
+        result = bnnify.fit(
+            checkpoint, model, data, on_epoch=on_epoch, on_point=on_point, **settings, **files
+        )
+    sink.json_line(result.to_json())
     _render(sink, result.to_json(), result.output)
 
 
 def _log_epoch(out: Output, record: dict, epochs: int) -> None:
     val = record.get("val") or {}
-    parts = [
+    parts = [] if "point" not in record else [f"point {record['point'] + 1}"]
+    parts += [
         f"epoch {record['epoch']}",
         f"ELBO/N {record['elbo']:.4g}",
         f"NLL {record['nll']:.4g}",
         f"KL {record['kl']:.4g}",
     ]
     parts += [f"val {k} {v:.4g}" for k, v in val.items()]
+    if record.get("improved"):
+        parts.append("(best so far)")
     every = max(1, epochs // 10)
     if out.verbose or record["epoch"] % every == 0:
         out.log("  ".join(parts))
 
 
 def _render(out: Output, info: dict, destination: Path) -> None:
-    out.json(info)
-    final = info["final"]
+    kept, selection = info["kept"], info["selection"]
     out.line(
-        f"Fitted {info['n_train']} examples for {len(info['history'])} epochs: "
-        f"ELBO/N {final['elbo']:.5g}, NLL {final['nll']:.5g}, KL {final['kl']:.5g}"
-        + (f", noise {final['noise']:.4g}" if "noise" in final else "")
+        f"Fitted {info['n_train']} examples for {info['epochs_run']} epochs; kept epoch "
+        f"{selection['kept_epoch']} ({selection['reason']})"
     )
-    for key, value in (final.get("val") or {}).items():
+    if "elbo" in kept:
+        out.line(
+            f"  kept epoch: ELBO/N {kept['elbo']:.5g}, NLL {kept['nll']:.5g}, KL {kept['kl']:.5g}"
+            + (f", noise {kept['noise']:.4g}" if "noise" in kept else "")
+        )
+    for key, value in (kept.get("val") or {}).items():
         out.line(f"  validation {key}: {value:.5g}")
     if info.get("val_estimator"):
         out.line("  validation estimator: {estimator} ({reason})".format(**info["val_estimator"]))
+    if info.get("search"):
+        search = info["search"]
+        best = search["points"][search["best"]]
+        out.line(
+            f"  search: best of {len(search['points'])} points: prior scale "
+            f"{best['prior_scale']:g}, posterior delta {best['posterior_delta']:g}, KL weight "
+            f"{best['kl_weight']:g}"
+        )
     out.line(f"  wrote {destination}")

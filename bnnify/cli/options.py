@@ -36,6 +36,7 @@ __all__ = [
     "ModelArg",
     "ModelArgOpt",
     "ModelOpt",
+    "PatienceOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
     "PriorArgOpt",
@@ -43,6 +44,7 @@ __all__ = [
     "QuietOpt",
     "ReportOpt",
     "ResumeOpt",
+    "SearchOpt",
     "SeedOpt",
     "ShardSizeOpt",
     "SpecOpt",
@@ -167,7 +169,29 @@ FitTaskOpt = Annotated[
 ]
 ValOpt = Annotated[Path | None, typer.Option(help="Validation data file.")]
 ValSplitOpt = Annotated[
-    float, typer.Option(min=0.0, max=0.9, help="Fraction of the data held out instead.")
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=0.9,
+        help="Fraction of the data held out for validation instead of --val [default: 0.1 "
+        "of data of 10 examples or more]; 0: no validation, the last epoch is kept.",
+    ),
+]
+PatienceOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Stop after this many epochs without a better validation log-likelihood "
+        "(0: run every epoch). The best epoch is kept either way.",
+    ),
+]
+SearchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--search",
+        help="Fit a small grid (prior scale, initial posterior spread, KL weight) and keep "
+        "the best on validation data; the grid's results go into the checkpoint.",
+    ),
 ]
 EpochsOpt = Annotated[int, typer.Option(min=1)]
 LrOpt = Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")]

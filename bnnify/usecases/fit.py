@@ -7,11 +7,14 @@ Per example, the loss is
 with N the number of training examples (so the sum over one epoch is the negative
 ELBO of the data set, divided by N), the expectation estimated with `mc_samples`
 weight samples, and beta(t) a linear warm-up from 0 to 1 over `warmup_epochs`.
-The loop itself, and its distributed form under `torchrun`, is in `training`.
+With validation data the epoch of best validation log-likelihood is kept (`selection`).
+The loop itself, and its distributed form under `torchrun`, is in `training`; the
+grid of `search=True` in `search`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +31,11 @@ from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset
 from bnnify.formats.spec import resolve_device
 from bnnify.usecases import LOGGER_NAME
+from bnnify.usecases.distributed import process_device, process_rank
+from bnnify.usecases.fitted import make_likelihood, save_fitted
 from bnnify.usecases.model_call import model_arguments
 from bnnify.usecases.runner import Runner, check_input, open_runner
+from bnnify.usecases.search import search as search_grid
 from bnnify.usecases.sources import (
     CheckpointLike,
     DataLike,
@@ -40,19 +46,29 @@ from bnnify.usecases.sources import (
     opened_model,
     path_of,
 )
-from bnnify.usecases.training import (
-    FitSettings,
-    make_likelihood,
-    process_device,
-    process_rank,
-    save_fitted,
-    settings_json,
-    train,
-)
+from bnnify.usecases.training import FitSettings, settings_json, train
 
-__all__ = ["FitResult", "FitSettings", "fit"]
+__all__ = [
+    "DEFAULT_VAL_SPLIT",
+    "EPOCH_SCHEMA",
+    "POINT_SCHEMA",
+    "SCHEMA",
+    "FitResult",
+    "FitSettings",
+    "fit",
+]
 
 logger = logging.getLogger(LOGGER_NAME)
+
+# Held out for validation when no `val` is given (README, "Why these defaults"), from
+# data of at least `_MIN_SPLIT` examples.
+DEFAULT_VAL_SPLIT = 0.1
+_MIN_SPLIT = 10
+# `bnnify fit --json` prints JSON Lines: an EPOCH_SCHEMA object per epoch (POINT_SCHEMA
+# after each point of a search), then the SCHEMA summary (`FitResult.to_json`).
+EPOCH_SCHEMA = "bnnify.fit.epoch/1"
+POINT_SCHEMA = "bnnify.fit.search_point/1"
+SCHEMA = "bnnify.fit/1"
 
 
 @dataclass
@@ -68,12 +84,20 @@ class FitResult:
         data: Name of the training data.
         model: `{"name": ..., "sha256": ...}` of the model file.
         history: One record per epoch, those of the fits resumed included: loss,
-            nll, kl, elbo (per example), beta, noise, and `val` metrics.
+            nll, kl, elbo (per example), beta, noise, and `val` metrics and
+            `improved` with validation data.
+        selection: Which epoch the checkpoint holds and why: `kept_epoch`,
+            `last_epoch`, `criterion` ("val_log_likelihood" or "last_epoch"),
+            `val_log_likelihood`, `patience`, `stopped_early`, `reason`.
+        start: The starting state's `epoch`, validation metrics (`val`) and noise
+            scale (regression), None without validation.
+        val_data: Name of the validation data (None without).
         inputs: The names of the model's per-example inputs, in order.
         model_args: The constant arguments of the model's `forward`.
         call: What each parameter of `forward` received (`"input NAME"` or a constant).
         val_estimator: How the validation predictions were sampled
             (`{"estimator": ..., "reason": ...}`), None without validation.
+        search: With `search=True`, the grid's results (`SearchOutcome.record`).
     """
 
     output: Path
@@ -84,15 +108,29 @@ class FitResult:
     data: str
     model: dict[str, str]
     history: list[dict[str, Any]]
+    selection: dict[str, Any] = field(default_factory=dict)
+    start: dict[str, Any] | None = None
+    val_data: str | None = None
     inputs: list[str] = field(default_factory=lambda: ["x"])
     model_args: dict[str, Any] = field(default_factory=dict)
     call: dict[str, Any] = field(default_factory=dict)
     val_estimator: dict[str, str] | None = None
+    search: dict[str, Any] | None = None
 
     @property
     def final(self) -> dict[str, Any]:
-        """The record of the last epoch."""
+        """The record of the last epoch run."""
         return self.history[-1]
+
+    @property
+    def kept(self) -> dict[str, Any]:
+        """The record of the epoch whose state was written (`selection["kept_epoch"]`)."""
+        epoch = self.selection.get("kept_epoch", self.final["epoch"])
+        for record in reversed(self.history):
+            if record["epoch"] == epoch:
+                return record
+        assert self.start is not None and self.start["epoch"] == epoch
+        return self.start
 
     def info(self) -> dict[str, Any]:
         """The fit's record in the checkpoint's metadata (`bnnify.fit`)."""
@@ -102,18 +140,30 @@ class FitResult:
             "n_train": self.n_train,
             "n_val": self.n_val,
             "data": self.data,
+            "val_data": self.val_data,
             "model": self.model,
             "inputs": self.inputs,
             "model_args": self.model_args,
             "call": self.call,
             "val_estimator": self.val_estimator,
-            "history": self.history,
+            "selection": self.selection,
+            "start": self.start,
+            "kept": self.kept,
             "final": self.final,
+            "history": self.history,
         }
 
     def to_json(self) -> dict[str, Any]:
-        """The result as `bnnify fit --json` prints it."""
-        return {"output": str(self.output), **self.info()}
+        """The summary `bnnify fit --json` prints last (schema `bnnify.fit/1`).
+
+        The metadata's record without the history (streamed one line per epoch),
+        with `epochs_run` and, after a search, its grid results.
+        """
+        info = {k: v for k, v in self.info().items() if k != "history"}
+        summary = {"schema": SCHEMA, "output": str(self.output), **info}
+        summary["epochs_run"] = len(self.history)
+        summary["search"] = self.search
+        return summary
 
 
 def fit(
@@ -123,7 +173,7 @@ def fit(
     *,
     task: Task | str | None = None,
     val: DataLike | None = None,
-    val_split: float = 0.0,
+    val_split: float | None = None,
     epochs: int = 50,
     lr: float = 1e-3,
     batch_size: int = 128,
@@ -133,6 +183,8 @@ def fit(
     clip: float | None = 10.0,
     seed: int = 0,
     val_samples: int = 16,
+    patience: int = 20,
+    search: bool = False,
     class_dim: int | None = None,
     x_key: str | Sequence[str] = "x",
     y_key: str = "y",
@@ -146,6 +198,7 @@ def fit(
     trust_pickle: bool = False,
     force: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Fits a checkpoint's posterior to data and writes the fitted checkpoint, atomically.
 
@@ -160,7 +213,9 @@ def fit(
         task: "regression" (Gaussian likelihood, learned noise) or "classification"
             (logits); default: the task of a resumed fit.
         val: Validation data, as `data`.
-        val_split: Fraction of `data` held out for validation instead.
+        val_split: Fraction of `data` held out for validation instead (default:
+            `DEFAULT_VAL_SPLIT` when `val` is not given and `data` has at least 10
+            examples; 0: no validation, the last epoch is kept, with a warning).
         epochs: Passes over the data.
         lr: Adam's learning rate.
         batch_size: Examples per step.
@@ -170,6 +225,10 @@ def fit(
         clip: Gradient norm clipping (None or 0: off).
         seed: Seed of the data order and the weight noise.
         val_samples: Weight samples for the validation metrics.
+        patience: With validation data, stop after this many epochs without a better
+            validation log-likelihood (0: run every epoch); the best epoch is kept.
+        search: Fit every point of the grid `search.GRID` (prior scale, initial
+            posterior spread, KL weight) and keep the best on validation data.
         class_dim: Classification: the dimension of the classes in the model's
             output (0 is the batch; default: a resumed fit's, else the last, -1).
         x_key: Input tensor name in data files, or names of several inputs (`NAME`
@@ -187,7 +246,9 @@ def fit(
             mapping; needed when it has any).
         trust_pickle: Load a pickled `nn.Module` file (this runs its code).
         force: Overwrite `output` if it exists.
-        on_epoch: Called with each epoch's record (on rank 0).
+        on_epoch: Called with each epoch's record (on rank 0); with `search`, the
+            record's `point` is the index of its grid point.
+        on_point: With `search`, called with each grid point's result.
 
     Raises:
         UsageError: For a missing or conflicting task, an invalid setting, or inputs
@@ -200,7 +261,7 @@ def fit(
         DivergedError: If the loss, its gradient or the parameters become infinite or
             NaN (nothing is written).
     """
-    if not 0.0 <= val_split < 1.0:
+    if val_split is not None and not 0.0 <= val_split < 1.0:
         raise InvalidArgumentError(f"val_split must be in [0, 1), got {val_split!r}")
     device = process_device(resolve_device(device))
     destination = Path(output) if output is not None else _fitted_name(path_of(checkpoint))
@@ -219,14 +280,26 @@ def fit(
         clip=clip or None,
         seed=seed,
         val_samples=val_samples,
+        patience=patience,
         class_dim=_class_dim(class_dim, ckpt, resume),
     )
     constants = model_arguments(model_args)
     keys = {"x_key": x_key, "y_key": y_key, "target": target}
     train_data = as_dataset(data, **keys)
     validation = as_dataset(val, **keys) if val is not None else None
-    if validation is None and val_split > 0:
-        train_data, validation = _split(train_data, val_split, seed)
+    fraction = _val_split(val_split, val, len(train_data))
+    if validation is None and fraction > 0:
+        train_data, validation = _split(train_data, fraction, seed)
+    if search and validation is None:
+        raise UsageError(
+            "--search compares its grid on validation data, and there is none",
+            hint="Give --val FILE or --val-split FRACTION.",
+        )
+    if search and resume:
+        raise UsageError(
+            "--search starts every grid point from the converted means, and cannot resume",
+            hint="Drop --resume, or --search.",
+        )
     if validation is not None and validation.x.names != train_data.x.names:
         raise InputError(
             f"the validation inputs ({', '.join(validation.x.names)}) are not the training "
@@ -238,33 +311,54 @@ def fit(
         runner = open_runner(loaded, ckpt, device=device, **confirm)
         source = {"name": loaded.path.name, "sha256": loaded.sha256}
         what = f"{loaded.path.name} ({loaded.format.value})"
-    likelihood = make_likelihood(chosen, ckpt, resume, settings.class_dim)
-    for part in (train_data, validation):
-        if part is not None:
-            _check_fits(runner, likelihood, part)
-    val_estimator = None
-    if validation is not None:
-        choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
-        val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
-        logger.info("Validation predictions: %s", choice)
-    previous = (ckpt.fit or {}).get("history", []) if resume else []
-    logger.info(
-        "Fitting %d Bayesian parameters of %s on %d examples, %s",
-        len(ckpt.parameters),
-        what,
-        len(train_data),
-        chosen.value,
-    )
-    history = train(
-        runner,
-        likelihood,
-        train_data,
-        settings,
-        val=validation,
-        start_epoch=len(previous),
-        init_noise=not resume,
-        on_epoch=on_epoch,
-    )
+        likelihood = make_likelihood(chosen, ckpt, resume, settings.class_dim)
+        for part in (train_data, validation):
+            if part is not None:
+                _check_fits(runner, likelihood, part)
+        val_estimator = None
+        if validation is not None:
+            choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
+            val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
+            logger.info("Validation predictions: %s", choice)
+        else:
+            logger.warning(
+                "no validation data (--val-split 0): the last epoch is kept, and nothing "
+                "guards against over-fitting; give --val FILE or --val-split FRACTION"
+            )
+        previous = (ckpt.fit or {}).get("history", []) if resume else []
+        logger.info(
+            "Fitting %d Bayesian parameters of %s on %d examples%s, %s",
+            len(ckpt.parameters),
+            what,
+            len(train_data),
+            "" if validation is None else f" ({len(validation)} for validation)",
+            chosen.value,
+        )
+        outcome = None
+        if search:
+            outcome = search_grid(
+                lambda prior: open_runner(loaded, ckpt, device=device, prior=prior, **confirm),
+                lambda: make_likelihood(chosen, ckpt, False, settings.class_dim),
+                ckpt.spec,
+                train_data,
+                validation,
+                settings,
+                on_epoch=on_epoch,
+                on_point=on_point,
+            )
+            runner, likelihood, training = outcome.runner, outcome.likelihood, outcome.training
+            settings = dataclasses.replace(settings, kl_weight=outcome.kl_weight)
+        else:
+            training = train(
+                runner,
+                likelihood,
+                train_data,
+                settings,
+                val=validation,
+                start_epoch=len(previous),
+                init_noise=not resume,
+                on_epoch=on_epoch,
+            )
     result = FitResult(
         output=destination,
         task=chosen,
@@ -273,17 +367,40 @@ def fit(
         n_val=0 if validation is None else len(validation),
         data=_name(data, train_data),
         model=source,
-        history=previous + history,
+        history=previous + training.history,
+        selection=training.selection,
+        start=training.start,
+        val_data=None if validation is None else _name(val, validation),
         inputs=train_data.x.names,
         model_args=constants,
         call=runner.call.describe(train_data.x.names),
         val_estimator=val_estimator,
+        search=None if outcome is None else outcome.record(),
     )
+    _log_selection(result)
     if process_rank() == 0:
+        extra = {} if outcome is None else outcome.metadata()
         with outputs:
             temp = outputs.temp(destination)
-            save_fitted(destination, temp, ckpt, runner, likelihood, result.info())
+            save_fitted(destination, temp, ckpt, runner, likelihood, result.info(), extra)
     return result
+
+
+def _log_selection(result: FitResult) -> None:
+    selection = result.selection
+    logger.info(
+        "Kept epoch %d of %d: %s",
+        selection["kept_epoch"],
+        selection["last_epoch"],
+        selection["reason"],
+    )
+
+
+def _val_split(val_split: float | None, val: DataLike | None, n: int) -> float:
+    """The fraction held out: as given, else `DEFAULT_VAL_SPLIT` of data large enough."""
+    if val_split is not None:
+        return val_split
+    return DEFAULT_VAL_SPLIT if val is None and n >= _MIN_SPLIT else 0.0
 
 
 def _check_fits(runner: Runner, likelihood: Likelihood, data: Dataset) -> None:
