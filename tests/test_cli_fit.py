@@ -27,6 +27,7 @@ from torch import nn
 
 from bnnify.demo import build_model, synthetic_regression
 from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.data import load_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -247,6 +248,127 @@ def test_custom_keys_and_a_csv_file(files, tmp_path):
     info = fit_json(*toy, *argv("-d d.csv --target target -o csv.safetensors"))
     assert info["n_train"] + info["n_val"] == 40 and info["n_val"] == 4  # 10% by default
     assert math.isfinite(info["final"]["nll"])
+
+
+@pytest.mark.parametrize("patience", [2, 0])
+def test_the_epoch_of_best_validation_log_likelihood_is_the_one_written(files, tmp_path, patience):
+    from bnnify.formats.model_files import load_model
+    from bnnify.usecases.fitted import make_likelihood
+    from bnnify.usecases.runner import open_runner
+    from bnnify.usecases.training import FitSettings, validate
+
+    xv, yv = toy_regression(96, seed=5)
+    save_file({"x": xv, "y": yv}, str(tmp_path / "val.safetensors"))
+    out = tmp_path / "best.safetensors"
+    options = ["--epochs", "8", "--lr", "0.05", "--patience", str(patience)]
+    info = fit_json(*fit_args(files, out, *options, "--val", tmp_path / "val.safetensors"))
+    selection, history = info["selection"], info["history"]
+    scores = [info["start"]["val"]["log_likelihood"]] + [
+        r["val"]["log_likelihood"] for r in history
+    ]
+    kept = selection["kept_epoch"]
+    assert scores[kept] == max(scores) and selection["criterion"] == "val_log_likelihood"
+    assert info["kept"]["val"]["log_likelihood"] == selection["val_log_likelihood"]
+    improved = [r["epoch"] for r in history if r["improved"]]
+    assert (improved[-1] if improved else 0) == kept
+    if selection["stopped_early"]:
+        assert patience and selection["last_epoch"] - kept == patience
+        assert len(history) == selection["last_epoch"] < 8
+    else:
+        assert len(history) == 8 and "stopped early" not in selection["reason"]
+    # The file holds the kept epoch's state: its validation score, on the same draws.
+    settings = FitSettings(**{k: v for k, v in info["settings"].items()})
+    with Checkpoint(out) as fitted:
+        runner = open_runner(load_model(files.reg_model), fitted)
+        likelihood = make_likelihood("regression", fitted, resume=True)
+        val = validate(runner, likelihood, load_dataset(tmp_path / "val.safetensors"), settings)
+    assert val["log_likelihood"] == pytest.approx(selection["val_log_likelihood"], rel=1e-6)
+    assert math.exp(float(likelihood.log_noise)) == pytest.approx(info["kept"]["noise"], rel=1e-6)
+
+
+def test_human_output_names_the_kept_epoch_and_why(files, tmp_path):
+    result = cli(*fit_args(files, tmp_path / "h.safetensors", "--epochs", "3"))
+    assert result.exit_code == 0, result.output
+    stdout = flat(result.stdout)
+    assert "Fitted 461 examples for 3 epochs; kept epoch" in stdout  # 10% held out
+    assert "validation log_likelihood" in stdout
+    assert "Kept epoch" in flat(result.stderr) and "validation log-likelihood" in flat(
+        result.stderr
+    )
+    assert "over-fitting" not in result.stderr
+
+
+def test_without_validation_a_warning_says_nothing_guards_against_over_fitting(files, tmp_path):
+    args = fit_args(files, tmp_path / "n.safetensors", "--val-split", "0")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "Warning:" in result.stderr
+    assert "nothing guards against over-fitting" in flat(result.stderr)
+    info = fit_json(*fit_args(files, tmp_path / "j.safetensors", "--val-split", "0"))
+    assert info["selection"]["criterion"] == "last_epoch" and info["start"] is None
+    assert info["kept"] == info["final"] and info["n_val"] == 0
+
+
+def test_json_lines_stream_one_epoch_a_line_and_print_when_quiet(files, tmp_path):
+    result = cli(*fit_args(files, tmp_path / "q.safetensors", "--epochs", "3"), "--json", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    assert [json.loads(line)["schema"] for line in lines] == ["bnnify.fit.epoch/1"] * 3 + [
+        "bnnify.fit/1"
+    ]
+    assert fit_output(result.stdout)["epochs_run"] == 3
+    assert "Fitting" not in result.stderr  # quiet: no log lines
+
+
+def test_search_scores_its_grid_on_validation_and_records_it(files, tmp_path):
+    from bnnify.usecases.search import grid
+
+    out = tmp_path / "s.safetensors"
+    result = cli(*fit_args(files, out, "--epochs", "1", "--search"), "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    points = [line for line in lines if line["schema"] == "bnnify.fit.search_point/1"]
+    assert len(points) == len(grid()) == 12
+    info = fit_output(result.stdout)
+    search = info["search"]
+    assert [p["point"] for p in search["points"]] == list(range(12))
+    scores = [p["val_log_likelihood"] for p in search["points"]]
+    assert scores[search["best"]] == max(scores)
+    best = search["points"][search["best"]]
+    assert info["settings"]["kl_weight"] == best["kl_weight"]
+    assert info["selection"]["val_log_likelihood"] == best["val_log_likelihood"]
+    with Checkpoint(out) as fitted:
+        assert json.loads(fitted.metadata["bnnify.search"]) == search
+        assert fitted.spec.prior[1]["sigma"] == best["prior_scale"]
+        assert fitted.spec.posterior[1]["delta"] == best["posterior_delta"]
+    human = cli(*fit_args(files, tmp_path / "h.safetensors", "--epochs", "1", "--search"))
+    assert "search: best of 12 points" in flat(human.stdout)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--val-split", "0", "--task", "regression"], "validation data, and there is none"),
+        (["--resume"], "cannot resume"),
+    ],
+)
+def test_search_needs_validation_and_a_fresh_fit(files, tmp_path, extra, message):
+    template = "fit {ckpt} -m {model} -d {data} -o {out} --epochs 1 --search"
+    paths = {"ckpt": files.reg_fitted, "model": files.reg_model, "data": files.reg_train}
+    result = cli(*argv(template, out=tmp_path / "s.safetensors", **paths), *extra)
+    assert result.exit_code == 2
+    assert message in flat(result.stderr)
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_diverging_fit_exits_1_without_a_summary(files, tmp_path):
+    out = tmp_path / "d.safetensors"
+    result = cli(*fit_args(files, out, "--lr", "1e30"), "--json")
+    assert result.exit_code == 1
+    assert "training diverged" in flat(result.stderr)
+    assert all(json.loads(line)["schema"] != "bnnify.fit/1" for line in result.stdout.splitlines())
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------- errors

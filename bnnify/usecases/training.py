@@ -170,7 +170,7 @@ def train(
     if val is not None:
         start = {"epoch": start_epoch, "val": validate(runner, likelihood, val, settings)}
         if isinstance(likelihood, GaussianLikelihood):
-            start["noise"] = float(likelihood.noise)
+            start["noise"] = float(likelihood.noise.detach())
         score = start["val"]["log_likelihood"]
         best = BestEpoch(loop.trained, settings.patience, start_epoch, score)
     history = []
