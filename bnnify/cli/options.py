@@ -199,7 +199,9 @@ BatchSizeOpt = Annotated[int, typer.Option(min=1)]
 FitSamplesOpt = Annotated[
     int, typer.Option(min=1, help="Weight samples per step for the expected NLL.")
 ]
-KlWeightOpt = Annotated[float, typer.Option(min=0.0, help="Multiplies KL / N (1: the true ELBO).")]
+KlWeightOpt = Annotated[
+    float, typer.Option(min=0.0, help="Multiplies KL / N (1: the true ELBO; README: defaults).")
+]
 WarmupOpt = Annotated[
     int, typer.Option(min=0, help="Linear KL warm-up from 0 over this many epochs.")
 ]

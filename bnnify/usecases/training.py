@@ -59,16 +59,16 @@ class FitSettings:
     """
 
     task: Task
-    epochs: int = 50
-    lr: float = 1e-3
-    batch_size: int = 128
+    epochs: int = 1000
+    lr: float = 1e-2
+    batch_size: int = 32
     mc_samples: int = 1
-    kl_weight: float = 1.0
+    kl_weight: float = 0.1
     warmup_epochs: int = 0
     clip: float | None = 10.0
     seed: int = 0
     val_samples: int = 16
-    patience: int = 20
+    patience: int = 50
     class_dim: int = -1
 
     def __post_init__(self) -> None:
