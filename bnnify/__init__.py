@@ -1,7 +1,7 @@
 """bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).
 
-`bnnify.convert`, `fit`, `predict`, `kl` and `inspect` (see `bnnify.api`) are loaded
-on first use: `import bnnify` itself does not import torch.
+`bnnify.convert`, `fit`, `predict`, `kl`, `inspect`, `export` and `prune` (see
+`bnnify.api`) are loaded on first use: `import bnnify` itself does not import torch.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "ConversionResult",
+    "ExportResult",
     "FitResult",
     "FitSettings",
     "InspectResult",
@@ -17,12 +18,15 @@ __all__ = [
     "ParameterStats",
     "ParameterSummary",
     "PredictionResult",
+    "PruneResult",
     "__version__",
     "convert",
+    "export",
     "fit",
     "inspect",
     "kl",
     "predict",
+    "prune",
 ]
 
 __version__ = "0.1.0"

@@ -7,13 +7,16 @@ Example:
 """
 
 from bnnify.usecases.convert import ConversionResult, ParameterSummary, convert
+from bnnify.usecases.export import ExportResult, export
 from bnnify.usecases.fit import FitResult, FitSettings, fit
 from bnnify.usecases.inspect import InspectResult, ParameterStats, inspect
 from bnnify.usecases.kl import KLResult, kl
 from bnnify.usecases.predict import PredictionResult, predict
+from bnnify.usecases.prune import PruneResult, prune
 
 __all__ = [
     "ConversionResult",
+    "ExportResult",
     "FitResult",
     "FitSettings",
     "InspectResult",
@@ -21,9 +24,12 @@ __all__ = [
     "ParameterStats",
     "ParameterSummary",
     "PredictionResult",
+    "PruneResult",
     "convert",
+    "export",
     "fit",
     "inspect",
     "kl",
     "predict",
+    "prune",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 from bnnify.errors import InvalidArgumentError, closest
 
-__all__ = ["KLMethod", "Reduction", "Task"]
+__all__ = ["ExportFormat", "KLMethod", "ModuleKind", "PruneScope", "Reduction", "Task"]
 
 
 class _Choice(str, Enum):
@@ -54,3 +54,35 @@ class KLMethod(_Choice):
 
     ANALYTIC = "analytic"
     MONTE_CARLO = "monte_carlo"
+
+
+class ModuleKind(_Choice):
+    """Kinds of modules, chosen with `--only` and `--skip` (`bnnify.bnn.kinds` maps classes).
+
+    A parameter has the kind of the outermost module of a known kind holding it
+    (`MultiheadAttention`'s output projection is `attention`), else `other`.
+    """
+
+    LINEAR = "linear"
+    CONV = "conv"
+    NORM = "norm"
+    EMBEDDING = "embedding"
+    RNN = "rnn"
+    ATTENTION = "attention"
+    OTHER = "other"
+
+
+class ExportFormat(_Choice):
+    """The file format of a plain model written by `export` (and `prune --export`)."""
+
+    STATE_DICT = "state_dict"
+    SAFETENSORS = "safetensors"
+    TORCHSCRIPT = "torchscript"
+    EXPORT = "export"
+
+
+class PruneScope(_Choice):
+    """Over which weights `prune --keep` ranks the signal-to-noise ratios."""
+
+    GLOBAL = "global"
+    LAYER = "layer"

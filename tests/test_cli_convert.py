@@ -450,7 +450,7 @@ def test_verbose_adds_a_per_parameter_table(models, tmp_path):
     header = next(line for line in result.stdout.splitlines() if "name" in line)
     for column in ("name", "shape", "elements", "dtype", "posterior", "prior", "sigma init"):
         assert column in header
-    rows = [line for line in result.stdout.splitlines() if "lstm.weight_hh_l0" in line]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│ lstm.weight_hh_l0")]
     assert len(rows) == 1
     for cell in ("(20, 5)", "100", "float32", "pretrained_gaussian", "laplace"):
         assert cell in rows[0]
@@ -470,7 +470,10 @@ def test_json_is_one_document_and_nothing_else(models, tmp_path):
         "kl",
         "outputs",
         "parameters",
+        "buffer_like",
+        "suggested_exclude",
     }
+    assert set(data["kl"]) == {"sum", "mean", "method", "samples", "top"}
 
 
 # ---------------------------------------------------------------- real processes

@@ -56,6 +56,7 @@ def test_the_sample_configs_are_all_tested():
     assert SPECS == [
         "gaussian.yaml",
         "partial.yaml",
+        "partial_by_kind.yaml",
         "pretrained_moped.yaml",
         "scale_mixture.yaml",
         "state_dict_arch.yaml",
@@ -97,6 +98,10 @@ def test_every_sample_config_converts_the_demo(demo, tmp_path, name):
         with torch.no_grad():
             assert bnn(torch.randn(5, 8)).shape == (5, 1)
     if name == "partial.yaml":
+        # By name: the demo's BatchNorm is called "1", so its weight is not caught.
         assert [p["name"] for p in data["parameters"]] == ["0.weight", "1.weight", "3.weight"]
+    elif name == "partial_by_kind.yaml":
+        # By kind: only the Linear layers' weights, whatever the BatchNorm is called.
+        assert [p["name"] for p in data["parameters"]] == ["0.weight", "3.weight"]
     else:
         assert data["reparametrized"] == 6

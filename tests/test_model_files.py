@@ -509,7 +509,7 @@ def _truncated_safetensors(tmp_path):
         (lambda _: torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes(), "not a"),
         (_truncated_zip, "truncated or corrupt zip"),
         (lambda _: b"name,value\nw,1.0\n", "not a model file"),
-        (lambda _: b'{"architectures": ["Bert"]}', "not a safetensors index"),
+        (lambda _: b'{"architectures": ["Bert"]}', r"not a sharded checkpoint.s index"),
         (_foreign_zip, "not a PyTorch file"),
         (_truncated_safetensors, "not a valid safetensors file"),
     ],

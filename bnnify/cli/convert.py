@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.text import Text
-
 from bnnify.cli import options as opt
 from bnnify.cli.output import Output, command, human_bytes
 from bnnify.cli.reporting import reporting
-from bnnify.cli.tables import table
+from bnnify.cli.tables import conversion_table
 
 __all__ = ["convert"]
-
-COLUMNS = ("name", "shape", "elements", "dtype", "posterior", "prior", "sigma init", "KL")
 
 
 @command
@@ -28,6 +24,9 @@ def convert(
     dtype: opt.DtypeOpt = None,
     include: opt.IncludeOpt = None,
     exclude: opt.ExcludeOpt = None,
+    only: opt.OnlyOpt = None,
+    skip: opt.SkipOpt = None,
+    key: opt.KeyOpt = None,
     seed: opt.ConvertSeedOpt = None,
     output: opt.CheckpointOutOpt = None,
     report: opt.ReportOpt = None,
@@ -59,6 +58,7 @@ def convert(
             mc_samples=mc_samples,
             shard_size=shard_size,
             trust_pickle=trust_pickle,
+            key=key,
             progress=progress,
             arch=arch,
             arch_kwargs=arch_kwargs,
@@ -70,6 +70,8 @@ def convert(
             dtype=dtype,
             include=include,
             exclude=exclude,
+            only=only,
+            skip=skip,
             seed=seed,
         )
     _render(out, result)
@@ -78,15 +80,7 @@ def convert(
 def _render(out: Output, result: Any) -> None:
     out.json(result.to_json())
     if out.verbose:
-        posterior, prior = result.spec.posterior[0], result.spec.prior[0]
-        rows = []
-        for p in result.parameters:
-            size, sigma, kl = f"{p.numel:,}", f"{p.sigma_mean:.3g}", f"{p.kl:.4g}"
-            rows.append(
-                (Text(p.name), str(tuple(p.shape)), size, p.dtype, posterior, prior, sigma, kl)
-            )
-        right = ("elements", "sigma init", "KL")
-        out.table(table("Reparametrized parameters", COLUMNS, rows, right=right))
+        out.table(conversion_table(result))
     method = "analytic" if result.samples is None else f"Monte Carlo, {result.samples} samples"
     out.line(
         f"Converted {result.source['name']} ({result.source['format']}): "
@@ -96,5 +90,7 @@ def _render(out: Output, result: Any) -> None:
     out.line(
         f"KL divergence: {result.kl_sum:.6g} (mean {result.kl_mean:.6g} per element, {method})"
     )
+    top = [f"{s.name} {100 * s.share:.3g}% ({100 * s.elements_share:.3g}%)" for s in result.top]
+    out.line(f"Largest KL (share of the KL, of the elements): {', '.join(top)}")
     for path in result.outputs:
         out.line(f"  wrote {path} ({human_bytes(path.stat().st_size) if path.exists() else '?'})")

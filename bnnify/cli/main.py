@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 import bnnify
-from bnnify.cli import convert, fit, inspect_cmd, kl, list_cmd, predict
+from bnnify.cli import convert, export, fit, inspect_cmd, kl, list_cmd, predict, prune
 
 __all__ = ["app", "main"]
 
@@ -53,6 +53,8 @@ app.command("inspect", epilog=EXIT_CODES)(inspect_cmd.inspect)
 app.command("list", epilog=EXIT_CODES)(list_cmd.list_registered)
 app.command("fit", epilog=EXIT_CODES)(fit.fit)
 app.command("predict", epilog=EXIT_CODES)(predict.predict)
+app.command("export", epilog=EXIT_CODES)(export.export)
+app.command("prune", epilog=EXIT_CODES)(prune.prune)
 
 
 def main() -> None:

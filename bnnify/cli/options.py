@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
-from bnnify.enums import Task
+from bnnify.enums import ExportFormat, PruneScope, Task
 
 __all__ = [
+    "AleatoricOpt",
+    "AnyCheckpointArg",
     "ArchKwargsOpt",
     "ArchOpt",
     "BatchSizeOpt",
@@ -19,10 +21,16 @@ __all__ = [
     "ClipOpt",
     "ConvertSeedOpt",
     "DataOpt",
+    "DefaultTaskOpt",
     "DeviceOpt",
     "DtypeOpt",
     "EpochsOpt",
     "ExcludeOpt",
+    "ExportFlagOpt",
+    "ExportFormatOpt",
+    "ExportInputOpt",
+    "ExportOutOpt",
+    "ExportSeedOpt",
     "FitOutOpt",
     "FitSamplesOpt",
     "FitTaskOpt",
@@ -30,31 +38,44 @@ __all__ = [
     "IncludeOpt",
     "InputKeyOpt",
     "JsonOpt",
+    "KeepOpt",
+    "KeyOpt",
     "KlWeightOpt",
     "LrOpt",
     "McSamplesOpt",
     "ModelArg",
     "ModelArgOpt",
     "ModelOpt",
+    "OnlyOpt",
+    "OptionalModelOpt",
     "PatienceOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
     "PriorArgOpt",
     "PriorOpt",
+    "PruneDataOpt",
+    "PruneOutOpt",
     "QuietOpt",
     "ReportOpt",
     "ResumeOpt",
+    "SamplesOpt",
+    "ScopeOpt",
     "SearchOpt",
     "SeedOpt",
     "ShardSizeOpt",
+    "SkipOpt",
+    "SnrThresholdOpt",
     "SpecOpt",
     "TargetOpt",
+    "TargetsOpt",
     "TrustPickleOpt",
     "ValOpt",
     "ValSamplesOpt",
     "ValSplitOpt",
     "VerboseOpt",
     "WarmupOpt",
+    "WeightsOpt",
+    "XKeyOpt",
     "YKeyOpt",
 ]
 
@@ -114,8 +135,8 @@ ModelOpt = Annotated[
 ModelArg = Annotated[
     Path,
     typer.Argument(
-        help="Model file (TorchScript, torch.export, state dict, "
-        "safetensors) or sharded checkpoint folder/index."
+        help="Model file (TorchScript, torch.export, state dict or training checkpoint, "
+        "safetensors), sharded checkpoint index, or Hugging Face folder."
     ),
 ]
 SpecOpt = Annotated[Path | None, typer.Option("--spec", "-c", help="YAML conversion spec.")]
@@ -137,6 +158,24 @@ IncludeOpt = Annotated[
 ]
 ExcludeOpt = Annotated[
     list[str] | None, typer.Option(help="Glob of parameter names to keep deterministic.")
+]
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Module kinds to make Bayesian, e.g. linear,conv (kinds: linear, conv, norm, "
+        "embedding, rnn, attention, other). Needs known module types (not a bare state dict).",
+    ),
+]
+SkipOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Module kinds to keep deterministic, e.g. norm,embedding (as --only)."),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="In a torch.save checkpoint dict, the state dict's dotted key (e.g. "
+        "model.state_dict, ema); default: found in common layouts."
+    ),
 ]
 ConvertSeedOpt = Annotated[int | None, typer.Option(min=0, help="Random seed (default 0).")]
 CheckpointOutOpt = Annotated[
@@ -233,6 +272,10 @@ ClassDimOpt = Annotated[
         "(default: the last, -1; 1 for (batch, classes, H, W) segmentation).",
     ),
 ]
+XKeyOpt = Annotated[
+    str,
+    typer.Option("--input-key", "--x-key", help="Input tensor name in the data file."),
+]
 YKeyOpt = Annotated[str, typer.Option(help="Target tensor name in the data file.")]
 TargetOpt = Annotated[
     str | None, typer.Option(help="CSV target column (name or index; default: last).")
@@ -243,4 +286,91 @@ FitOutOpt = Annotated[
 ]
 ResumeOpt = Annotated[
     bool, typer.Option(help="Continue a previous fit (its noise scale, history, task).")
+]
+
+# ------------------------------------------------------------- export, prune
+
+AnyCheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]
+
+OptionalModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="The model file the checkpoint was converted from (needed with --data or --export).",
+    ),
+]
+ExportFormatOpt = Annotated[
+    ExportFormat | None,
+    typer.Option(
+        "--format",
+        help="Written format (default: the model's own; for an ensemble, torchscript or export).",
+    ),
+]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        help="mean (posterior means), sample (one sample, --seed) or ensemble:K (K samples "
+        "in one module returning their mean and standard deviation)."
+    ),
+]
+ExportSeedOpt = Annotated[int, typer.Option(min=0, max=2**31 - 1, help="Seed of the samples.")]
+ExportInputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--input",
+        "-i",
+        help="Example inputs (safetensors x, .npy, .npz, CSV): to trace torch.export programs "
+        "and to check the written model against bnnify's predictions.",
+    ),
+]
+AleatoricOpt = Annotated[
+    bool,
+    typer.Option(help="Add the fitted noise to an ensemble's std (regression; else epistemic)."),
+]
+ExportOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output file (default: beside the checkpoint, <stem>.<weights>.<format ending>).",
+    ),
+]
+KeepOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="Fraction of weights to keep (highest |mu|/sigma)."),
+]
+SnrThresholdOpt = Annotated[
+    float | None, typer.Option(min=0.0, help="Prune every weight with |mu|/sigma below this.")
+]
+ScopeOpt = Annotated[
+    PruneScope, typer.Option(help="Rank --keep over all weights (global) or per layer.")
+]
+PruneOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output file (default: <stem>.pruned.safetensors beside the checkpoint).",
+    ),
+]
+PruneDataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", "-d", help="Data with targets: metrics before and after (and export inputs)."
+    ),
+]
+TargetsOpt = Annotated[
+    Path | None, typer.Option("--targets", "--labels", help="Targets or labels given apart.")
+]
+SamplesOpt = Annotated[int, typer.Option(min=1, help="Weight samples for the metrics.")]
+ExportFlagOpt = Annotated[
+    bool, typer.Option("--export", help="Write a plain model (see `bnnify export`) instead.")
+]
+DefaultTaskOpt = Annotated[
+    Task | None,
+    typer.Option(
+        help="regression or classification (default: the checkpoint's fitted task, else "
+        "regression); an ensemble of a classifier averages probabilities."
+    ),
 ]

@@ -6,8 +6,11 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["table"]
+__all__ = ["conversion_table", "table"]
+
+CONVERT_COLUMNS = ("name", "shape", "elements", "dtype", "posterior", "prior", "sigma init", "KL")
 
 
 def table(
@@ -27,3 +30,14 @@ def table(
     for row in rows:
         result.add_row(*row)
     return result
+
+
+def conversion_table(result: Any) -> Table:
+    """`bnnify convert -v`: a row per reparametrized parameter of a `ConversionResult`."""
+    posterior, prior = result.spec.posterior[0], result.spec.prior[0]
+    rows = []
+    for p in result.parameters:
+        size, sigma, kl = f"{p.numel:,}", f"{p.sigma_mean:.3g}", f"{p.kl:.4g}"
+        rows.append((Text(p.name), str(tuple(p.shape)), size, p.dtype, posterior, prior, sigma, kl))
+    right = ("elements", "sigma init", "KL")
+    return table("Reparametrized parameters", CONVERT_COLUMNS, rows, right=right)

@@ -14,7 +14,7 @@ import torch
 from bnnify.errors import FormatError, InputError
 from bnnify.formats.input_file import open_regular, regular_file
 from bnnify.formats.safetensors_reader import looks_like_safetensors
-from bnnify.formats.sharded import INDEX_SUFFIX, read_index
+from bnnify.formats.sharded import BIN_INDEX_SUFFIX, INDEX_SUFFIX, ShardedIndex, read_index
 from bnnify.formats.zip_archive import ZipListing, check_inflation, check_stored, list_zip
 
 __all__ = [
@@ -24,12 +24,21 @@ __all__ = [
     "refused_global",
     "resolve_model_path",
     "sha256_file",
+    "shard_format",
 ]
 
 _SUPPORTED = (
     "Supported formats: TorchScript (torch.jit.save), torch.export programs "
     "(torch.export.save), state dicts (torch.save(model.state_dict())), safetensors files, "
-    "and Hugging Face sharded safetensors (a directory or its *.safetensors.index.json)."
+    "and Hugging Face folders (model.safetensors, pytorch_model.bin, or the "
+    "*.safetensors.index.json or *.bin.index.json of their shards)."
+)
+# A folder's checkpoint, in Hugging Face's order of preference: safetensors first.
+_FOLDER_FILES = (
+    f"*{INDEX_SUFFIX}",
+    "model.safetensors",
+    f"*{BIN_INDEX_SUFFIX}",
+    "pytorch_model.bin",
 )
 # torch.save's legacy (non-zip) format: a pickled magic number follows the protocol opcode.
 _LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
@@ -44,6 +53,8 @@ class ModelFormat(str, Enum):
     STATE_DICT = "state_dict"
     SAFETENSORS = "safetensors"
     SHARDED = "sharded_safetensors"
+    # Hugging Face's sharded pytorch_model.bin: an index of torch.save state dicts.
+    SHARDED_STATE_DICT = "sharded_state_dict"
     PICKLED_MODULE = "pickled_module"
     # Not a file: an `nn.Module` handed to the Python API (`model_files.from_module`).
     MODULE = "module"
@@ -55,6 +66,7 @@ _DESCRIPTIONS = {
     ModelFormat.STATE_DICT: "a torch.save file",
     ModelFormat.SAFETENSORS: "a safetensors file",
     ModelFormat.SHARDED: "a sharded safetensors index",
+    ModelFormat.SHARDED_STATE_DICT: "a sharded torch.save index",
     ModelFormat.PICKLED_MODULE: "a torch.save file",
 }
 
@@ -110,31 +122,63 @@ def describe(path: str | Path) -> str | None:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """The file behind `path`: itself, or a directory's index file or `model.safetensors`.
+    """The file behind `path`: itself, or the checkpoint a Hugging Face folder holds.
+
+    In a folder, the first of these is used: a `*.safetensors.index.json`,
+    `model.safetensors`, a `*.bin.index.json`, `pytorch_model.bin`.
 
     Raises:
         InputError: `path` does not exist, or it (or the file chosen in a directory) is
             not a regular file.
-        FormatError: A directory holds no checkpoint, or several index files.
+        FormatError: A directory holds no checkpoint, or several index files of a kind.
     """
     path = Path(path)
     if not path.is_dir():
         return regular_file(path, "model file")
-    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
-    if len(indexes) > 1:
-        raise FormatError(
-            f"directory '{path}' holds several index files: {[p.name for p in indexes][:5]}",
-            hint="Pass the index file of the checkpoint to use.",
-        )
-    if indexes:
-        return regular_file(indexes[0], "index file")
-    single = path / "model.safetensors"
-    if single.exists() or single.is_symlink():
-        return regular_file(single, "model file")
+    for pattern in _FOLDER_FILES:
+        if "*" in pattern:
+            found = sorted(path.glob(pattern))
+            if len(found) > 1:
+                raise FormatError(
+                    f"directory '{path}' holds several index files: {[p.name for p in found][:5]}",
+                    hint="Pass the index file of the checkpoint to use.",
+                )
+            if found:
+                return regular_file(found[0], "index file")
+        elif (path / pattern).exists() or (path / pattern).is_symlink():
+            return regular_file(path / pattern, "model file")
     raise FormatError(
-        f"directory '{path}' holds no *{INDEX_SUFFIX} nor model.safetensors",
+        f"directory '{path}' holds no checkpoint: none of {', '.join(_FOLDER_FILES)}",
         hint=_SUPPORTED + " Pass a model file, not a directory.",
     )
+
+
+def shard_format(index: ShardedIndex) -> ModelFormat:
+    """`SHARDED` or `SHARDED_STATE_DICT`: the format every shard has (each is checked).
+
+    Raises:
+        FormatError: A shard is neither safetensors nor a torch.save file, or the shards
+            mix the two.
+    """
+    kinds = {}
+    for name, file in index.shards.items():
+        fmt = _sniff(file, index=False)  # an index naming an index would loop
+        if fmt not in (ModelFormat.SAFETENSORS, ModelFormat.STATE_DICT):
+            raise FormatError(
+                f"'{index.path}': shard {name!r} is {_DESCRIPTIONS[fmt]}, not a safetensors "
+                "or torch.save state dict",
+                hint="Download the checkpoint again.",
+            )
+        kinds.setdefault(fmt, name)
+    if len(kinds) > 1:
+        raise FormatError(
+            f"'{index.path}' mixes safetensors shards ({kinds[ModelFormat.SAFETENSORS]!r}) and "
+            f"torch.save shards ({kinds[ModelFormat.STATE_DICT]!r})",
+            hint="Download one format of the checkpoint.",
+        )
+    if ModelFormat.SAFETENSORS in kinds:
+        return ModelFormat.SHARDED
+    return ModelFormat.SHARDED_STATE_DICT
 
 
 def _head(file: Path) -> tuple[bytes, int]:
@@ -142,7 +186,7 @@ def _head(file: Path) -> tuple[bytes, int]:
         return stream.read(32), os.fstat(stream.fileno()).st_size
 
 
-def _sniff(file: Path) -> ModelFormat:
+def _sniff(file: Path, index: bool = True) -> ModelFormat:
     head, size = _head(file)
     if not head:
         raise FormatError(f"'{file}' is empty", hint=_SUPPORTED)
@@ -156,14 +200,14 @@ def _sniff(file: Path) -> ModelFormat:
         if fmt is ModelFormat.STATE_DICT:
             check_stored(listing, "torch.save")
         return fmt
-    if head.lstrip().startswith(b"{"):
+    if index and head.lstrip().startswith(b"{"):
         try:
-            read_index(file)
+            found = read_index(file)
         except FormatError as error:
             raise FormatError(
                 error.message, hint=f"{error.hint or ''} {_SUPPORTED}".strip()
             ) from None
-        return ModelFormat.SHARDED
+        return shard_format(found)
     raise FormatError(f"'{file}' is not a model file bnnify can read", hint=_SUPPORTED)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from bnnify.errors import FormatError
 from bnnify.formats._export_code import check_program
 from bnnify.formats._export_guard import guarded, quiet_torch_logs, run_check, unsafe
+from bnnify.formats.export_inputs import check_shapes
 
 __all__ = ["check_archive", "guarded", "load_export", "unlift"]
 
@@ -87,13 +88,19 @@ def load_export(stream: BinaryIO, file: Path, *, trust_pickle: bool = False) -> 
 def unlift(program: Any, file: Path) -> nn.Module:
     """`program.module()`, under the guard of `load_export` (its generated code is checked).
 
+    The module refuses inputs of other shapes than the program fixed with an
+    `InputError` (see `check_shapes`).
+
     Raises:
         UnsafeInputError: If the module's code would run code from the archive.
     """
     if program in _TRUSTED:
-        return program.module()
-    with guarded(file):
-        return program.module()
+        module = program.module()
+    else:
+        with guarded(file):
+            module = program.module()
+    check_shapes(program, module)
+    return module
 
 
 # ------------------------------------------------------------------ structure

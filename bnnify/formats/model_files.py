@@ -4,43 +4,36 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import pickle
-import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.export.graph_signature import InputKind
 
+from bnnify.bnn.kinds import module_types
 from bnnify.errors import (
     ArgumentTypeError,
     BnnifyError,
     FormatError,
-    InputError,
     InvalidArgumentError,
     UnknownNameError,
-    UnsafeInputError,
     UsageError,
     closest,
-    shorten,
 )
-from bnnify.formats.detect import (
-    ModelFormat,
-    detect_format,
-    refused_global,
-    resolve_model_path,
-    sha256_file,
-)
+from bnnify.formats.detect import ModelFormat, detect_format, resolve_model_path, sha256_file
 from bnnify.formats.export_archive import load_export
+from bnnify.formats.export_inputs import module_types as export_module_types
 from bnnify.formats.safetensors_io import SafetensorsWriter, TensorInfo
-from bnnify.formats.safetensors_reader import SafetensorsFile
-from bnnify.formats.sharded import read_index
-from bnnify.formats.ties import alias_key, find_ties
+from bnnify.formats.state_dicts import (
+    load_safetensors,
+    load_sharded,
+    load_torch_save,
+    refuse_key,
+)
+from bnnify.formats.tensor_meta import Loaded, TensorMeta, eager_tensors
+from bnnify.formats.ties import find_ties
 
 __all__ = [
     "LoadedModel",
@@ -53,32 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("bnnify")
-
-_RESAVE = (
-    "Better, re-save it without pickled objects: torch.save(model.state_dict(), path), "
-    "torch.jit.save(torch.jit.script(model), path) or "
-    "torch.export.save(torch.export.export(model, args), path)."
-)
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Name, dtype, shape and role of one tensor of a model file.
-
-    `kind` is "parameter" or "buffer" where the file says so (TorchScript, torch.export,
-    a trusted pickled module), else "unknown" (state dicts and safetensors files).
-    """
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    kind: str
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
 
 
 class LoadedModel:
@@ -94,25 +61,21 @@ class LoadedModel:
         sha256: The checkpoint's digest (see `sha256_file`).
         module: The `torch.jit.ScriptModule`, `torch.export.ExportedProgram` or trusted
             `nn.Module` the file holds; None for state dicts and safetensors.
+        key: Where the state dict was in a torch.save checkpoint dict (a dotted path
+            such as "model.state_dict"); None for the top level and other formats.
+        prefix: The wrapper prefix ("module.") removed from every tensor name, or None.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        format: ModelFormat,
-        sha256: str,
-        module: object | None,
-        metas: dict[str, TensorMeta],
-        fetch: Callable[[str], Tensor],
-        close: Callable[[], None] | None = None,
-    ):
+    def __init__(self, path: Path, sha256: str, loaded: Loaded):
         self.path = path
-        self.format = format
+        self.format: ModelFormat = loaded.format
         self.sha256 = sha256
-        self.module = module
-        self._metas = metas
-        self._fetch: Callable[[str], Tensor] | None = fetch
-        self._close = close
+        self.module = loaded.module
+        self.key = loaded.key
+        self.prefix = loaded.prefix
+        self._metas = loaded.metas
+        self._fetch: Callable[[str], Tensor] | None = loaded.fetch
+        self._close = loaded.close
 
     def names(self) -> list[str]:
         """Tensor names in the order of the file (tied parameters once)."""
@@ -147,13 +110,28 @@ class LoadedModel:
             )
         return self._fetch(name).detach()
 
+    def module_types(self) -> dict[str, str] | None:
+        """Each module's path ("" for the model) and its class's qualified name, if known.
+
+        TorchScript archives, torch.export programs (the modules whose forward the
+        export traced) and modules say which module holds each parameter and of what
+        class ("torch.nn.modules.linear.Linear"); state dicts, safetensors and sharded
+        checkpoints do not: None.
+        """
+        if self.format is ModelFormat.EXPORT:
+            return export_module_types(self.module)
+        if isinstance(self.module, nn.Module):
+            return module_types(self.module)
+        return None
+
     def ties(self) -> dict[str, str]:
         """Tensors sharing an earlier one's memory (tied weights) -> its name.
 
-        Only a state dict lists tied tensors under each name: the formats that hold
-        a module list each distinct tensor once, and safetensors files cannot tie.
+        Only a state dict (one file or shards) lists tied tensors under each name: the
+        formats that hold a module list each distinct tensor once, and safetensors files
+        cannot tie.
         """
-        if self.format is not ModelFormat.STATE_DICT:
+        if self.format not in (ModelFormat.STATE_DICT, ModelFormat.SHARDED_STATE_DICT):
             return {}
         return find_ties((name, self.tensor(name)) for name in self.names())
 
@@ -180,7 +158,13 @@ class LoadedModel:
         return f"LoadedModel({str(self.path)!r}, format={self.format.value!r}, tensors={len(self)})"
 
 
-def load_model(path: str | Path, *, device: str = "cpu", trust_pickle: bool = False) -> LoadedModel:
+def load_model(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    trust_pickle: bool = False,
+    key: str | None = None,
+) -> LoadedModel:
     """Loads a model file of any supported format, detected from its content.
 
     What each format may run while loading:
@@ -195,40 +179,59 @@ def load_model(path: str | Path, *, device: str = "cpu", trust_pickle: bool = Fa
       `bnnify.formats.export_archive.load_export`: torch's own zip reader must see the
       archive as Python's zipfile does, every unpickle is weights-only, and anything
       that would run code from the file raises `UnsafeInputError`.
-    - `torch.save` files load with `weights_only=True`; one needing more (a pickled whole
-      `nn.Module`, arbitrary objects) raises `UnsafeInputError` unless `trust_pickle`,
-      which reloads it with `weights_only=False` (this can run arbitrary code).
-    - safetensors files and sharded checkpoints hold data only.
+    - `torch.save` files load with `weights_only=True`, the classes of
+      `bnnify.formats.safe_unpickle.ALLOWED` (hyperparameters of training checkpoints)
+      read as inert stand-ins; one needing more (a pickled whole `nn.Module`, other
+      objects) raises `UnsafeInputError` unless `trust_pickle`, which reloads it with
+      `weights_only=False` (this can run arbitrary code). The state dict is found inside
+      a checkpoint dict (`bnnify.formats.nesting.find_state_dict`), or chosen by `key`.
+    - safetensors files hold data only; sharded checkpoints are safetensors shards or
+      torch.save shards (loaded as above, without stand-ins' leniency for structure).
 
     Args:
-        path: A file, a sharded checkpoint's directory or index file, or a directory
-            holding one `model.safetensors`.
+        path: A file, a sharded checkpoint's index file, or a Hugging Face folder
+            (see `resolve_model_path`).
         device: Where tensors are placed (`tensor()` moves those of an export program).
         trust_pickle: Allow full unpickling of files that need it (trusted files only).
+        key: For a torch.save checkpoint dict, the dotted path of its state dict
+            ("model.state_dict"); by default it is found (see `find_state_dict`).
 
     Returns:
         The loaded model; close it (or use `with`) to release memory maps.
 
     Raises:
         InputError: If `path` does not exist or a trusted pickle fails to load.
-        FormatError: If the content is not a supported format or is inconsistent.
+        FormatError: If the content is not a supported format or is inconsistent, or
+            a checkpoint dict holds no state dict or several (without `key`).
         UnsafeInputError: If loading needs arbitrary code and `trust_pickle` is False.
         InvalidArgumentError: If `device` is not a device name.
+        UsageError: If `key` is given for a format other than torch.save, or names
+            nothing in the checkpoint (`UnknownNameError`).
     """
+    if key is not None and (not isinstance(key, str) or not key):
+        raise InvalidArgumentError(
+            f"key must be a non-empty dotted path such as 'model.state_dict', got {key!r}"
+        )
     file = resolve_model_path(path)
     fmt = detect_format(file)
     device = _device(device)
     digest = sha256_file(path)
-    loader = {
-        ModelFormat.TORCHSCRIPT: _load_torchscript,
-        ModelFormat.EXPORT: _load_export,
-        ModelFormat.STATE_DICT: _load_pickle,
-        ModelFormat.SAFETENSORS: _load_safetensors,
-        ModelFormat.SHARDED: _load_sharded,
-    }[fmt]
-    fmt, module, metas, fetch, close = loader(file, device, trust_pickle)
-    logger.info("loaded %s: %s, %d tensors, sha256 %s", path, fmt.value, len(metas), digest)
-    return LoadedModel(Path(path), fmt, digest, module, metas, fetch, close)
+    if fmt is not ModelFormat.STATE_DICT:
+        refuse_key(fmt, key)
+    if fmt is ModelFormat.TORCHSCRIPT:
+        loaded = _load_torchscript(file, device)
+    elif fmt is ModelFormat.EXPORT:
+        loaded = _load_export(file, device, trust_pickle)
+    elif fmt is ModelFormat.STATE_DICT:
+        loaded = load_torch_save(file, device, trust_pickle, key)
+    elif fmt is ModelFormat.SAFETENSORS:
+        loaded = load_safetensors(file, device)
+    else:
+        loaded = load_sharded(file, device)
+    logger.info(
+        "loaded %s: %s, %d tensors, sha256 %s", path, loaded.format.value, len(loaded.metas), digest
+    )
+    return LoadedModel(Path(path), digest, loaded)
 
 
 def from_module(module: nn.Module) -> LoadedModel:
@@ -250,9 +253,8 @@ def from_module(module: nn.Module) -> LoadedModel:
     writer = SafetensorsWriter(_Digest(digest), [TensorInfo.of(n, t) for n, t in state.items()])
     for name in writer.order:
         writer.write(name, state[name])
-    fmt, module, metas, fetch, close = _from_module(module, ModelFormat.MODULE)
     path = Path(f"<{type(module).__name__}>")
-    return LoadedModel(path, fmt, digest.hexdigest(), module, metas, fetch, close)
+    return LoadedModel(path, digest.hexdigest(), _from_module(module, ModelFormat.MODULE))
 
 
 class _Digest:
@@ -280,10 +282,8 @@ def _device(device: str | torch.device) -> str:
 
 # -------------------------------------------------------------------- loaders
 
-_Loaded = tuple[ModelFormat, Any, dict[str, TensorMeta], Callable[[str], Tensor], Any]
 
-
-def _load_torchscript(file: Path, device: str, trust_pickle: bool) -> _Loaded:
+def _load_torchscript(file: Path, device: str) -> Loaded:
     try:
         module = torch.jit.load(str(file), map_location=device)
     except RuntimeError as error:
@@ -293,7 +293,7 @@ def _load_torchscript(file: Path, device: str, trust_pickle: bool) -> _Loaded:
     return _from_module(module, ModelFormat.TORCHSCRIPT)
 
 
-def _load_export(file: Path, device: str, trust_pickle: bool) -> _Loaded:
+def _load_export(file: Path, device: str, trust_pickle: bool) -> Loaded:
     with open(file, "rb") as stream:
         try:
             # A stream, not a path: torch warns about paths not ending in ".pt2".
@@ -316,173 +316,15 @@ def _load_export(file: Path, device: str, trust_pickle: bool) -> _Loaded:
         tensor = source.get(spec.target)
         if spec.kind in kinds and isinstance(tensor, Tensor):
             entries.append((spec.target, tensor, kinds[spec.kind]))
-    tensors, metas = _eager(entries)
-    return ModelFormat.EXPORT, program, metas, lambda name: tensors[name].to(device), None
+    tensors, metas = eager_tensors(entries)
+    return Loaded(ModelFormat.EXPORT, program, metas, lambda name: tensors[name].to(device))
 
 
-def _load_pickle(file: Path, device: str, trust_pickle: bool) -> _Loaded:
-    content = _torch_load(file, device, trust_pickle)
-    if isinstance(content, dict):
-        content = _unnest(content, file)
-    if isinstance(content, nn.Module):
-        assert trust_pickle, "weights_only=True never returns a module"
-        return _from_module(content, ModelFormat.PICKLED_MODULE)
-    if not isinstance(content, dict):
-        raise FormatError(
-            f"'{file}' holds a {type(content).__name__}, not a state dict",
-            hint="Save the weights with torch.save(model.state_dict(), path).",
-        )
-    entries = []
-    for name, value in content.items():
-        if isinstance(name, str) and isinstance(value, Tensor):
-            entries.append((name, value, "unknown"))
-        else:
-            logger.debug("ignoring the non-tensor entry %r (%s)", name, type(value).__name__)
-    if not entries:
-        raise FormatError(
-            f"'{file}' holds a dict with no tensors",
-            hint="Save the weights with torch.save(model.state_dict(), path).",
-        )
-    tensors, metas = _eager(entries, dedup=False)
-    return ModelFormat.STATE_DICT, None, metas, tensors.__getitem__, None
-
-
-def _torch_load(file: Path, device: str, trust_pickle: bool) -> Any:
-    try:
-        with _torch_source(file) as source:
-            mmap = isinstance(source, Path) and zipfile.is_zipfile(file)
-            return torch.load(source, map_location=device, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        unsafe = error
-    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise FormatError(f"'{file}' is a corrupt torch.save file: {_first_line(error)}") from error
-    if not trust_pickle:
-        found = refused_global(unsafe)
-        what = (
-            f"a pickled Python object (it refers to {found}), not plain weights"
-            if found
-            else f"a pickle that the safe weights-only unpickler cannot read ({_reason(unsafe)})"
-        )
-        raise UnsafeInputError(
-            f"'{file}' is {what}: unpickling it fully can run arbitrary code",
-            hint="If you trust this file, pass --trust-pickle (trust_pickle=True). " + _RESAVE,
-        )
-    logger.warning("unpickling %s with weights_only=False (trusted): this runs its code", file)
-    try:
-        with _torch_source(file) as source:
-            return torch.load(source, map_location=device, weights_only=False)
-    except Exception as error:  # a trusted pickle can fail in any imported code
-        raise InputError(
-            f"'{file}' could not be unpickled: {_first_line(error)}",
-            hint="The classes it pickles must be importable: run bnnify from the project "
-            "that defines them. " + _RESAVE,
-        ) from error
-
-
-@contextmanager
-def _torch_source(file: Path) -> Iterator[Path | BinaryIO]:
-    """The path for `torch.load` (memory-mappable), or a stream where it misreads the path.
-
-    `torch.load` hands paths ending in ".safetensors" to safetensors.
-    """
-    if file.name.endswith(".safetensors"):
-        with open(file, "rb") as stream:
-            yield stream
-    else:
-        yield file
-
-
-def _unnest(content: dict, file: Path) -> Any:
-    """The state dict (or trusted module) inside a checkpoint dict."""
-    if any(isinstance(value, Tensor) for value in content.values()):
-        return content
-    found = [
-        key
-        for key in _NESTED_KEYS
-        if isinstance(content.get(key), nn.Module)
-        or (
-            isinstance(content.get(key), dict)
-            and any(isinstance(v, Tensor) for v in content[key].values())
-        )
-    ]
-    if len(found) != 1:
-        keys = [str(key) for key in content][:20]
-        raise FormatError(
-            f"'{file}' holds a dict without tensors and {len(found)} nested state dicts "
-            f"under {list(_NESTED_KEYS)}; its top-level keys are {keys}",
-            hint="Save the weights themselves: torch.save(model.state_dict(), path).",
-        )
-    logger.debug("using the state dict under %r of %s", found[0], file)
-    return content[found[0]]
-
-
-def _load_safetensors(file: Path, device: str, trust_pickle: bool) -> _Loaded:
-    reader = SafetensorsFile(file, "model file")
-    metas = {name: _meta(info) for name, info in reader.infos.items()}
-    return ModelFormat.SAFETENSORS, None, metas, lambda n: reader.tensor(n, device), None
-
-
-def _load_sharded(file: Path, device: str, trust_pickle: bool) -> _Loaded:
-    index = read_index(file)
-    readers = {shard: SafetensorsFile(path, "shard") for shard, path in index.shards.items()}
-    lacking = [n for n, shard in index.weight_map.items() if n not in readers[shard].infos]
-    if lacking:
-        raise FormatError(
-            f"'{file}': the shards lack {len(lacking)} tensors the index maps to them: "
-            f"{shorten(lacking[:5], 200)}",
-            hint="The index and the shards come from different checkpoints: download them again.",
-        )
-    metas = {}
-    for shard, reader in readers.items():
-        for name, info in reader.infos.items():
-            if index.weight_map.get(name) == shard:
-                metas[name] = _meta(info)
-            else:
-                logger.debug("ignoring %r of shard %s: not in the index", name, shard)
-
-    def fetch(name: str) -> Tensor:
-        return readers[index.weight_map[name]].tensor(name, device)
-
-    return ModelFormat.SHARDED, None, metas, fetch, None
-
-
-def _meta(info: Any) -> TensorMeta:
-    return TensorMeta(info.name, info.dtype, info.shape, "unknown")
-
-
-# --------------------------------------------------------------------- helpers
-
-
-def _from_module(module: nn.Module, fmt: ModelFormat) -> _Loaded:
+def _from_module(module: nn.Module, fmt: ModelFormat) -> Loaded:
     entries = [(n, t, "parameter") for n, t in module.named_parameters()]
     entries += [(n, t, "buffer") for n, t in module.named_buffers()]
-    tensors, metas = _eager(entries)
-    return fmt, module, metas, tensors.__getitem__, None
-
-
-def _eager(
-    entries: list[tuple[str, Tensor, str]], dedup: bool = True
-) -> tuple[dict[str, Tensor], dict[str, TensorMeta]]:
-    """Detached tensors and their metadata; with `dedup`, aliases of a tensor once."""
-    tensors: dict[str, Tensor] = {}
-    metas: dict[str, TensorMeta] = {}
-    seen: set[tuple] = set()
-    for name, tensor, kind in entries:
-        key = alias_key(tensor)
-        if dedup and key is not None and key in seen:
-            logger.debug("%s is tied to an earlier tensor: listed once", name)
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach()
-        metas[name] = TensorMeta(name, tensor.dtype, tuple(tensor.shape), kind)
-    return tensors, metas
-
-
-def _reason(error: BaseException) -> str:
-    """The weights-only unpickler's own reason, without torch's advice around it."""
-    text = str(error)
-    _, found, reason = text.partition("WeightsUnpickler error:")
-    return _first_line(reason if found and reason.strip() else text)
+    tensors, metas = eager_tensors(entries)
+    return Loaded(fmt, module, metas, tensors.__getitem__)
 
 
 def _first_line(error: BaseException | str) -> str:

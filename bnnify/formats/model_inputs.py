@@ -70,6 +70,20 @@ class Inputs:
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
         return iter(self.tensors.items())
 
+    def sole(self, purpose: str) -> Tensor:
+        """The one tensor, for `purpose` (e.g. "export checks"), which takes one input.
+
+        Raises:
+            InputError: If there are several.
+        """
+        if len(self.tensors) != 1:
+            raise InputError(
+                f"{purpose} take one input tensor, got {len(self.tensors)}: "
+                f"{', '.join(map(repr, self.names))}",
+                hint="Give one input (--input-key NAME).",
+            )
+        return next(iter(self.tensors.values()))
+
     def map(self, fn: Callable[[Tensor], Tensor]) -> Inputs:
         """`fn` applied to every tensor (which must keep the examples along dim 0)."""
         return Inputs({key: fn(tensor) for key, tensor in self.tensors.items()})

@@ -1,4 +1,4 @@
-"""Sharded safetensors checkpoints: the index file read once, its shards kept in its folder."""
+"""Sharded checkpoints of safetensors or torch.save shards: the index read once, shards in place."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ from bnnify.errors import FormatError, UnsafeInputError, shorten
 from bnnify.formats.input_file import open_regular, regular_file
 from bnnify.formats.strict_json import load_json
 
-__all__ = ["INDEX_SUFFIX", "MAX_INDEX_BYTES", "ShardedIndex", "read_index", "read_weight_map"]
+__all__ = [
+    "BIN_INDEX_SUFFIX",
+    "INDEX_SUFFIX",
+    "MAX_INDEX_BYTES",
+    "ShardedIndex",
+    "read_index",
+    "read_weight_map",
+]
 
 INDEX_SUFFIX = ".safetensors.index.json"
+# Hugging Face's index of torch.save shards (pytorch_model.bin.index.json): the same JSON.
+BIN_INDEX_SUFFIX = ".bin.index.json"
 # A weight map of a million tensors is a few tens of MB; anything larger is not an index.
 MAX_INDEX_BYTES = 64 << 20
 _SHAPE_HINT = 'An index file looks like {"metadata": {...}, "weight_map": {tensor: shard file}}.'
@@ -91,7 +100,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(
-            f"'{path}' is not a safetensors index: no non-empty \"weight_map\" object",
+            f"'{path}' is not a sharded checkpoint's index: no non-empty \"weight_map\" object",
             hint=_SHAPE_HINT,
         )
     bad = [name for name, shard in weight_map.items() if not isinstance(shard, str) or not shard]

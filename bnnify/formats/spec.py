@@ -35,6 +35,8 @@ ALLOWED_KEYS = (
     "dtype",
     "include",
     "exclude",
+    "only",
+    "skip",
     "seed",
     "arch",
     "arch_kwargs",
@@ -52,6 +54,9 @@ class ConversionSpec:
         dtype: Floating-point dtype to convert the model to, or None to keep it.
         include: Glob patterns of parameter names to make Bayesian (None: all).
         exclude: Glob patterns of parameter names to keep deterministic.
+        only: Module kinds (`ModuleKind` words) whose parameters may become Bayesian
+            (None: all); needs a model whose module types are known.
+        skip: Module kinds whose parameters stay deterministic.
         seed: Seed of the random initialisation.
         arch: "package.module:callable" building the model for a bare state dict.
         arch_kwargs: Keyword arguments of `arch`.
@@ -73,9 +78,16 @@ class ConversionSpec:
     seed: int
     arch: str | None
     arch_kwargs: dict
+    only: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        """A JSON-able dict with the keys in `ALLOWED_KEYS` order; `from_json` reads it back."""
+        """A JSON-able dict with the keys in `ALLOWED_KEYS` order; `from_json` reads it back.
+
+        `only` and `skip` appear only when given, so that a checkpoint converted without
+        them stays readable by bnnify versions that do not know them.
+        """
+        kinds = {"only": None if self.only is None else list(self.only), "skip": list(self.skip)}
         return {
             "posterior": {"name": self.posterior[0], "kwargs": dict(self.posterior[1])},
             "prior": {"name": self.prior[0], "kwargs": dict(self.prior[1])},
@@ -83,6 +95,7 @@ class ConversionSpec:
             "dtype": self.dtype,
             "include": None if self.include is None else list(self.include),
             "exclude": list(self.exclude),
+            **{key: value for key, value in kinds.items() if value},
             "seed": self.seed,
             "arch": self.arch,
             "arch_kwargs": _copy_json(self.arch_kwargs),
@@ -170,7 +183,7 @@ def validate_spec(
         posterior = check.check_component(data["posterior"], "posterior", PosteriorFactory, source)
     if "prior" in data:
         prior = check.check_component(data["prior"], "prior", PriorFactory, source)
-    include = data.get("include")
+    include, only = data.get("include"), data.get("only")
     arch = check.check_arch(data.get("arch"), source)
     return ConversionSpec(
         posterior=(posterior[0], dict(posterior[1])),
@@ -182,6 +195,8 @@ def validate_spec(
         seed=check.check_seed(data.get("seed", default.seed), source),
         arch=arch,
         arch_kwargs=check.check_arch_kwargs(data.get("arch_kwargs"), arch, source),
+        only=None if only is None else check.check_kinds(only, "only", source),
+        skip=check.check_kinds(data["skip"], "skip", source) if data.get("skip") else (),
     )
 
 
@@ -256,6 +271,8 @@ def resolve_spec(
     dtype: str | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    only: str | Sequence[str] | None = None,
+    skip: str | Sequence[str] | None = None,
     seed: int | None = None,
 ) -> ConversionSpec:
     """The spec of `bnnify convert`: a spec (or the defaults), overridden by flags.
@@ -263,7 +280,7 @@ def resolve_spec(
     A new `posterior` (or `prior`) name drops the spec's keyword arguments unless it
     names the same one; `*_args` (a mapping, or `KEY=VALUE` strings) are merged over
     them (a spread argument, `rho`, `sigma` or `delta`, replaces the default
-    posterior's `delta`). Empty `include` and `exclude` sequences mean "not given".
+    posterior's `delta`). Empty `include`, `exclude`, `only` and `skip` mean "not given".
 
     Args:
         path: A YAML spec file, a `ConversionSpec`, a spec document (a mapping), or
@@ -276,6 +293,8 @@ def resolve_spec(
         dtype: The floating-point dtype to convert to.
         include: Glob patterns of the parameters to make Bayesian.
         exclude: Glob patterns of the parameters to keep deterministic.
+        only: Module kinds whose parameters may become Bayesian ("linear,conv").
+        skip: Module kinds whose parameters stay deterministic ("norm,embedding").
         seed: The seed of the random initialisation.
 
     Raises:
@@ -294,7 +313,12 @@ def resolve_spec(
     flags = {"device": device, "dtype": dtype, "seed": seed}
     data.update({key: value for key, value in flags.items() if value is not None})
     # A lone string is one pattern, not a sequence of one-letter patterns.
-    for key, patterns in (("include", include), ("exclude", exclude)):
+    for key, patterns in (
+        ("include", include),
+        ("exclude", exclude),
+        ("only", only),
+        ("skip", skip),
+    ):
         if patterns:
             data[key] = patterns if isinstance(patterns, str) else list(patterns)
     given = isinstance(path, (str, Path))

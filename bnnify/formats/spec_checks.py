@@ -14,6 +14,7 @@ import torch
 
 from bnnify.bnn.posteriors import init_function
 from bnnify.bnn.registry import Factory
+from bnnify.enums import ModuleKind
 from bnnify.errors import BnnifyError, SpecError, closest
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "check_device",
     "check_dtype",
     "check_keys",
+    "check_kinds",
     "check_patterns",
     "check_seed",
     "fail",
@@ -287,6 +289,31 @@ def check_patterns(value: Any, key: str, source: str) -> tuple[str, ...]:
         if not isinstance(pattern, str) or not pattern.strip():
             wrong_type(source, f"{key}[{index}]", pattern, "a non-empty glob pattern string")
     return tuple(pattern.strip() for pattern in value)
+
+
+def check_kinds(value: Any, key: str, source: str) -> tuple[str, ...]:
+    """Module kinds (`ModuleKind` words) as a sorted tuple: a list, or "linear,conv"."""
+    words = [member.value for member in ModuleKind]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        wrong_type(source, key, value, "a list of module kinds", hint=f"Kinds: {', '.join(words)}.")
+    kinds = set()
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            wrong_type(source, f"{key}[{index}]", item, "a module kind such as linear")
+        for word in filter(None, (part.strip().lower() for part in item.split(","))):
+            if word not in words:
+                fail(
+                    source,
+                    key,
+                    f"unknown module kind {word!r}.{closest(word, words)}",
+                    hint=f"Kinds: {', '.join(words)} (see the README's --only/--skip).",
+                )
+            kinds.add(word)
+    if not kinds:
+        fail(source, key, "no module kind given", hint=f"Kinds: {', '.join(words)}.")
+    return tuple(word for word in words if word in kinds)
 
 
 def check_seed(value: Any, source: str) -> int:

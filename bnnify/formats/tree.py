@@ -10,7 +10,13 @@ from torch import Tensor, nn
 from bnnify.bnn.collect import matches
 from bnnify.errors import FormatError, InvalidArgumentError, UsageError
 
-__all__ = ["DEFAULT_BUFFER_PATTERNS", "StateDictTree", "build_tree", "default_deterministic"]
+__all__ = [
+    "BUFFER_LIKE_PATTERNS",
+    "DEFAULT_BUFFER_PATTERNS",
+    "StateDictTree",
+    "build_tree",
+    "default_deterministic",
+]
 
 # Glob patterns (case-insensitive, whole dotted names, as --include/--exclude) of floating-point
 # tensors that models keep as buffers: they are not trained, so they stay deterministic.
@@ -34,6 +40,19 @@ DEFAULT_BUFFER_PATTERNS: tuple[str, ...] = (
     # ...and the large negative value GPT-2 fills masked scores with.
     "*.attn.masked_bias",
     "*.crossattention.masked_bias",
+)
+
+
+# Names that often belong to fixed tensors (bases, tables, masks, windows) but also to
+# trained weights: a conversion warns about them instead of keeping them fixed.
+BUFFER_LIKE_PATTERNS: tuple[str, ...] = (
+    "*basis*",  # STFT, DCT or radial bases ("stft.basis", "mel_basis")
+    "*stft*",  # an STFT as a fixed convolution ("stft_conv.weight")
+    "*freq*",  # fixed frequencies of an expansion ("rbf.frequencies", "freqs")
+    "*window*",  # analysis windows ("filterbank.window_")
+    "*mask*",  # attention or padding masks
+    "*table*",  # lookup tables
+    "*buffer*",  # named for what they are ("pos_buffer", "ema_buffer")
 )
 
 

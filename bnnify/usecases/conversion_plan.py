@@ -10,6 +10,7 @@ variational state is written. Both paths name the output tensors with `_layout`.
 from __future__ import annotations
 
 import copy
+import glob
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,22 +21,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnnify.bnn import BayesianModule, PosteriorFactory, get_posterior, get_prior
-from bnnify.bnn.collect import matches
 from bnnify.bnn.keys import posterior_key, prior_key
-from bnnify.bnn.kl import default_samples
+from bnnify.bnn.kinds import module_types
 from bnnify.bnn.kl_report import parameter_kl
+from bnnify.bnn.kl_training import default_samples
 from bnnify.bnn.posteriors import is_flat, restore_posterior
 from bnnify.enums import KLMethod
 from bnnify.errors import SpecError, UsageError
 from bnnify.formats.arch import build_arch, confirm_arch, load_strict
 from bnnify.formats.checkpoint import ParameterRecord, TensorRecord, dtype_name
 from bnnify.formats.model_checks import cast_checked, check_module, check_variational, finite_weight
-from bnnify.formats.model_files import LoadedModel, ModelFormat, TensorMeta
+from bnnify.formats.model_files import LoadedModel, ModelFormat
 from bnnify.formats.report import checked_kl
 from bnnify.formats.safetensors_io import TensorInfo
 from bnnify.formats.spec import ConversionSpec
-from bnnify.formats.tree import default_deterministic
 from bnnify.usecases.seeding import seeded
+from bnnify.usecases.selection import choose_tensors, left_out_by_kind
 from bnnify.usecases.sources import Progress
 
 __all__ = ["ConversionPlan", "ParameterSummary", "plan_conversion"]
@@ -179,43 +180,10 @@ def _record(
 # ------------------------------------------------------------------ tensor-wise
 
 
-def _keep(name: str, meta: TensorMeta, include: Any, exclude: list[str]) -> bool:
-    """Whether tensor `name` stays deterministic (see the README's default exclude list)."""
-    if not meta.dtype.is_floating_point or meta.kind == "buffer":
-        return True
-    explicit = include is not None and matches(name, include)
-    if meta.kind == "unknown" and default_deterministic(name, meta) and not explicit:
-        return True
-    return (include is not None and not explicit) or matches(name, exclude)
-
-
-def _choose(model: LoadedModel, spec: ConversionSpec) -> tuple[dict[str, list[str]], list[str]]:
-    """Splits the tensors into variational ones (with their tied aliases) and the rest."""
-    include, exclude = spec.include, list(spec.exclude)
-    ties = model.ties()
-    variational: dict[str, list[str]] = {}
-    deterministic = []
-    for name in model.names():
-        canonical = ties.get(name, name)
-        if canonical in variational:
-            variational[canonical].append(name)
-        elif canonical == name and not _keep(name, model.meta(name), include, exclude):
-            variational[name] = [name]
-        else:
-            deterministic.append(name)
-    if not variational:
-        shown = ", ".join(model.names()[:12])
-        raise UsageError(
-            f"no tensor to reparametrize with include={include!r} exclude={exclude!r}",
-            hint=f"Tensor names: {shown}.",
-        )
-    return variational, deterministic
-
-
 def _tensorwise_plan(
     model: LoadedModel, spec: ConversionSpec, mc_samples: int | None, progress: Progress | None
 ) -> ConversionPlan:
-    variational, deterministic = _choose(model, spec)
+    variational, deterministic = choose_tensors(model, spec)
     target_dtype = spec.torch_dtype()
     for name in variational:
         meta = model.meta(name)
@@ -341,11 +309,15 @@ def _module_plan(
         module = build_arch(spec.arch, spec.arch_kwargs)
         load_strict(module, {n: model.tensor(n) for n in model.names()}, spec.arch)
     module.to(device=spec.device, dtype=spec.torch_dtype())
-    check_module(module, spec.include, spec.exclude, model.path.name)
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    what = f"{model.path.name} ({model.format.value})"
+    by_kind = left_out_by_kind(spec, names, module_types(module), what)
+    exclude = [*spec.exclude, *sorted(glob.escape(name) for name in by_kind)]
+    check_module(module, spec.include, exclude, model.path.name)
     samples = _kl_samples(spec, mc_samples, next(module.parameters()).dtype)
     with seeded(spec.seed, "", spec.device):
         bnn = BayesianModule(
-            module, spec.posterior, spec.prior, include=spec.include, exclude=list(spec.exclude)
+            module, spec.posterior, spec.prior, include=spec.include, exclude=exclude
         )
     tensors = {k: v.detach().cpu() for k, v in bnn.variational_state().items()}
     records, infos, summaries = [], [], {}

@@ -24,9 +24,23 @@ from bnnify.formats.sharded import read_index
 from bnnify.formats.spec import ConversionSpec, resolve_spec
 from bnnify.usecases import LOGGER_NAME
 from bnnify.usecases.conversion_plan import ConversionPlan, ParameterSummary, plan_conversion
+from bnnify.usecases.kl_shares import (
+    KLShare,
+    buffer_like,
+    exclude_flags,
+    largest,
+    warn_buffer_like,
+)
 from bnnify.usecases.sources import ModelLike, Progress, file_paths, opened_model
 
-__all__ = ["ConversionResult", "ParameterSummary", "convert", "output_paths", "parse_size"]
+__all__ = [
+    "ConversionResult",
+    "KLShare",
+    "ParameterSummary",
+    "convert",
+    "output_paths",
+    "parse_size",
+]
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -39,6 +53,8 @@ _OVERRIDES = (
     "dtype",
     "include",
     "exclude",
+    "only",
+    "skip",
     "seed",
 )
 
@@ -54,6 +70,13 @@ class ConversionResult:
     method: KLMethod
     samples: int | None
     outputs: list[Path] = field(default_factory=list)
+    buffer_like: list[KLShare] = field(default_factory=list)
+    suggested_exclude: list[str] = field(default_factory=list)
+
+    @property
+    def top(self) -> list[KLShare]:
+        """The parameters carrying the most KL (at most `TOP`), largest first."""
+        return largest(self.parameters)
 
     @property
     def elements(self) -> int:
@@ -84,7 +107,10 @@ class ConversionResult:
                 "mean": self.kl_mean,
                 "method": self.method.value,
                 "samples": self.samples,
+                "top": [share.to_json() for share in self.top],
             },
+            "buffer_like": [share.to_json() for share in self.buffer_like],
+            "suggested_exclude": list(self.suggested_exclude),
             "outputs": [str(p) for p in self.outputs],
             "parameters": [
                 {
@@ -110,6 +136,7 @@ def convert(
     mc_samples: int | None = None,
     shard_size: int | str | None = None,
     trust_pickle: bool = False,
+    key: str | None = None,
     progress: Progress | None = None,
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
@@ -131,13 +158,17 @@ def convert(
         shard_size: Write a sharded checkpoint with shards up to this many bytes (or
             a size such as "2GB"); default for sharded inputs: their largest shard.
         trust_pickle: Load a pickled `nn.Module` file (this runs its code).
+        key: In a torch.save checkpoint dict, the dotted path of the state dict
+            ("model.state_dict", "ema"); by default it is found (see `find_state_dict`).
+            The key used is recorded in the checkpoint's source (`fit` and `predict`
+            read the model file with it).
         progress: Called with (elements done, total elements) as tensors are written.
         arch: Confirms the spec's `arch` (building it runs its code); see `confirm_arch`.
         arch_kwargs: Confirms the spec's `arch_kwargs` (a JSON object or a mapping).
         **overrides: Spec keys overriding `spec`, as `resolve_spec` takes them:
             `posterior`, `prior` (a name or `(name, kwargs)`), `posterior_args`,
             `prior_args` (dicts merged over the spec's), `device`, `dtype`, `include`,
-            `exclude`, `seed`.
+            `exclude`, `only`, `skip` (module kinds, e.g. "linear,conv"), `seed`.
 
     Returns:
         The parameters reparametrized, their KL and the files written.
@@ -172,9 +203,16 @@ def convert(
     # Before loading: existence is checked once the outputs are known (sharded or not).
     check_outputs([checkpoint, report_path], force=True, inputs=read)
     shard_bytes = None if shard_size is None else parse_size(shard_size)
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
-        logger.info("Loaded %s (%s, %d tensors)", loaded.path, loaded.format.value, len(loaded))
-        if shard_bytes is None and loaded.format is ModelFormat.SHARDED:
+    with opened_model(model, trust_pickle=trust_pickle, key=key) as loaded:
+        logger.info(
+            "Loaded %s (%s%s, %d tensors)",
+            loaded.path,
+            loaded.format.value,
+            _where(loaded),
+            len(loaded),
+        )
+        sharded = (ModelFormat.SHARDED, ModelFormat.SHARDED_STATE_DICT)
+        if shard_bytes is None and loaded.format in sharded:
             shard_bytes = _largest_shard(loaded)
         return _convert(
             loaded,
@@ -208,6 +246,8 @@ def _convert(
     index = checkpoint.parent / f"{stem}.safetensors.index.json"
     AtomicOutputs([checkpoint if shard_bytes is None else index, report], force=force, inputs=read)
     source = {"name": model.path.name, "format": model.format.value, "sha256": model.sha256}
+    # Where the weights were inside the file: `fit` and `predict` read them there again.
+    source |= {k: v for k, v in (("key", model.key), ("prefix", model.prefix)) if v is not None}
     arch, arch_kwargs = confirmation
     plan = plan_conversion(model, spec, mc_samples, progress, arch=arch, arch_kwargs=arch_kwargs)
     metadata = checkpoint_metadata(
@@ -227,15 +267,31 @@ def _convert(
             stem=stem,
         )
         write_report(_report(plan, spec, targets[-1].name, model.sha256), outputs.temp(report))
+    parameters = plan.summary()
+    # Only a file that does not say what is a buffer can have a buffer made Bayesian.
+    unknown = spec.arch is None and model.module_types() is None
+    suspects = buffer_like(parameters) if unknown else []
+    flags = exclude_flags(suspects, [p.name for p in parameters])
+    warn_buffer_like(suspects, flags, model.path.name)
     return ConversionResult(
         source=source,
         spec=spec,
-        parameters=plan.summary(),
+        parameters=parameters,
         deterministic=[r.name for r in plan.deterministic],
         method=plan.method,
         samples=plan.samples,
         outputs=[*targets, report],
+        buffer_like=suspects,
+        suggested_exclude=flags,
     )
+
+
+def _where(loaded: LoadedModel) -> str:
+    """Where the weights were in a checkpoint dict, as the log line says it."""
+    where = f", the state dict under {loaded.key!r}" if loaded.key else ""
+    if loaded.prefix:
+        where += f", {loaded.prefix!r} removed from every name"
+    return where
 
 
 def _report(plan: ConversionPlan, spec: ConversionSpec, name: str, sha256: str) -> KLReport:
@@ -285,7 +341,7 @@ def _stem(model_path: Path) -> str:
     name = model_path.name
     if model_path.is_dir():
         return name
-    for suffix in (".safetensors.index.json", ".index.json"):
+    for suffix in (".safetensors.index.json", ".bin.index.json", ".index.json"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem or name

@@ -7,7 +7,7 @@ Per example, the loss is
 with N the number of training examples (so the sum over one epoch is the negative
 ELBO of the data set, divided by N), the expectation estimated with `mc_samples`
 weight samples, and beta(t) a linear warm-up from 0 to 1 over `warmup_epochs`.
-With validation data the epoch of best validation log-likelihood is kept (`selection`).
+With validation data the epoch of best validation log-likelihood is kept (`best_epoch`).
 The loop itself, and its distributed form under `torchrun`, is in `training`; the
 grid of `search=True` in `search`.
 """
@@ -207,7 +207,7 @@ def fit(
             f"inputs ({', '.join(train_data.x.names)})",
             hint="Store the same input tensors in both files.",
         )
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
+    with opened_model(model, trust_pickle=trust_pickle, key=ckpt.source.get("key")) as loaded:
         confirm = {"arch": arch, "arch_kwargs": arch_kwargs, "model_args": constants}
         runner = open_runner(loaded, ckpt, device=device, **confirm)
         source = {"name": loaded.path.name, "sha256": loaded.sha256}

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bnnify.bnn.prune import signal_to_noise
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.usecases.sources import CheckpointLike, as_checkpoint
 
@@ -97,7 +98,7 @@ def parameter_stats(ckpt: Checkpoint, device: str = "cpu") -> list[ParameterStat
     for name, record in ckpt.parameters.items():
         dist = ckpt.posterior(name, device).distribution
         sigma = dist.stddev.double().reshape(-1)
-        snr = dist.mean.double().abs().reshape(-1) / sigma
+        snr = signal_to_noise(dist)
         empty = sigma.numel() == 0
         rows.append(
             ParameterStats(

@@ -145,7 +145,7 @@ def predict(
         class_dim = (fitted.get("settings") or {}).get("class_dim", -1)
     data = as_dataset(inputs, with_target=False, targets=targets, x_key=x_key, y_key=y_key)
     constants = model_arguments(model_args)
-    with opened_model(model, trust_pickle=trust_pickle) as loaded:
+    with opened_model(model, trust_pickle=trust_pickle, key=ckpt.source.get("key")) as loaded:
         confirm = {"arch": arch, "arch_kwargs": arch_kwargs, "model_args": constants}
         runner = open_runner(loaded, ckpt, device=device, **confirm)
     check_input(runner, data.x)

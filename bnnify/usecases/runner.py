@@ -28,7 +28,14 @@ from bnnify.usecases.model_call import ModelCall, forward_signature
 from bnnify.usecases.script_weights import ScriptWeights
 from bnnify.usecases.sources import InputsLike
 
-__all__ = ["ModuleRunner", "Runner", "ScriptRunner", "check_input", "open_runner"]
+__all__ = [
+    "ModuleRunner",
+    "Runner",
+    "ScriptRunner",
+    "check_input",
+    "open_runner",
+    "source_module",
+]
 
 _MODULE_FIX = "Read the parameter in forward (not a copy or a tensor computed from it in __init__)."
 
@@ -342,18 +349,38 @@ def open_runner(
             `arch_kwargs` do not confirm it.
         InvalidArgumentError: If `forward` has no parameter for a model argument.
     """
+    module = source_module(model, checkpoint, arch=arch, arch_kwargs=arch_kwargs)
+    program = model.module if model.format is ModelFormat.EXPORT else None
+    call = ModelCall(forward_signature(module, program), model_args)
+    if model.format is ModelFormat.TORCHSCRIPT:
+        return ScriptRunner(module, checkpoint, device, call, prior)
+    return ModuleRunner(module, checkpoint, device, call, prior)
+
+
+# ------------------------------------------------ the model file's own module
+
+
+def source_module(
+    model: LoadedModel,
+    checkpoint: Checkpoint,
+    *,
+    arch: str | None = None,
+    arch_kwargs: str | Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The plain module a runner for `model` wraps: what `open_runner` reparametrizes.
+
+    The TorchScript module as loaded, the module of an export program, a copy of a
+    pickled or in-memory module (the caller's stays as it was), or the confirmed
+    architecture with the state dict loaded. Arguments and errors: see `open_runner`.
+    """
     _check_source(model, checkpoint)
     if model.format is ModelFormat.TORCHSCRIPT:
-        call = ModelCall(forward_signature(model.module), model_args)
-        return ScriptRunner(model.module, checkpoint, device, call, prior)
+        return model.module
     if model.format is ModelFormat.EXPORT:
-        module = unlift(model.module, model.path)
-        call = ModelCall(forward_signature(module, model.module), model_args)
-        return ModuleRunner(module, checkpoint, device, call, prior)
+        return unlift(model.module, model.path)
     if model.format in (ModelFormat.PICKLED_MODULE, ModelFormat.MODULE):
         # Reparametrized in place: the caller's module stays as it was.
-        call = ModelCall(forward_signature(model.module), model_args)
-        return ModuleRunner(copy.deepcopy(model.module), checkpoint, device, call, prior)
+        return copy.deepcopy(model.module)
     recorded = checkpoint.spec.arch
     if recorded is None:
         raise UsageError(
@@ -366,5 +393,4 @@ def open_runner(
     confirm_arch(recorded, kwargs, arch, arch_kwargs, where=str(checkpoint.path))
     module = build_arch(recorded, kwargs)
     load_strict(module, {n: model.tensor(n) for n in model.names()}, recorded)
-    call = ModelCall(forward_signature(module), model_args)
-    return ModuleRunner(module, checkpoint, device, call, prior)
+    return module

@@ -1,121 +1,98 @@
-"""Which epoch a fit keeps: the best on validation data (early stopping), or the last."""
+"""Which tensors of a model become Bayesian: name patterns, module kinds, default buffers."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+import glob
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
-from torch import Tensor
+from bnnify.bnn.collect import matches
+from bnnify.bnn.kinds import parameter_kinds
+from bnnify.errors import UsageError
+from bnnify.formats.model_files import LoadedModel, TensorMeta
+from bnnify.formats.spec import ConversionSpec
+from bnnify.formats.tree import default_deterministic
 
-__all__ = ["BestEpoch", "last_epoch"]
+__all__ = ["choose_tensors", "left_out_by_kind"]
 
 
-class BestEpoch:
-    """A copy of the trained tensors at the epoch of best validation log-likelihood.
-
-    The starting point (`start_epoch`, before any step) is a candidate too, so a fit
-    never ends worse on validation than it started. Memory: one copy of the trained
-    tensors (the posterior's `mu` and `rho` and the noise scale), made at each
-    improvement.
+def left_out_by_kind(
+    spec: ConversionSpec, names: Iterable[str], types: Mapping[str, str] | None, what: str
+) -> set[str]:
+    """The parameter names that the spec's `only` and `skip` module kinds leave out.
 
     Args:
-        tensors: The trained tensors; `restore` copies the kept values back into them.
-        patience: Epochs without improvement after which `exhausted` is true (0: never).
-        start_epoch: The number of the starting state (0, or the epochs of a resumed fit).
-        start_score: Validation log-likelihood of the starting state.
+        spec: The resolved spec.
+        names: The parameter names (every alias of tied ones).
+        types: Module path -> qualified class name (`LoadedModel.module_types()`), or
+            None when the model does not say.
+        what: The model, for messages ("model.pt (state_dict)").
 
-    Example:
-        >>> w = torch.zeros(2)
-        >>> best = BestEpoch([w], patience=2, start_epoch=0, start_score=-3.0)
-        >>> for epoch, score in enumerate([-2.0, -1.0, -1.5, -1.2], start=1):
-        ...     _ = w.fill_(epoch)
-        ...     _ = best.consider(epoch, score)
-        >>> best.epoch, best.exhausted
-        (2, True)
-        >>> best.restore(); w.tolist()
-        [2.0, 2.0]
+    Raises:
+        UsageError: If `only` or `skip` is given and the module types are unknown.
     """
-
-    def __init__(
-        self, tensors: Iterable[Tensor], patience: int, start_epoch: int, start_score: float
-    ):
-        self._tensors = list(tensors)
-        self._kept = [t.detach().clone() for t in self._tensors]
-        self.patience = patience
-        self.start_epoch = start_epoch
-        self.epoch = start_epoch
-        self.score = _score(start_score)
-        self.last = start_epoch
-
-    def consider(self, epoch: int, score: float) -> bool:
-        """Records `epoch`'s validation log-likelihood; copies its state if it is the best.
-
-        Returns:
-            Whether `epoch` improved on every earlier one (ties keep the earlier).
-        """
-        self.last = epoch
-        score = _score(score)
-        if not score > self.score:
-            return False
-        self.epoch, self.score = epoch, score
-        with torch.no_grad():
-            for kept, tensor in zip(self._kept, self._tensors, strict=True):
-                kept.copy_(tensor)
-        return True
-
-    @property
-    def stale(self) -> int:
-        """Epochs since the last improvement."""
-        return self.last - self.epoch
-
-    @property
-    def exhausted(self) -> bool:
-        """Whether the patience has run out (never with patience 0)."""
-        return self.patience > 0 and self.stale >= self.patience
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Puts the kept state back into the trained tensors (bit for bit)."""
-        for kept, tensor in zip(self._kept, self._tensors, strict=True):
-            tensor.copy_(kept)
-
-    def summary(self) -> dict[str, Any]:
-        """What was kept and why (the `selection` of `bnnify fit`'s output)."""
-        if self.epoch == self.start_epoch:
-            why = "no epoch improved the validation log-likelihood of the starting point"
-        else:
-            why = "best validation log-likelihood"
-        reason = f"{why} {self.score:.4g}"
-        if self.exhausted:
-            reason += f"; stopped early: no improvement for {self.stale} epochs"
-        return {
-            "criterion": "val_log_likelihood",
-            "start_epoch": self.start_epoch,
-            "kept_epoch": self.epoch,
-            "last_epoch": self.last,
-            "val_log_likelihood": self.score if math.isfinite(self.score) else None,
-            "patience": self.patience,
-            "stopped_early": self.exhausted,
-            "reason": reason,
-        }
-
-
-def last_epoch(start: int, last: int) -> dict[str, Any]:
-    """The selection of a fit without validation data: the last epoch, unguarded."""
+    if spec.only is None and not spec.skip:
+        return set()
+    if types is None:
+        flags = " ".join(
+            f"--{key} {','.join(kinds)}"
+            for key, kinds in (("only", spec.only), ("skip", spec.skip))
+            if kinds
+        )
+        raise UsageError(
+            f"{flags}: module kinds are unknown in {what}, which holds tensors by name "
+            "without saying which module (of what class) holds each",
+            hint="Choose tensors by name with --include/--exclude (e.g. --exclude '*norm*'), "
+            "or give the architecture (arch: in the spec, with --arch), or convert the "
+            "model's TorchScript or torch.export file.",
+        )
+    kinds = parameter_kinds(names, types)
     return {
-        "criterion": "last_epoch",
-        "start_epoch": start,
-        "kept_epoch": last,
-        "last_epoch": last,
-        "val_log_likelihood": None,
-        "patience": None,
-        "stopped_early": False,
-        "reason": "the last epoch: without validation data nothing guards against over-fitting",
+        name
+        for name, kind in kinds.items()
+        if (spec.only is not None and kind.value not in spec.only) or kind.value in spec.skip
     }
 
 
-def _score(value: float) -> float:
-    """A log-likelihood to compare: NaN ranks below everything."""
-    return value if not math.isnan(value) else -math.inf
+def choose_tensors(model: LoadedModel, spec: ConversionSpec) -> tuple[dict[str, list[str]], list]:
+    """Splits the tensors into variational ones (with their tied aliases) and the rest.
+
+    Raises:
+        UsageError: If no tensor is left to reparametrize, or `only`/`skip` are given
+            for a model whose module types are unknown.
+    """
+    include, exclude = spec.include, list(spec.exclude)
+    what = f"{model.path.name} ({model.format.value})"
+    parameters = [n for n in model.names() if model.meta(n).kind != "buffer"]
+    exclude += [
+        glob.escape(n) for n in left_out_by_kind(spec, parameters, model.module_types(), what)
+    ]
+    ties = model.ties()
+    variational: dict[str, list[str]] = {}
+    deterministic = []
+    for name in model.names():
+        canonical = ties.get(name, name)
+        if canonical in variational:
+            variational[canonical].append(name)
+        elif canonical == name and not _keep(name, model.meta(name), include, exclude):
+            variational[name] = [name]
+        else:
+            deterministic.append(name)
+    if not variational:
+        shown = ", ".join(model.names()[:12])
+        raise UsageError(
+            f"no tensor to reparametrize with include={include!r} exclude={list(spec.exclude)!r}"
+            + "".join(f" {k}={v!r}" for k, v in (("only", spec.only), ("skip", spec.skip)) if v),
+            hint=f"Tensor names: {shown}.",
+        )
+    return variational, deterministic
+
+
+def _keep(name: str, meta: TensorMeta, include: Any, exclude: list[str]) -> bool:
+    """Whether tensor `name` stays deterministic (see the README's default exclude list)."""
+    if not meta.dtype.is_floating_point or meta.kind == "buffer":
+        return True
+    explicit = include is not None and matches(name, include)
+    if meta.kind == "unknown" and default_deterministic(name, meta) and not explicit:
+        return True
+    return (include is not None and not explicit) or matches(name, exclude)

@@ -38,8 +38,15 @@ Progress = Callable[[int, int], None]
 
 
 @contextmanager
-def opened_model(model: ModelLike, *, trust_pickle: bool = False) -> Iterator[LoadedModel]:
+def opened_model(
+    model: ModelLike, *, trust_pickle: bool = False, key: str | None = None
+) -> Iterator[LoadedModel]:
     """`model` as a `LoadedModel`; a file opened here is closed on leaving the block.
+
+    Args:
+        model: A path, a `LoadedModel` or an `nn.Module`.
+        trust_pickle: Allow full unpickling of a file that needs it.
+        key: Where the state dict is in a torch.save checkpoint dict (see `load_model`).
 
     Raises:
         ArgumentTypeError: If `model` is neither a path, a `LoadedModel` nor an `nn.Module`.
@@ -49,7 +56,8 @@ def opened_model(model: ModelLike, *, trust_pickle: bool = False) -> Iterator[Lo
     elif isinstance(model, nn.Module):
         yield from_module(model)
     else:
-        with load_model(_path(model, "model"), trust_pickle=trust_pickle) as loaded:
+        path = _path(model, "model")
+        with load_model(path, trust_pickle=trust_pickle, key=key) as loaded:
             yield loaded
 
 

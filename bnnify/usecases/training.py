@@ -31,10 +31,10 @@ from bnnify.bnn.metrics import classification_metrics, regression_metrics
 from bnnify.enums import Task
 from bnnify.errors import DivergedError, InputError, InvalidArgumentError
 from bnnify.formats.data import Dataset
+from bnnify.usecases.best_epoch import BestEpoch, last_epoch
 from bnnify.usecases.distributed import everywhere, join
 from bnnify.usecases.runner import Runner
 from bnnify.usecases.seeding import seeded
-from bnnify.usecases.selection import BestEpoch, last_epoch
 
 __all__ = [
     "FitSettings",
