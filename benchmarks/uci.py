@@ -284,7 +284,12 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="with --select")
     parser.add_argument("--search", action="store_true", help="also fit with search=True")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument("--report", type=Path, default=None, help="only redraw the table of a JSON")
     args = parser.parse_args()
+    if args.report is not None:
+        document = json.loads(args.report.read_text())
+        write_results_md(document)
+        return
     mode = "select" if args.select else "table"
     splits = args.splits or (3 if args.select else 20)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
@@ -323,8 +328,30 @@ def main() -> None:
         document |= {"summary": {n: summary(r, models) for n, r in results.items()}}
         document |= {"rows": rows}
     out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    if not args.select and args.out is None:
+        write_results_md(document)
     print(text)
     print(f"wrote {out} ({seconds:.0f} s)", file=sys.stderr)
+
+
+def write_results_md(document: dict) -> None:
+    """Puts the table of `document` between the markers of RESULTS.md's UCI section."""
+    rows = document["rows"]
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    models = [m for m in ("deterministic", "bnnify", "bnnify_search") if m in rows[0]]
+    results = {n: [r for r in rows if r["dataset"] == n] for n in names}
+    minutes = document["seconds"] / 60
+    text = (
+        f"{document['splits']} splits per data set, {document['jobs']} processes of one thread, "
+        f"{minutes:.1f} min; mean ± standard error over the splits, test log-likelihood and "
+        "RMSE in the target's units. Raw: `benchmarks/results/uci.json`.\n\n"
+        + table(results, models)
+    )
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    begin, end = "<!-- uci.py: begin -->", "<!-- uci.py: end -->"
+    current = path.read_text()
+    head, rest = current.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def _brief(row: dict) -> str:
