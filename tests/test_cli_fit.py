@@ -171,7 +171,7 @@ def test_resume_continues_history_noise_and_task(files, tmp_path):
     more = fit_json(*argv(template, **paths), "--lr", "0", "--val-split", "0")
     assert more["task"] == "regression"
     assert [r["epoch"] for r in more["history"]] == [3, 4, 5]  # the epochs run
-    assert more["selection"]["start_epoch"] == 2
+    assert more["selection"]["start_epoch"] == 2 and more["epochs_run"] == 3
     with Checkpoint(tmp_path / "resumed.safetensors") as resumed:
         assert [r["epoch"] for r in resumed.fit["history"]] == [1, 2, 3, 4, 5]
         assert resumed.fit["history"][:2] == info["history"]
@@ -305,6 +305,7 @@ def test_without_validation_a_warning_says_nothing_guards_against_over_fitting(f
     result = cli(*args)
     assert result.exit_code == 0, result.output
     assert "Warning:" in result.stderr
+    assert "no validation data (--val-split 0)" in flat(result.stderr)
     assert "nothing guards against over-fitting" in flat(result.stderr)
     info = fit_json(*fit_args(files, tmp_path / "j.safetensors", "--val-split", "0"))
     assert info["selection"]["criterion"] == "last_epoch" and info["start"] is None

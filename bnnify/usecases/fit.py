@@ -222,9 +222,15 @@ def fit(
             val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
             logger.info("Validation predictions: %s", choice)
         else:
+            why = (
+                "--val-split 0"
+                if val_split == 0
+                else f"{len(train_data)} examples, too few to split"
+            )
             logger.warning(
-                "no validation data (--val-split 0): the last epoch is kept, and nothing "
-                "guards against over-fitting; give --val FILE or --val-split FRACTION"
+                "no validation data (%s): the last epoch is kept, and nothing guards against "
+                "over-fitting; give --val FILE or --val-split FRACTION",
+                why,
             )
         previous = (ckpt.fit or {}).get("history", []) if resume else []
         logger.info(

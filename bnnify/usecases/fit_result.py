@@ -104,10 +104,10 @@ class FitResult:
         """The summary `bnnify fit --json` prints last (schema `bnnify.fit/1`).
 
         The metadata's record without the history (streamed one line per epoch),
-        with `epochs_run` and, after a search, its grid results.
+        with `epochs_run` (by this fit, not those resumed) and, after a search, its grid results.
         """
         info = {k: v for k, v in self.info().items() if k != "history"}
         summary = {"schema": SCHEMA, "output": str(self.output), **info}
-        summary["epochs_run"] = len(self.history)
+        summary["epochs_run"] = self.selection["last_epoch"] - self.selection["start_epoch"]
         summary["search"] = self.search
         return summary
