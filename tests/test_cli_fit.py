@@ -192,7 +192,7 @@ def test_resume_continues_history_noise_and_task(files, tmp_path):
 
 def test_inspect_and_kl_accept_a_fitted_checkpoint(files, tmp_path):
     out = tmp_path / "fit.safetensors"
-    info = fit_json(*fit_args(files, out))
+    info = fit_json(*fit_args(files, out, "--val-split", "0"))  # the file holds the final epoch
     inspected = cli("inspect", out, "--json")
     assert inspected.exit_code == 0, inspected.output
     data = json.loads(inspected.stdout)
