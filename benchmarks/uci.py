@@ -196,7 +196,10 @@ def run_split(name: str, split: int, mode: str, search: bool, candidates: list[s
     return row
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float | None]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]  # not recorded: see RESULTS.md
+    if not values:
+        return math.nan, math.nan
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return statistics.mean(values), se
 
