@@ -297,6 +297,9 @@ def main() -> None:
     splits = args.splits or (3 if args.select else 20)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     jobs = [(name, split) for name in names for split in range(splits)]
+    # Read before the run: a package edited on disk meanwhile must not fail the report.
+    settings = bnnify.FitSettings(task="regression").__dict__
+    defaults = {k: v for k, v in settings.items() if k != "task"}
     began = time.perf_counter()
     rows: list[dict] = []
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -315,9 +318,7 @@ def main() -> None:
         "seconds": seconds,
         "threads_per_job": 1,
         "jobs": args.jobs,
-        "fit_defaults": {
-            k: v for k, v in bnnify.FitSettings(task="regression").__dict__.items() if k != "task"
-        },
+        "fit_defaults": defaults,
         "published": PUBLISHED,
     }
     if args.select:
