@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 import bnnify
-from bnnify.cli import convert, export, fit, inspect_cmd, kl, list_cmd, predict, prune
+from bnnify.cli import (
+    calibrate,
+    convert,
+    export,
+    fit,
+    inspect_cmd,
+    kl,
+    list_cmd,
+    plot,
+    predict,
+    prune,
+)
 
 __all__ = ["app", "main"]
 
@@ -53,6 +64,8 @@ app.command("inspect", epilog=EXIT_CODES)(inspect_cmd.inspect)
 app.command("list", epilog=EXIT_CODES)(list_cmd.list_registered)
 app.command("fit", epilog=EXIT_CODES)(fit.fit)
 app.command("predict", epilog=EXIT_CODES)(predict.predict)
+app.command("calibrate", epilog=EXIT_CODES)(calibrate.calibrate)
+app.command("plot", epilog=EXIT_CODES)(plot.plot)
 app.command("export", epilog=EXIT_CODES)(export.export)
 app.command("prune", epilog=EXIT_CODES)(prune.prune)
 

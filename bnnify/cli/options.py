@@ -288,6 +288,26 @@ ResumeOpt = Annotated[
     bool, typer.Option(help="Continue a previous fit (its noise scale, history, task).")
 ]
 
+# ---------------------------------------------------------------- predict
+
+OodOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ood",
+        help="Out-of-distribution inputs (classification): report the AUROC and AUPR "
+        "of entropy, mutual information and max softmax at telling them apart.",
+    ),
+]
+CalibrationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--calibration/--no-calibration", help="Apply the checkpoint's calibration, if any."
+    ),
+]
+KeepInputsOpt = Annotated[
+    bool, typer.Option(help="Also store the inputs in --out (for `bnnify plot`'s 1-D bands).")
+]
+
 # ------------------------------------------------------------- export, prune
 
 AnyCheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]

@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["conversion_table", "table"]
+__all__ = ["conversion_table", "number_table", "table"]
 
 CONVERT_COLUMNS = ("name", "shape", "elements", "dtype", "posterior", "prior", "sigma init", "KL")
 
@@ -41,3 +41,17 @@ def conversion_table(result: Any) -> Table:
         rows.append((Text(p.name), str(tuple(p.shape)), size, p.dtype, posterior, prior, sigma, kl))
     right = ("elements", "sigma init", "KL")
     return table("Reparametrized parameters", CONVERT_COLUMNS, rows, right=right)
+
+
+def number_table(title: str, first: str, rows: dict[str, dict[str, Any]]) -> Table:
+    """Numbers by row and column (`rows[row][column]`); a missing number reads "n/a".
+
+    The columns are those of the first row; names have their underscores as spaces.
+    """
+    columns = list(next(iter(rows.values()), {}))
+    names = [first, *(c.replace("_", " ") for c in columns)]
+    cells = [
+        (key, *("n/a" if values.get(c) is None else f"{values[c]:.5g}" for c in columns))
+        for key, values in rows.items()
+    ]
+    return table(title, names, cells, right=names[1:])

@@ -34,7 +34,9 @@ class Predictions:
     Attributes:
         tensors: Regression: `mean`, `std`, `epistemic_std`, `aleatoric_std`;
             classification: `probs`, `predicted`, `predictive_entropy`,
-            `expected_entropy`, `mutual_information`; `samples` when kept.
+            `expected_entropy`, `mutual_information`; `samples` when kept (of the
+            calibrated predictive, if calibrated); `targets` when given, and
+            `input.<name>` when kept.
         task: The task the model was run for.
         samples: Weight samples per prediction (1 for the posterior means).
         checkpoint: File name of the checkpoint that made them.
@@ -42,6 +44,8 @@ class Predictions:
             (see `bnnify.bnn.EstimatorChoice`).
         call: What each parameter of the model's forward received (`"input NAME"`
             or a constant argument).
+        calibration: The calibration applied to the predictive, `{"temperature":
+            T}` or `{"scale": s}` with the `model` it belongs to; None if none was.
     """
 
     tensors: dict[str, Tensor]
@@ -50,6 +54,7 @@ class Predictions:
     checkpoint: str
     estimator: dict[str, str] | None = None
     call: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
 
 
 def write_predictions(predictions: Predictions, path: str | Path) -> None:
@@ -66,6 +71,8 @@ def write_predictions(predictions: Predictions, path: str | Path) -> None:
         metadata["bnnify.estimator_reason"] = predictions.estimator["reason"]
     if predictions.call is not None:
         metadata["bnnify.call"] = json.dumps(predictions.call, sort_keys=True)
+    if predictions.calibration is not None:
+        metadata["bnnify.calibration"] = json.dumps(predictions.calibration, sort_keys=True)
     tensors = {k: v.contiguous() for k, v in predictions.tensors.items()}
     save_file(tensors, path, metadata)
 
@@ -99,6 +106,9 @@ def read_predictions(path: str | Path) -> Predictions:
                 "reason": metadata.get("bnnify.estimator_reason", ""),
             }
         call = metadata.get("bnnify.call")
+        calibration = metadata.get("bnnify.calibration")
+        if calibration is not None:
+            calibration = load_json(calibration, str(path), "metadata 'bnnify.calibration'")
         return Predictions(
             tensors={name: reader.tensor(name) for name in reader.infos},
             task=Task(metadata["bnnify.task"]),
@@ -106,6 +116,7 @@ def read_predictions(path: str | Path) -> Predictions:
             checkpoint=metadata["bnnify.checkpoint"],
             estimator=estimator,
             call=None if call is None else load_json(call, str(path), "metadata 'bnnify.call'"),
+            calibration=calibration,
         )
     except (KeyError, ValueError) as error:
         raise FormatError(f"{path}: malformed predictions metadata ({clip(str(error))})") from None
