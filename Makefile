@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-threads lint format demo bench bench-peers bench-digits bench-prune gpu-site real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers bench-digits bench-prune bench-uci gpu-site real-models clean
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ bench-peers: install
 gpu-site: install
 	$(PY) -m pip install -q --no-deps --target benchmarks/out/gpu_site \
 		torchbayesian==0.2.1 bayesian-torch==0.5.0
+
+# UCI regression with the fit defaults, 20 splits per data set (`BENCH_ARGS=--splits 3` for
+# a quick run): benchmarks/results/uci.json and the table of benchmarks/RESULTS.md.
+bench-uci: install
+	$(PY) benchmarks/uci.py $(BENCH_ARGS)
 
 # scikit-learn is a benchmark-only dependency (its bundled digits), installed here only.
 bench-digits: install

@@ -106,6 +106,9 @@ def run_split(name: str, split: int, settings: dict, folder: Path) -> dict:
         epochs=settings["epochs"],
         lr=2e-3,
         batch_size=32,
+        # The settings of its recorded results (before the fit defaults of issue 10).
+        kl_weight=1.0,
+        val_split=0.0,
         seed=split,
         output=fitted,
         force=True,

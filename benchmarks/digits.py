@@ -133,7 +133,7 @@ def bnn_pipeline(net, folder: Path, train, val, test, seed: int, ood=None) -> di
             seed=seed,
             output=folder / f"model.kl{kl_weight}.fit.safetensors",
         )
-    chosen = min(fits, key=lambda w: -fits[w].final["val"]["log_likelihood"])
+    chosen = min(fits, key=lambda w: -fits[w].kept["val"]["log_likelihood"])  # the epoch written
     fitted = fits[chosen].output
     options = dict(targets=test[1], samples=SETTINGS["samples"], seed=seed, ood=ood)
     before = bnnify.predict(fitted, net, test[0], **options)

@@ -1,304 +1,386 @@
-"""UCI regression benchmark through the CLI: train, convert, fit, predict (20 splits).
+"""UCI regression: bnnify's convert -> fit -> predict, with choices made on validation data only.
 
-    python benchmarks/uci.py [--quick] [--datasets boston,concrete,energy,yacht] [--jobs 2]
-                             [--noise fresh|shifted] [--compile]
+    python benchmarks/uci.py [--splits N] [--datasets boston,yacht] [--jobs 2] [--search]
+                              [--noise fresh|shifted] [--compile]
+    python benchmarks/uci.py --select [--splits 3]     # choose fit defaults (validation only)
 
-For each dataset and each of its standard train/test splits (`../shared/data/uci`):
-inputs and targets are standardised on the training part; a one-hidden-layer
-network of 50 units is trained by this script and saved as TorchScript; then
-`bnnify convert`, `bnnify fit` and `bnnify predict --targets` run as subprocesses.
-Test RMSE and log-likelihood are reported in the original target units (mean and
-standard error over splits) next to the deterministic network with a noise scale
-fitted on its training residuals, and next to published results on the same splits.
+Data: `../shared/data/uci/<dataset>/` with the 20 standard splits (`index_train_K.txt`,
+`index_test_K.txt`; the last column of `data.txt` is the target).
+
+Protocol, per split K (seeded by K): 20% of the training split is carved out as a
+validation split. Inputs and targets are standardised on what remains; a network of one
+hidden layer of 50 ReLU units is trained on it by Adam (mean squared error, batch 32,
+lr 1e-3), its epoch chosen by early stopping on the validation split. That network is
+the deterministic baseline (noise scale: the RMS of its residuals on its training part)
+and the model converted: `bnnify.convert` (default spec), `bnnify.fit` (training part,
+`val=` the validation split, fit defaults unless `--select` varies them; with `--search`
+also `search=True`), `bnnify.predict` on the test split, once, with 100 samples. Test
+log-likelihood and RMSE are reported in the target's original units; 90% coverage is
+that of the central interval of the predictive (`bnnify.bnn.metrics.regression_scores`).
+
+`--select` runs the candidate fit settings of `CANDIDATES` on the first splits and
+scores them on their validation splits only: no test index is read. The fit defaults
+(README, "Why these defaults") are the candidate with the best mean validation
+log-likelihood; `uci_select.json` keeps every score.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
+
+import bnnify
+from bnnify.bnn.metrics import regression_scores
 
 ROOT = Path(__file__).resolve().parent.parent
-# The shared data beside the checkout (../shared), or above a worktree (../../shared).
-DATA = next(
-    (
-        p / "shared" / "data" / "uci"
-        for p in ROOT.parents
-        if (p / "shared" / "data" / "uci").is_dir()
-    ),
-    ROOT.parent / "shared" / "data" / "uci",
-)
+DATA = Path(os.environ.get("BNNIFY_UCI", ROOT.parent / "shared" / "data" / "uci"))
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data/uci")
+RESULTS = ROOT / "benchmarks" / "results"
 DATASETS = {"boston": "bostonHousing", "concrete": "concrete", "energy": "energy", "yacht": "yacht"}
-# Test log-likelihood (mean, standard error) published on these splits.
+# Published test log-likelihood (mean, standard error) on these splits: mean-field VI and
+# MC dropout (Gal and Ghahramani, 2016), deep ensembles of 5 (Lakshminarayanan et al., 2017).
 PUBLISHED = {
-    "boston": {"vi": (-2.90, 0.07), "mc_dropout": (-2.40, 0.04)},
-    "concrete": {"vi": (-3.39, 0.02), "mc_dropout": (-2.94, 0.02)},
-    "energy": {"vi": (-2.39, 0.03), "mc_dropout": (-1.21, 0.01)},
-    "yacht": {"vi": (-3.43, 0.16), "mc_dropout": (-1.25, 0.08)},
+    "boston": {"vi": (-2.90, 0.07), "mc_dropout": (-2.40, 0.04), "ensemble": (-2.41, 0.25)},
+    "concrete": {"vi": (-3.39, 0.02), "mc_dropout": (-2.94, 0.02), "ensemble": (-3.06, 0.18)},
+    "energy": {"vi": (-2.39, 0.03), "mc_dropout": (-1.21, 0.01), "ensemble": (-1.38, 0.22)},
+    "yacht": {"vi": (-3.43, 0.16), "mc_dropout": (-1.25, 0.08), "ensemble": (-1.18, 0.21)},
+}
+VAL_FRACTION = 0.2
+HIDDEN = 50
+SAMPLES = 100
+# Fit settings compared by `--select` (on validation splits only).
+_EARLY = {"batch_size": 32, "epochs": 1000, "patience": 50}
+CANDIDATES = {
+    # Round 1: bnnify's defaults before this benchmark, then longer fits with early stopping.
+    "lr1e-3_b128_e50": {"lr": 1e-3, "batch_size": 128, "epochs": 50, "patience": 20},
+    "lr1e-3_b32_e1000": _EARLY | {"lr": 1e-3},
+    "lr3e-3_b32_e1000": _EARLY | {"lr": 3e-3},
+    "lr1e-2_b32_e1000": _EARLY | {"lr": 1e-2},
+    "lr1e-2_b128_e1000": _EARLY | {"lr": 1e-2, "batch_size": 128},
+    "lr3e-3_b32_e1000_kl0.1": _EARLY | {"lr": 3e-3, "kl_weight": 0.1},
+    # Round 2, after round 1 found the KL weight mattered most.
+    "lr3e-3_b32_e1000_kl0.03": _EARLY | {"lr": 3e-3, "kl_weight": 0.03},
+    "lr3e-3_b32_e1000_kl0.01": _EARLY | {"lr": 3e-3, "kl_weight": 0.01},
+    "lr1e-2_b32_e1000_kl0.1": _EARLY | {"lr": 1e-2, "kl_weight": 0.1},
 }
 
 
-def load_split(name: str, split: int) -> tuple:
+def load_split(name: str, split: int, test: bool) -> dict[str, Tensor]:
+    """The split's training part, validation part and (only with `test`) test part."""
     folder = DATA / DATASETS[name]
-    table = torch.tensor(
-        [
-            [float(v) for v in line.split()]
-            for line in (folder / "data.txt").read_text().splitlines()
-            if line.strip()
-        ],
-        dtype=torch.float64,
-    )
-    train = [int(float(v)) for v in (folder / f"index_train_{split}.txt").read_text().split()]
-    test = [int(float(v)) for v in (folder / f"index_test_{split}.txt").read_text().split()]
-    x, y = table[:, :-1], table[:, -1:]
-    return x[train], y[train], x[test], y[test]
+    rows = [line.split() for line in (folder / "data.txt").read_text().splitlines()]
+    table = torch.tensor([[float(v) for v in row] for row in rows if row], dtype=torch.float64)
+    index = [int(float(v)) for v in (folder / f"index_train_{split}.txt").read_text().split()]
+    order = torch.tensor(index)[torch.randperm(len(index), generator=_generator(split))]
+    n_val = round(VAL_FRACTION * len(order))
+    parts = {"train": order[n_val:], "val": order[:n_val]}
+    if test:
+        parts["test"] = torch.tensor(
+            [int(float(v)) for v in (folder / f"index_test_{split}.txt").read_text().split()]
+        )
+    return {key: table[rows] for key, rows in parts.items()}
 
 
-def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple:
+def standardised(parts: dict[str, Tensor]) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    """Each part as float32 `(x, y)` standardised on the training part, and the target's
+    scale (to report in original units)."""
+    train = parts["train"]
     mean, std = train.mean(0), train.std(0)
     std[std == 0] = 1.0
-    return (train - mean) / std, (test - mean) / std, mean, std
+    scaled = {key: ((part - mean) / std).float() for key, part in parts.items()}
+    pairs = {key: (p[:, :-1].contiguous(), p[:, -1:].contiguous()) for key, p in scaled.items()}
+    return pairs, float(std[-1])
 
 
-def train_network(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
+def train_network(train: tuple, val: tuple, seed: int, max_epochs: int = 2000) -> nn.Module:
+    """The user's network: MSE by Adam, the epoch of best validation MSE (patience 100)."""
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(x.shape[1], 50), nn.ReLU(), nn.Linear(50, 1))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    x, y = x.float(), y.float()
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    x, y = train
+    net = nn.Sequential(nn.Linear(x.shape[1], HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = _generator(seed)
+    best, kept, best_epoch = math.inf, copy.deepcopy(net.state_dict()), 0
+    for epoch in range(max_epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), 32):
             index = order[start : start + 32]
             optimizer.zero_grad()
             nn.functional.mse_loss(net(x[index]), y[index]).backward()
             optimizer.step()
+        with torch.no_grad():
+            score = float(nn.functional.mse_loss(net(val[0]), val[1]))
+        if score < best:
+            best, kept, best_epoch = score, copy.deepcopy(net.state_dict()), epoch
+        elif epoch - best_epoch >= 100:
+            break
+    net.load_state_dict(kept)
     return net.eval()
 
 
-def gaussian_ll(error: torch.Tensor, sigma: float) -> float:
-    return float(
-        (-0.5 * (error / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)).mean()
-    )
-
-
-def cli(*args: str, env: dict) -> dict:
-    command = [sys.executable, "-m", "bnnify", *args, "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
-    return json.loads(done.stdout)
-
-
-def run_split(name: str, split: int, settings: dict, workdir: Path) -> dict:
-    start = time.perf_counter()
-    folder = workdir / f"{name}_{split}"
-    folder.mkdir(parents=True, exist_ok=True)
-    x_tr, y_tr, x_te, y_te = load_split(name, split)
-    x_tr, x_te, _, _ = standardise(x_tr, x_te)
-    y_trs, y_tes, _, y_std = standardise(y_tr, y_te)
-    scale = float(y_std)
-    net = train_network(x_tr, y_trs, settings["det_epochs"], seed=split)
+def deterministic_scores(net: nn.Module, train: tuple, test: tuple) -> dict[str, float]:
+    """The network with a Gaussian noise of the RMS of its training residuals."""
     with torch.no_grad():
-        train_error = net(x_tr.float()).double() - y_trs
-        test_error = net(x_te.float()).double() - y_tes
-    sigma = float(train_error.square().mean().sqrt())
-    deterministic = {
-        "rmse": float(test_error.square().mean().sqrt()) * scale,
-        "log_likelihood": gaussian_ll(test_error, sigma) - math.log(scale),
-    }
-    model = folder / "model.pt"
-    torch.jit.save(torch.jit.script(net), str(model))
-    save_file(
-        {"x": x_tr.float().contiguous(), "y": y_trs.float().contiguous()},
-        str(folder / "train.safetensors"),
-    )
-    save_file(
-        {"x": x_te.float().contiguous(), "y": y_tes.float().contiguous()},
-        str(folder / "test.safetensors"),
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"])}
-    if settings["compile"]:
-        env["BNNIFY_COMPILE"] = "1"  # these models are below the compiling threshold
-    ckpt = folder / "model.bnn.safetensors"
-    cli(
-        "convert",
-        str(model),
-        "-o",
-        str(ckpt),
-        "--report",
-        str(folder / "model.kl.safetensors"),
-        "--posterior-arg",
-        f"delta={settings['delta']}",
-        "--prior-arg",
-        f"sigma={settings['prior_sigma']}",
-        "--force",
-        env=env,
-    )
-    fitted = folder / "model.fit.safetensors"
-    cli(
-        "fit",
-        str(ckpt),
-        "--model",
-        str(model),
-        "--data",
-        str(folder / "train.safetensors"),
-        "--task",
-        "regression",
-        "--epochs",
-        str(settings["epochs"]),
-        "--lr",
-        str(settings["lr"]),
-        "--batch-size",
-        "32",
-        "--mc-samples",
-        str(settings["mc_samples"]),
-        "--out",
-        str(fitted),
-        "--seed",
-        str(split),
-        "--noise",
-        settings["noise"],
-        "--force",
-        env=env,
-    )
-    result = cli(
-        "predict",
-        str(fitted),
-        "--model",
-        str(model),
-        "--input",
-        str(folder / "test.safetensors"),
-        "--targets",
-        str(folder / "test.safetensors"),
-        "--samples",
-        str(settings["samples"]),
-        "--seed",
-        str(split),
-        env=env,
-    )
-    metrics = result["metrics"]["bayesian"]
-    bayesian = {
-        "rmse": metrics["rmse"] * scale,
-        "log_likelihood": metrics["log_likelihood"] - math.log(scale),
-    }
-    mean_w = result["metrics"]["mean_weights"]
+        noise = float((net(train[0]) - train[1]).double().square().mean().sqrt())
+        return regression_scores(net(test[0])[None], noise, test[1])
+
+
+def in_units(scores: dict[str, float], scale: float) -> dict[str, float]:
+    """Log-likelihood, RMSE and 90% coverage in the target's original units."""
     return {
-        "dataset": name,
-        "split": split,
-        "bnnify": bayesian,
-        "deterministic": deterministic,
-        "mean_weights": {
-            "rmse": mean_w["rmse"] * scale,
-            "log_likelihood": mean_w["log_likelihood"] - math.log(scale),
-        },
-        "seconds": time.perf_counter() - start,
+        "log_likelihood": -scores["nll"] - math.log(scale),
+        "rmse": scores["rmse"] * scale,
+        "coverage_90": scores["coverage_90"],
     }
 
 
-def summarise(rows: list[dict], key: str, metric: str) -> tuple[float, float]:
-    values = [r[key][metric] for r in rows]
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+def bnnify_run(net: nn.Module, data: dict, folder: Path, seed: int, **settings) -> dict:
+    """convert -> fit -> (predict on the test part, when there is one)."""
+    ckpt = folder / "model.bnn.safetensors"
+    if not ckpt.exists():
+        bnnify.convert(net, output=ckpt, report=folder / "model.kl.safetensors")
+    fitted = folder / f"model.{len(list(folder.iterdir()))}.fit.safetensors"
+    result = bnnify.fit(
+        ckpt, net, data["train"], val=data["val"], task="regression", seed=seed,
+        output=fitted, **settings,
+    )  # fmt: skip
+    run = {"selection": result.selection, "epochs_run": len(result.history)}
+    if result.search is not None:
+        run["search_best"] = result.search["points"][result.search["best"]]
+    if "test" in data:
+        x, y = data["test"]
+        predicted = bnnify.predict(fitted, net, x, samples=SAMPLES, keep_samples=True, seed=seed)
+        noise = predicted.summary["aleatoric_std"]
+        run["scores"] = regression_scores(predicted.tensors["samples"], noise, y)
+    return run
+
+
+def run_split(
+    name: str, split: int, mode: str, search: bool, candidates: list[str], noise: str = "fresh"
+) -> dict:
+    torch.set_num_threads(1)
+    began = time.perf_counter()
+    parts, scale = standardised(load_split(name, split, test=mode == "table"))
+    net = train_network(parts["train"], parts["val"], seed=split)
+    row: dict = {"dataset": name, "split": split}
+    with tempfile.TemporaryDirectory(prefix="bnnify-uci-") as tmp:
+        folder = Path(tmp)
+        if mode == "select":
+            row["val_log_likelihood"] = {}
+            for key in candidates:
+                run = bnnify_run(net, parts, folder, split, **CANDIDATES[key])
+                score = run["selection"]["val_log_likelihood"] - math.log(scale)
+                row["val_log_likelihood"][key] = score
+                row[f"epochs_{key}"] = run["selection"]["kept_epoch"]
+        else:
+            row["deterministic"] = in_units(
+                deterministic_scores(net, parts["train"], parts["test"]), scale
+            )
+            run = bnnify_run(net, parts, folder, split, noise=noise)
+            row["bnnify"] = in_units(run.pop("scores"), scale)
+            row["fit"] = run
+            if search:
+                run = bnnify_run(net, parts, folder, split, search=True)
+                row["bnnify_search"] = in_units(run.pop("scores"), scale)
+                row["fit_search"] = run
+    row["seconds"] = time.perf_counter() - began
+    return row
+
+
+def mean_se(values: list[float | None]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]  # not recorded: see RESULTS.md
+    if not values:
+        return math.nan, math.nan
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return statistics.mean(values), se
 
 
-def report(results: dict[str, list[dict]], settings: dict) -> str:
+def summary(rows: list[dict], models: list[str]) -> dict:
+    return {
+        model: {
+            metric: mean_se([r[model][metric] for r in rows])
+            for metric in ("log_likelihood", "rmse", "coverage_90")
+        }
+        for model in models
+    }
+
+
+def table(results: dict[str, list[dict]], models: list[str]) -> str:
+    fmt = "{0:.3f} ± {1:.3f}".format
     lines = [
-        f"UCI regression, {settings['splits_label']} splits per dataset; mean ± standard error "
-        "over splits, original target units.",
-        "",
-        "| dataset | bnnify RMSE | deterministic RMSE | bnnify test LL | deterministic test LL | "
-        "VI (published) | MC dropout (published) | better than VI | within 1 SE of MC dropout |",
-        "|" + " --- |" * 9,
+        "| dataset | model | test LL | RMSE | 90% coverage | LL ≥ MC dropout | "
+        "RMSE ≤ deterministic | coverage in 0.88-0.92 |",
+        "|" + " --- |" * 8,
     ]
     for name, rows in results.items():
-        b_rmse, b_rmse_se = summarise(rows, "bnnify", "rmse")
-        d_rmse, d_rmse_se = summarise(rows, "deterministic", "rmse")
-        b_ll, b_ll_se = summarise(rows, "bnnify", "log_likelihood")
-        d_ll, d_ll_se = summarise(rows, "deterministic", "log_likelihood")
-        vi, mc = PUBLISHED[name]["vi"], PUBLISHED[name]["mc_dropout"]
-        within = abs(b_ll - mc[0]) <= max(b_ll_se, mc[1]) or b_ll > mc[0]
+        stats = summary(rows, models)
+        det_rmse = stats["deterministic"]["rmse"][0]
+        mc = PUBLISHED[name]["mc_dropout"][0]
+        for model in models:
+            s = stats[model]
+            ll, rmse, cov = s["log_likelihood"][0], s["rmse"][0], s["coverage_90"][0]
+            checks = (
+                ["-", "-", "-"]
+                if model == "deterministic"
+                else [
+                    _yes(ll >= mc),
+                    _yes(rmse <= det_rmse),
+                    _yes(0.88 <= cov <= 0.92),
+                ]
+            )
+            lines.append(
+                f"| {name} ({len(rows)}) | {model} | {fmt(*s['log_likelihood'])} | "
+                f"{fmt(*s['rmse'])} | {fmt(*s['coverage_90'])} | " + " | ".join(checks) + " |"
+            )
+        for key, label in (("vi", "mean-field VI"), ("mc_dropout", "MC dropout")):
+            lines.append(
+                f"| {name} | {label} (published) | {fmt(*PUBLISHED[name][key])} | | | | | |"
+            )
         lines.append(
-            f"| {name} ({len(rows)}) | {b_rmse:.3f} ± {b_rmse_se:.3f} | {d_rmse:.3f} ± "
-            f"{d_rmse_se:.3f} | {b_ll:.3f} ± {b_ll_se:.3f} | {d_ll:.3f} ± {d_ll_se:.3f} | "
-            f"{vi[0]:.2f} ± {vi[1]:.2f} | {mc[0]:.2f} ± {mc[1]:.2f} | "
-            f"{'yes' if b_ll > vi[0] else 'no'} | {'yes' if within else 'no'} |"
+            f"| {name} | deep ensemble of 5 (published) | {fmt(*PUBLISHED[name]['ensemble'])} "
+            "| | | | | |"
         )
     return "\n".join(lines)
 
 
+def select_table(rows: list[dict], candidates: list[str]) -> tuple[str, str]:
+    """Mean validation log-likelihood of each candidate per dataset; the best overall."""
+    names = sorted({r["dataset"] for r in rows}, key=list(DATASETS).index)
+    means = {
+        key: {n: statistics.mean(r["val_log_likelihood"][key] for r in rows if r["dataset"] == n)
+              for n in names}
+        for key in candidates
+    }  # fmt: skip
+    overall = {key: statistics.mean(v.values()) for key, v in means.items()}
+    best = max(overall, key=overall.__getitem__)
+    lines = ["| candidate | " + " | ".join(names) + " | mean |", "|" + " --- |" * (len(names) + 2)]
+    for key in candidates:
+        cells = " | ".join(f"{means[key][n]:.3f}" for n in names)
+        mark = " (best)" if key == best else ""
+        lines.append(f"| {key}{mark} | {cells} | {overall[key]:.3f} |")
+    return "\n".join(lines), best
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 splits, fewer epochs")
+    parser.add_argument("--splits", type=int, default=None, help="first N splits (default 20)")
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--splits", type=int, default=None)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=None, help="bnnify fit epochs")
-    parser.add_argument("--det-epochs", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=2e-3, help="bnnify fit learning rate")
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--prior-sigma", type=float, default=1.0)
-    parser.add_argument("--mc-samples", type=int, default=1)
-    parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--noise", default="fresh", help="bnnify fit --noise")
+    parser.add_argument("--jobs", type=int, default=2, help="processes (one thread each)")
+    parser.add_argument("--select", action="store_true", help="compare CANDIDATES on validation")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="with --select")
+    parser.add_argument("--search", action="store_true", help="also fit with search=True")
+    parser.add_argument("--noise", default="fresh", help="fit's weight noise: fresh|shifted")
     parser.add_argument(
         "--compile", action="store_true", help="BNNIFY_COMPILE=1: compiled training kernels"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "uci")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument("--report", type=Path, default=None, help="only redraw the table of a JSON")
     args = parser.parse_args()
-    splits = args.splits or (3 if args.quick else 20)
-    settings = {
-        "det_epochs": args.det_epochs or (200 if args.quick else 1000),
-        "epochs": args.epochs or (200 if args.quick else 1000),
-        "lr": args.lr,
-        "delta": args.delta,
-        "prior_sigma": args.prior_sigma,
-        "mc_samples": args.mc_samples,
-        "samples": args.samples,
-        "noise": args.noise,
-        "compile": args.compile,
-        "threads": max(1, (os.cpu_count() or 2) // args.jobs),
-        "splits_label": f"{splits}",
-    }
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bnnify-uci-"))
+    if args.report is not None:
+        document = json.loads(args.report.read_text())
+        write_results_md(document)
+        return
+    if args.compile:
+        os.environ["BNNIFY_COMPILE"] = "1"  # read by the worker processes
+    mode = "select" if args.select else "table"
+    splits = args.splits or (3 if args.select else 20)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     jobs = [(name, split) for name in names for split in range(splits)]
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_split, name, split, settings, workdir) for name, split in jobs]
+    # Read before the run: a package edited on disk meanwhile must not fail the report.
+    settings = bnnify.FitSettings(task="regression").__dict__
+    defaults = {k: v for k, v in settings.items() if k != "task"}
+    began = time.perf_counter()
+    rows: list[dict] = []
+    with ProcessPoolExecutor(args.jobs) as pool:
+        candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+        futures = [
+            pool.submit(run_split, n, k, mode, args.search, candidates, args.noise) for n, k in jobs
+        ]
         for future in futures:
             row = future.result()
-            results[row["dataset"]].append(row)
-            print(
-                f"{row['dataset']} split {row['split']}: bnnify LL "
-                f"{row['bnnify']['log_likelihood']:.3f} RMSE {row['bnnify']['rmse']:.3f} | "
-                f"deterministic LL {row['deterministic']['log_likelihood']:.3f} "
-                f"({row['seconds']:.0f} s)",
-                file=sys.stderr,
-            )
-    table = report(results, settings)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    Path(f"{args.out}{suffix}.json").write_text(
-        json.dumps({"settings": settings, "published": PUBLISHED, "results": results}, indent=2)
-        + "\n"
+            rows.append(row)
+            print(f"{row['dataset']} split {row['split']}: {_brief(row)}", file=sys.stderr)
+    seconds = time.perf_counter() - began
+    out = args.out or RESULTS / ("uci_select.json" if args.select else "uci.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "protocol": __doc__.split("\n\n", 2)[2].split("`--select`")[0].strip(),
+        "splits": splits,
+        "seconds": seconds,
+        "threads_per_job": 1,
+        "jobs": args.jobs,
+        "noise": args.noise,
+        "compile": args.compile,
+        "fit_defaults": defaults,
+        "published": PUBLISHED,
+    }
+    if args.select:
+        text, best = select_table(rows, candidates)
+        chosen = {key: CANDIDATES[key] for key in candidates}
+        document |= {"candidates": chosen, "best": best, "rows": rows}
+    else:
+        models = ["deterministic", "bnnify"] + (["bnnify_search"] if args.search else [])
+        results = {n: [r for r in rows if r["dataset"] == n] for n in names}
+        text = table(results, models)
+        document |= {"summary": {n: summary(r, models) for n, r in results.items()}}
+        document |= {"rows": rows}
+    out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    if not args.select and args.out is None:
+        write_results_md(document)
+    print(text)
+    print(f"wrote {out} ({seconds:.0f} s)", file=sys.stderr)
+
+
+def write_results_md(document: dict) -> None:
+    """Puts the table of `document` between the markers of RESULTS.md's UCI section."""
+    rows = document["rows"]
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    models = [m for m in ("deterministic", "bnnify", "bnnify_search") if m in rows[0]]
+    results = {n: [r for r in rows if r["dataset"] == n] for n in names}
+    minutes = document["seconds"] / 60
+    text = (
+        f"{document['splits']} splits per data set, {document['jobs']} processes of one thread, "
+        f"{minutes:.1f} min; mean ± standard error over the splits, test log-likelihood and "
+        "RMSE in the target's units. Raw: `benchmarks/results/uci.json`.\n\n"
+        + table(results, models)
     )
-    Path(f"{args.out}{suffix}.md").write_text(table + "\n")
-    print(f"wrote {args.out}{suffix}.json and .md", file=sys.stderr)
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    begin, end = "<!-- uci.py: begin -->", "<!-- uci.py: end -->"
+    current = path.read_text()
+    head, rest = current.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+def _brief(row: dict) -> str:
+    if "val_log_likelihood" in row:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in row["val_log_likelihood"].items())
+        return f"validation LL {scores} ({row['seconds']:.0f} s)"
+    b, d = row["bnnify"], row["deterministic"]
+    return (
+        f"bnnify LL {b['log_likelihood']:.3f} RMSE {b['rmse']:.3f} cov {b['coverage_90']:.2f} | "
+        f"deterministic LL {d['log_likelihood']:.3f} RMSE {d['rmse']:.3f} "
+        f"({row['seconds']:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

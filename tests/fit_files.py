@@ -9,6 +9,7 @@ converted with the default spec, with training data and a short fit.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ __all__ = [
     "blobs",
     "cli",
     "convert_file",
+    "fit_output",
     "regression_mlp",
     "run_bnnify",
     "save_program",
@@ -62,6 +64,22 @@ def single_thread() -> Iterator[None]:
 def subprocess_env() -> dict[str, str]:
     """The environment of a `python -m bnnify` child process (one thread, no colour)."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def fit_output(stdout: str) -> dict:
+    """The summary of `bnnify fit --json` (its last JSON line), with `history`: the epochs
+    streamed before it, one JSON object per line, each checked to carry its schema first."""
+    *epochs, summary = [json.loads(line) for line in stdout.splitlines()]
+    assert next(iter(summary)) == "schema" and summary["schema"] == "bnnify.fit/1"
+    for epoch in epochs:
+        assert next(iter(epoch)) == "schema"
+        assert epoch["schema"] in ("bnnify.fit.epoch/1", "bnnify.fit.search_point/1")
+    history = [
+        {k: v for k, v in e.items() if k != "schema"}
+        for e in epochs
+        if e["schema"] == "bnnify.fit.epoch/1"
+    ]
+    return {**summary, "history": history}
 
 
 def argv(template: str, **values) -> list[str]:
@@ -202,8 +220,9 @@ class FitFiles:
 def _short_fit(folder: Path, model: Path, prefix: str, task: str, epochs: int, lr: float) -> None:
     from bnnify.formats.checkpoint import Checkpoint
     from bnnify.formats.data import load_dataset
+    from bnnify.usecases.fitted import make_likelihood, save_fitted
     from bnnify.usecases.runner import open_runner
-    from bnnify.usecases.training import FitSettings, make_likelihood, save_fitted, train
+    from bnnify.usecases.training import FitSettings, train
 
     with Checkpoint(folder / f"{prefix}.bnn.safetensors") as ckpt:
         with warnings.catch_warnings():
@@ -212,7 +231,7 @@ def _short_fit(folder: Path, model: Path, prefix: str, task: str, epochs: int, l
         likelihood = make_likelihood(task, ckpt, resume=False)
         data = load_dataset(folder / f"{prefix}.train.safetensors")
         settings = FitSettings(task=task, epochs=epochs, lr=lr, batch_size=64)
-        history = train(runner, likelihood, data, settings)
+        history = train(runner, likelihood, data, settings).history
         info = {"task": task, "history": history, "final": history[-1]}
         target = folder / f"{prefix}.fit.safetensors"
         save_fitted(target, target, ckpt, runner, likelihood, info)

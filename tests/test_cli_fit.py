@@ -15,6 +15,7 @@ from fit_files import (
     argv,
     cli,
     convert_file,
+    fit_output,
     run_bnnify,
     save_script,
     shared_fit_files,
@@ -27,6 +28,7 @@ from torch import nn
 from bnnify.bnn import kernels
 from bnnify.demo import build_model, synthetic_regression
 from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.data import load_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -58,9 +60,10 @@ def fit_args(files, out: Path, *extra) -> list:
 
 
 def fit_json(*args) -> dict:
+    """The summary of `bnnify fit ARGS --json`, with `history`: its streamed epochs."""
     result = cli(*args, "--json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return fit_output(result.stdout)
 
 
 # --------------------------------------------------------------- happy paths
@@ -74,23 +77,25 @@ def test_json_history_settings_and_fitted_metadata(files, tmp_path):
     assert (info["n_train"], info["n_val"]) == (384, 128)
     assert info["settings"]["epochs"] == 3 and info["settings"]["lr"] == 0.01
     history = info["history"]
-    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["epoch"] for r in history] == [1, 2, 3] and info["epochs_run"] == 3
     for record in history:
-        assert set(record) == RECORD_KEYS | {"val"}
+        assert set(record) == RECORD_KEYS | {"val", "improved"}
         assert set(record["val"]) == {"rmse", "log_likelihood"}
         assert record["elbo"] == pytest.approx(-(record["nll"] + record["kl"] / 384))
     assert info["final"] == history[-1]
+    kept = info["selection"]["kept_epoch"]
+    assert info["kept"] == [info["start"], *history][kept]
     model_sha = hashlib.sha256(files.reg_model.read_bytes()).hexdigest()
     assert info["model"] == {"name": files.reg_model.name, "sha256": model_sha}
 
     assert listing(tmp_path) == [out.name]
     with Checkpoint(out) as fitted:
         recorded = fitted.fit
-        assert recorded == {k: v for k, v in info.items() if k != "output"}
+        summary_only = ("output", "schema", "search", "epochs_run")
+        assert recorded == {k: v for k, v in info.items() if k not in summary_only}
         assert recorded["settings"]["seed"] == 0
-        assert recorded["final"]["val"] == history[-1]["val"]
         log_noise = fitted.fit_tensors()["bnnify.fit.log_noise"]
-        assert math.exp(float(log_noise)) == pytest.approx(history[-1]["noise"], rel=1e-6)
+        assert math.exp(float(log_noise)) == pytest.approx(info["kept"]["noise"], rel=1e-6)
         with Checkpoint(files.reg_ckpt) as source:
             assert set(fitted.keys()) == set(source.keys()) | {"bnnify.fit.log_noise"}
             assert fitted.parameters.keys() == source.parameters.keys()
@@ -138,9 +143,8 @@ def test_shifted_noise_on_eager_kernels_says_the_noise_stays_fresh(files, tmp_pa
 
 
 def test_kl_warmup_rises_linearly_to_one(files, tmp_path):
-    info = fit_json(
-        *fit_args(files, tmp_path / "w.safetensors", "--epochs", "5"), "--warmup-epochs", "3"
-    )
+    args = fit_args(files, tmp_path / "w.safetensors", "--epochs", "5", "--val-split", "0")
+    info = fit_json(*args, "--warmup-epochs", "3")
     betas = [record["beta"] for record in info["history"]]
     assert betas == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
     assert "val" not in info["history"][0]
@@ -186,21 +190,26 @@ def test_default_output_and_no_overwrite_without_force(files, tmp_path):
 
 def test_resume_continues_history_noise_and_task(files, tmp_path):
     first = tmp_path / "first.safetensors"
-    info = fit_json(*fit_args(files, first, "--lr", "0.01"))
+    info = fit_json(*fit_args(files, first, "--lr", "0.01", "--val-split", "0"))
     noise = info["final"]["noise"]
     # No --task: the resumed fit's; lr 0: a continued fit keeps the noise it was given.
     template = "fit {first} -m {model} -d {data} -o resumed.safetensors --resume --epochs 3"
     paths = {"first": first, "model": files.reg_model, "data": files.reg_train}
-    more = fit_json(*argv(template, **paths), "--lr", "0")
+    more = fit_json(*argv(template, **paths), "--lr", "0", "--val-split", "0")
     assert more["task"] == "regression"
-    assert [r["epoch"] for r in more["history"]] == [1, 2, 3, 4, 5]
-    assert more["history"][:2] == info["history"]
+    assert [r["epoch"] for r in more["history"]] == [3, 4, 5]  # the epochs run
+    assert more["selection"]["start_epoch"] == 2 and more["epochs_run"] == 3
+    with Checkpoint(tmp_path / "resumed.safetensors") as resumed:
+        assert [r["epoch"] for r in resumed.fit["history"]] == [1, 2, 3, 4, 5]
+        assert resumed.fit["history"][:2] == info["history"]
     assert more["final"]["noise"] == pytest.approx(noise, rel=1e-6)
     before, after = load_file(str(first)), load_file("resumed.safetensors")
     assert before.keys() == after.keys()
     for key, tensor in before.items():
         assert torch.equal(tensor, after[key]), key  # lr 0: nothing moved
-    fresh = fit_json(*fit_args(files, tmp_path / "fresh.safetensors", "--lr", "0"))
+    fresh = fit_json(
+        *fit_args(files, tmp_path / "fresh.safetensors", "--lr", "0", "--val-split", "0")
+    )
     assert fresh["final"]["noise"] != pytest.approx(noise, rel=1e-3)
 
     wrong = cli(*argv(template, **paths), "--task", "classification", "-o", "x.safetensors")
@@ -210,7 +219,7 @@ def test_resume_continues_history_noise_and_task(files, tmp_path):
 
 def test_inspect_and_kl_accept_a_fitted_checkpoint(files, tmp_path):
     out = tmp_path / "fit.safetensors"
-    info = fit_json(*fit_args(files, out))
+    info = fit_json(*fit_args(files, out, "--val-split", "0"))  # the file holds the final epoch
     inspected = cli("inspect", out, "--json")
     assert inspected.exit_code == 0, inspected.output
     data = json.loads(inspected.stdout)
@@ -264,8 +273,132 @@ def test_custom_keys_and_a_csv_file(files, tmp_path):
     rows = "\n".join(f"{float(b)},{float(a)}" for a, b in zip(x[:, 0], y[:, 0], strict=True))
     (tmp_path / "d.csv").write_text("target,feature\n" + rows + "\n")
     info = fit_json(*toy, *argv("-d d.csv --target target -o csv.safetensors"))
-    assert info["n_train"] == 40
+    assert info["n_train"] + info["n_val"] == 40 and info["n_val"] == 4  # 10% by default
     assert math.isfinite(info["final"]["nll"])
+
+
+@pytest.mark.parametrize("patience", [2, 0])
+def test_the_epoch_of_best_validation_log_likelihood_is_the_one_written(files, tmp_path, patience):
+    from bnnify.formats.model_files import load_model
+    from bnnify.usecases.fitted import make_likelihood
+    from bnnify.usecases.runner import open_runner
+    from bnnify.usecases.training import FitSettings, validate
+
+    xv, yv = toy_regression(96, seed=5)
+    save_file({"x": xv, "y": yv}, str(tmp_path / "val.safetensors"))
+    out = tmp_path / "best.safetensors"
+    options = ["--epochs", "8", "--lr", "0.05", "--patience", str(patience)]
+    info = fit_json(*fit_args(files, out, *options, "--val", tmp_path / "val.safetensors"))
+    selection, history = info["selection"], info["history"]
+    scores = [info["start"]["val"]["log_likelihood"]] + [
+        r["val"]["log_likelihood"] for r in history
+    ]
+    kept = selection["kept_epoch"]
+    assert scores[kept] == max(scores) and selection["criterion"] == "val_log_likelihood"
+    assert info["kept"]["val"]["log_likelihood"] == selection["val_log_likelihood"]
+    improved = [r["epoch"] for r in history if r["improved"]]
+    assert (improved[-1] if improved else 0) == kept
+    if selection["stopped_early"]:
+        assert patience and selection["last_epoch"] - kept == patience
+        assert len(history) == selection["last_epoch"] < 8
+    else:
+        assert len(history) == 8 and "stopped early" not in selection["reason"]
+    # The file holds the kept epoch's state: its validation score, on the same draws.
+    settings = FitSettings(**{k: v for k, v in info["settings"].items()})
+    with Checkpoint(out) as fitted:
+        runner = open_runner(load_model(files.reg_model), fitted)
+        likelihood = make_likelihood("regression", fitted, resume=True)
+        val = validate(runner, likelihood, load_dataset(tmp_path / "val.safetensors"), settings)
+    assert val["log_likelihood"] == pytest.approx(selection["val_log_likelihood"], rel=1e-6)
+    assert math.exp(float(likelihood.log_noise.detach())) == pytest.approx(
+        info["kept"]["noise"], rel=1e-6
+    )
+
+
+def test_human_output_names_the_kept_epoch_and_why(files, tmp_path):
+    result = cli(*fit_args(files, tmp_path / "h.safetensors", "--epochs", "3"))
+    assert result.exit_code == 0, result.output
+    stdout = flat(result.stdout)
+    assert "Fitted 461 examples for 3 epochs; kept epoch" in stdout  # 10% held out
+    assert "validation log_likelihood" in stdout
+    assert "Kept epoch" in flat(result.stderr) and "validation log-likelihood" in flat(
+        result.stderr
+    )
+    assert "over-fitting" not in result.stderr
+
+
+def test_without_validation_a_warning_says_nothing_guards_against_over_fitting(files, tmp_path):
+    args = fit_args(files, tmp_path / "n.safetensors", "--val-split", "0")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "Warning:" in result.stderr
+    assert "no validation data (--val-split 0)" in flat(result.stderr)
+    assert "nothing guards against over-fitting" in flat(result.stderr)
+    info = fit_json(*fit_args(files, tmp_path / "j.safetensors", "--val-split", "0"))
+    assert info["selection"]["criterion"] == "last_epoch" and info["start"] is None
+    assert info["kept"] == info["final"] and info["n_val"] == 0
+
+
+def test_json_lines_stream_one_epoch_a_line_and_print_when_quiet(files, tmp_path):
+    result = cli(*fit_args(files, tmp_path / "q.safetensors", "--epochs", "3"), "--json", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    assert [json.loads(line)["schema"] for line in lines] == ["bnnify.fit.epoch/1"] * 3 + [
+        "bnnify.fit/1"
+    ]
+    assert fit_output(result.stdout)["epochs_run"] == 3
+    assert "Fitting" not in result.stderr  # quiet: no log lines
+
+
+def test_search_scores_its_grid_on_validation_and_records_it(files, tmp_path):
+    from bnnify.usecases.search import grid
+
+    out = tmp_path / "s.safetensors"
+    result = cli(*fit_args(files, out, "--epochs", "1", "--search"), "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    points = [line for line in lines if line["schema"] == "bnnify.fit.search_point/1"]
+    assert len(points) == len(grid()) == 12
+    info = fit_output(result.stdout)
+    search = info["search"]
+    assert [p["point"] for p in search["points"]] == list(range(12))
+    scores = [p["val_log_likelihood"] for p in search["points"]]
+    assert scores[search["best"]] == max(scores)
+    best = search["points"][search["best"]]
+    assert info["settings"]["kl_weight"] == best["kl_weight"]
+    assert info["selection"]["val_log_likelihood"] == best["val_log_likelihood"]
+    with Checkpoint(out) as fitted:
+        assert json.loads(fitted.metadata["bnnify.search"]) == search
+        assert fitted.spec.prior[1]["sigma"] == best["prior_scale"]
+        assert fitted.spec.posterior[1]["delta"] == best["posterior_delta"]
+    human = cli(*fit_args(files, tmp_path / "h.safetensors", "--epochs", "1", "--search"))
+    assert "search: best of 12 points" in flat(human.stdout)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--val-split", "0", "--task", "regression"], "validation data, and there is none"),
+        (["--resume"], "cannot resume"),
+    ],
+)
+def test_search_needs_validation_and_a_fresh_fit(files, tmp_path, extra, message):
+    template = "fit {ckpt} -m {model} -d {data} -o {out} --epochs 1 --search"
+    paths = {"ckpt": files.reg_fitted, "model": files.reg_model, "data": files.reg_train}
+    result = cli(*argv(template, out=tmp_path / "s.safetensors", **paths), *extra)
+    assert result.exit_code == 2
+    assert message in flat(result.stderr)
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_diverging_fit_exits_1_without_a_summary(files, tmp_path):
+    out = tmp_path / "d.safetensors"
+    result = cli(*fit_args(files, out, "--lr", "1e30"), "--json")
+    assert result.exit_code == 1
+    assert "training diverged" in flat(result.stderr)
+    assert all(json.loads(line)["schema"] != "bnnify.fit/1" for line in result.stdout.splitlines())
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------- errors
@@ -376,7 +509,7 @@ def test_labels_of_shape_n_1_fit_and_mismatched_labels_are_refused(files, tmp_pa
         assert ckpt.fit["val_estimator"] == info["val_estimator"]
     refused = cli(*base, "-d", tmp_path / "two.st", "-o", tmp_path / "two.fit.safetensors")
     assert refused.exit_code == 1
-    assert "labels of shape (300, 2) do not match predictions of shape (300, 3)" in flat(
+    assert "labels of shape (270, 2) do not match predictions of shape (270, 3)" in flat(
         refused.stderr
     )
     assert not (tmp_path / "two.fit.safetensors").exists()

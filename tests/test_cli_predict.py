@@ -15,6 +15,7 @@ from fit_files import (
     argv,
     cli,
     convert_file,
+    fit_output,
     regression_mlp,
     run_bnnify,
     save_script,
@@ -86,11 +87,12 @@ def test_toy_regression_is_uncertain_away_from_its_data(tmp_path, request):
     converted = cli("convert", tmp_path / "toy.pt", "--json")
     assert converted.exit_code == 0, converted.output
     template = "fit toy.bnn.safetensors -m toy.pt -d train.safetensors --task regression"
-    options = f"--epochs 500 --lr 0.03 --batch-size 128 --seed {seed} --json"
+    options = f"--epochs 500 --lr 0.03 --batch-size 128 --seed {seed} --val-split 0 --json"
+    options += " --kl-weight 1"  # the true ELBO: the spread away from the data is the prior's
     fitted = run_bnnify(*argv(template), *argv(options), cwd=tmp_path)
     assert fitted.returncode == 0, fitted.stderr
     assert "Traceback" not in fitted.stderr
-    info = json.loads(fitted.stdout)
+    info = fit_output(fitted.stdout)
     assert info["output"] == "toy.bnn.fit.safetensors" and len(info["history"]) == 500
     template = "toy.bnn.fit.safetensors -m toy.pt -i grid.safetensors --samples 64"
     summary = predict_json(*argv(template), "--out", "preds.safetensors")
@@ -368,7 +370,7 @@ def test_per_token_classification_fit_predict_and_metrics(tokens, tmp_path):
     fit = cli("fit", ckpt, "-m", model, "-d", data, "--task", "classification", "--epochs", "2",
               "--val-split", "0.25", "-o", fitted, "--json")  # fmt: skip
     assert fit.exit_code == 0, fit.output
-    info = json.loads(fit.stdout)
+    info = fit_output(fit.stdout)
     assert set(info["final"]["val"]) == {"accuracy", "log_likelihood", "ece"}
     assert info["val_estimator"]["estimator"] == "weight_sampling"
 
@@ -396,7 +398,7 @@ def test_per_token_classification_fit_predict_and_metrics(tokens, tmp_path):
         refused.stderr
     )
     refused = cli("fit", ckpt, "-m", model, "-d", wrong, "--task", "classification", "-o",
-                  tmp_path / "no.safetensors")  # fmt: skip
+                  tmp_path / "no.safetensors", "--val-split", "0")  # fmt: skip
     assert refused.exit_code == 1 and "labels of shape (24,) do not match" in flat(refused.stderr)
     assert not (tmp_path / "no.safetensors").exists()
 

@@ -14,7 +14,6 @@ the single-process fit, and another data order (--seed 1) ~0.08.
 
 from __future__ import annotations
 
-import json
 import math
 import socket
 import subprocess
@@ -22,7 +21,15 @@ import sys
 
 import pytest
 import torch
-from fit_files import argv, cli, save_script, single_thread, subprocess_env, toy_regression
+from fit_files import (
+    argv,
+    cli,
+    fit_output,
+    save_script,
+    single_thread,
+    subprocess_env,
+    toy_regression,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -82,13 +89,13 @@ def test_two_processes_fit_like_one(tmp_path, monkeypatch):
     )
     assert process.returncode == 0, process.stderr[-3000:]
     assert "Traceback" not in process.stderr
-    # Only rank 0 prints (one JSON document) and writes: without --force, a second
+    # Only rank 0 prints (its JSON Lines) and writes: without --force, a second
     # writer would find the first one's file in place when it commits, and fail.
-    info = json.loads(process.stdout)
+    info = fit_output(process.stdout)
     expected = ["net.pt", "net.bnn.safetensors", "net.kl.safetensors", "train.safetensors"]
     expected += ["val.safetensors", "single.safetensors", "distributed.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
-    reference = json.loads(single.stdout)
+    reference = fit_output(single.stdout)
     assert len(info["history"]) == 8 and info["n_train"] == 512
 
     one = load_file(str(tmp_path / "single.safetensors"))
@@ -128,7 +135,7 @@ def test_a_last_batch_smaller_than_the_process_count(tmp_path, monkeypatch):
         check=False,
     )
     assert process.returncode == 0, process.stderr[-3000:]
-    final = json.loads(process.stdout)["final"]
+    final = fit_output(process.stdout)["final"]
     assert all(math.isfinite(final[k]) for k in ("loss", "nll", "kl"))
     fitted = load_file(str(tmp_path / "n.bnn.fit.safetensors"))
     assert all(bool(torch.isfinite(t).all()) for t in fitted.values() if t.is_floating_point())

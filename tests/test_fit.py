@@ -83,6 +83,23 @@ def test_a_pipeline_in_memory(tmp_path):
         bnnify.fit(converted.outputs[0], other, (x, y), task="regression", output=tmp_path / "o")
 
 
+@pytest.mark.parametrize(("n", "val_split", "n_val"), [(9, None, 0), (10, None, 1), (40, 0.0, 0)])
+def test_the_default_validation_split_and_the_warning_without_one(
+    files, tmp_path, caplog, n, val_split, n_val
+):
+    x, y = toy_regression(n, seed=4)
+    with caplog.at_level("WARNING", logger="bnnify"):
+        out = tmp_path / "f.safetensors"
+        result = bnnify.fit(files.reg_ckpt, files.reg_model, (x, y), task="regression",
+                            epochs=1, val_split=val_split, output=out)  # fmt: skip
+    assert (result.n_train, result.n_val) == (n - n_val, n_val)
+    warned = "nothing guards against over-fitting" in caplog.text
+    assert warned == (n_val == 0)
+    assert result.selection["criterion"] == ("last_epoch" if n_val == 0 else "val_log_likelihood")
+    if val_split is None and n_val == 0:
+        assert "9 examples, too few to split" in caplog.text
+
+
 def test_task_errors(files, tmp_path):
     out = tmp_path / "out.safetensors"
     with pytest.raises(UsageError, match="choose the task"):
@@ -161,4 +178,4 @@ def test_fit_confirms_a_recorded_arch_with_its_kwargs(tmp_path):
         arch_kwargs=spec.arch_kwargs,
         output=out,
     )
-    assert result.n_train == 16 and out.exists()
+    assert result.n_train + result.n_val == 16 and out.exists()

@@ -38,3 +38,30 @@ def test_readme_commands_run_as_shown(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "demo_out" / "predictions.safetensors").is_file()
+
+
+def _test_rmse(folder: Path, checkpoint: str) -> float:
+    import bnnify
+
+    test = folder / "test.safetensors"
+    predicted = bnnify.predict(folder / checkpoint, folder / "model.pt", test, targets=test)
+    return predicted.metrics["bayesian"]["rmse"]
+
+
+def test_the_walkthrough_fit_ends_no_worse_than_it_started(tmp_path, monkeypatch):
+    # Issue 10: the walkthrough's fit used to end worse on test data than the converted
+    # model (the last epoch kept while validation RMSE rose). The kept epoch is now the
+    # best on validation, the starting point included.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        demo_main([str(tmp_path / "model.pt")])
+        monkeypatch.chdir(tmp_path)
+        fit = next(words for words in _walkthrough() if words[:2] == ["bnnify", "fit"])
+        assert invoke("convert", "model.pt", "--force").exit_code == 0
+        assert invoke(*fit[1:]).exit_code == 0
+        assert _test_rmse(tmp_path, "model.bnn.fit.safetensors") <= _test_rmse(
+            tmp_path, "model.bnn.safetensors"
+        )
+    finally:
+        torch.set_num_threads(threads)

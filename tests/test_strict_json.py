@@ -36,3 +36,13 @@ def test_refused_json_names_the_file_and_the_problem(text, match):
         load_json(text, "f.json", "the index")
     assert error.value.message.startswith("f.json: ")
     assert len(error.value.message) < 300
+
+
+def test_non_finite_floats_are_written_as_null():
+    from bnnify.formats.strict_json import dump_json, finite_json
+
+    value = {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": "NaN"}
+    assert finite_json(value) == {"a": None, "b": [1.5, None, [None, 2]], "c": "NaN"}
+    text = dump_json(value, sort_keys=True)
+    assert "NaN" not in text.replace('"NaN"', "") and "Infinity" not in text
+    assert load_json(text, "<test>") == finite_json(value)

@@ -15,15 +15,9 @@ from bnnify.errors import DivergedError, InputError
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset, load_dataset
 from bnnify.formats.model_files import load_model
+from bnnify.usecases.fitted import make_likelihood, save_fitted
 from bnnify.usecases.runner import open_runner
-from bnnify.usecases.training import (
-    FitSettings,
-    evaluate,
-    make_likelihood,
-    save_fitted,
-    settings_json,
-    train,
-)
+from bnnify.usecases.training import FitSettings, evaluate, settings_json, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
@@ -55,11 +49,22 @@ def test_history_has_one_record_per_epoch(files):
     val = Dataset(data.x[:32], data.y[:32], "val")
     seen = []
     settings = FitSettings(task="regression", epochs=3, lr=0.01, batch_size=32)
-    history = train(runner, GaussianLikelihood(), data, settings, val=val, on_epoch=seen.append)
+    training = train(runner, GaussianLikelihood(), data, settings, val=val, on_epoch=seen.append)
+    history = training.history
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert seen == history
     for record in history:
-        assert set(record) == {"epoch", "loss", "nll", "kl", "elbo", "beta", "noise", "val"}
+        assert set(record) == {
+            "epoch",
+            "loss",
+            "nll",
+            "kl",
+            "elbo",
+            "beta",
+            "noise",
+            "val",
+            "improved",
+        }
         assert record["elbo"] == pytest.approx(-(record["nll"] + record["kl"] / 128))
         assert set(record["val"]) == {"rmse", "log_likelihood"}
         assert record["kl"] > 0 and record["noise"] > 0
@@ -74,7 +79,7 @@ def test_loss_is_nll_plus_weighted_warmed_up_kl_per_example(files, kl_weight):
     settings = FitSettings(
         task="regression", epochs=3, lr=0.0, batch_size=16, kl_weight=kl_weight, warmup_epochs=2
     )
-    history = train(runner, GaussianLikelihood(), data, settings)
+    history = train(runner, GaussianLikelihood(), data, settings).history
     kl = float(runner.bnn.kl_divergence().detach())
     mean_betas = [sum(range(1, 5)) / 4 / 8, sum(range(5, 9)) / 4 / 8, 1.0]
     for record, beta in zip(history, mean_betas, strict=True):
@@ -88,7 +93,7 @@ def test_zero_kl_weight_makes_the_loss_the_nll(files):
     _, runner = open_toy(files)
     data = subset(load_dataset(files.reg_train), 64)
     settings = FitSettings(task="regression", epochs=2, lr=0.01, batch_size=16, kl_weight=0.0)
-    for record in train(runner, GaussianLikelihood(), data, settings):
+    for record in train(runner, GaussianLikelihood(), data, settings).history:
         assert record["loss"] == record["nll"]
 
 
@@ -111,7 +116,7 @@ def test_same_seed_same_fit_and_another_seed_another(files):
         _, runner = open_toy(files)
         data = subset(load_dataset(files.reg_train), 64)
         settings = FitSettings(task="regression", epochs=2, lr=0.01, batch_size=16, seed=seed)
-        history = train(runner, GaussianLikelihood(), data, settings)
+        history = train(runner, GaussianLikelihood(), data, settings).history
         return history, runner.bnn.variational[0].mu.detach().clone()
 
     first, mu_first = run(3)
@@ -125,7 +130,7 @@ def test_fitting_improves_the_elbo_of_the_toy_problem(files):
     _, runner = open_toy(files)
     data = load_dataset(files.reg_train)
     settings = FitSettings(task="regression", epochs=15, lr=0.02, batch_size=128)
-    history = train(runner, GaussianLikelihood(), data, settings)
+    history = train(runner, GaussianLikelihood(), data, settings).history
     assert history[-1]["elbo"] > history[0]["elbo"]
     assert history[-1]["kl"] < history[0]["kl"]
 
@@ -153,7 +158,7 @@ def test_classification_fit_and_evaluation(files):
         data = load_dataset(files.cls_train)
         test = load_dataset(files.cls_test)
         settings = FitSettings(task="classification", epochs=2, lr=0.01, batch_size=100)
-        history = train(runner, likelihood, data, settings, val=test)
+        history = train(runner, likelihood, data, settings, val=test).history
     assert "noise" not in history[-1]
     metrics = history[-1]["val"]
     assert set(metrics) == {"accuracy", "log_likelihood", "ece"}
@@ -168,7 +173,7 @@ def test_save_fitted_round_trip(files, tmp_path):
     likelihood = GaussianLikelihood()
     data = subset(load_dataset(files.reg_train), 64)
     settings = FitSettings(task="regression", epochs=1, lr=0.01)
-    history = train(runner, likelihood, data, settings)
+    history = train(runner, likelihood, data, settings).history
     info = {"task": "regression", "settings": settings_json(settings), "history": history}
     target = tmp_path / "fitted.safetensors"
     save_fitted(target, target, ckpt, runner, likelihood, info)

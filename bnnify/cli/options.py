@@ -49,6 +49,7 @@ __all__ = [
     "NoiseOpt",
     "OnlyOpt",
     "OptionalModelOpt",
+    "PatienceOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
     "PriorArgOpt",
@@ -60,6 +61,7 @@ __all__ = [
     "ResumeOpt",
     "SamplesOpt",
     "ScopeOpt",
+    "SearchOpt",
     "SeedOpt",
     "ShardSizeOpt",
     "SkipOpt",
@@ -207,7 +209,29 @@ FitTaskOpt = Annotated[
 ]
 ValOpt = Annotated[Path | None, typer.Option(help="Validation data file.")]
 ValSplitOpt = Annotated[
-    float, typer.Option(min=0.0, max=0.9, help="Fraction of the data held out instead.")
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=0.9,
+        help="Fraction of the data held out for validation instead of --val [default: 0.1 "
+        "of data of 10 examples or more]; 0: no validation, the last epoch is kept.",
+    ),
+]
+PatienceOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Stop after this many epochs without a better validation log-likelihood "
+        "(0: run every epoch). The best epoch is kept either way.",
+    ),
+]
+SearchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--search",
+        help="Fit a small grid (prior scale, initial posterior spread, KL weight) and keep "
+        "the best on validation data; the grid's results go into the checkpoint.",
+    ),
 ]
 EpochsOpt = Annotated[int, typer.Option(min=1)]
 LrOpt = Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")]
@@ -215,7 +239,9 @@ BatchSizeOpt = Annotated[int, typer.Option(min=1)]
 FitSamplesOpt = Annotated[
     int, typer.Option(min=1, help="Weight samples per step for the expected NLL.")
 ]
-KlWeightOpt = Annotated[float, typer.Option(min=0.0, help="Multiplies KL / N (1: the true ELBO).")]
+KlWeightOpt = Annotated[
+    float, typer.Option(min=0.0, help="Multiplies KL / N (1: the true ELBO; README: defaults).")
+]
 WarmupOpt = Annotated[
     int, typer.Option(min=0, help="Linear KL warm-up from 0 over this many epochs.")
 ]

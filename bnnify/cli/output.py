@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, clip
+from bnnify.formats.strict_json import finite_json
 from bnnify.usecases import LOGGER_NAME
 
 __all__ = ["Output", "command", "human_bytes", "sanitize"]
@@ -82,6 +83,16 @@ class Output:
         """The JSON result on stdout (JSON mode only)."""
         if self.json_mode and not self.quiet:
             sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
+            sys.stdout.flush()
+
+    def json_line(self, data: Any) -> None:
+        """One JSON object on one line of stdout (JSON Lines), in JSON mode, even quiet.
+
+        NaN and infinities become null: JSON has neither.
+        """
+        if self.json_mode:
+            line = json.dumps(finite_json(data), allow_nan=False, default=_jsonable)
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
     @contextmanager

@@ -1,4 +1,5 @@
-"""JSON read from files: UTF-8, no duplicate keys, no NaN, bounded in size and nesting."""
+"""Strict JSON: read from files (UTF-8, no duplicate keys, no NaN, bounded nesting), written
+without NaN or Infinity."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from bnnify.errors import FormatError, shorten
 
-__all__ = ["MAX_DEPTH", "finite_json", "load_json"]
+__all__ = ["MAX_DEPTH", "dump_json", "finite_json", "load_json"]
 
 # bnnify's own JSON (index files, checkpoint metadata) nests a handful of levels.
 MAX_DEPTH = 64
@@ -56,19 +57,27 @@ def load_json(data: bytes | str, source: str, what: str = "the file") -> Any:
 
 
 def finite_json(value: Any) -> Any:
-    """`value` with every float that is not finite replaced by None (JSON has no NaN).
+    """`value` with every non-finite float (NaN, infinities) replaced by None, recursively.
+
+    JSON has no NaN: `json.dumps` would write `NaN`, which strict readers (bnnify's own
+    included) refuse. Tuples become lists; other values are returned as they are.
 
     Example:
-        >>> finite_json({"a": [1.0, float("nan")], "b": float("inf")})
-        {'a': [1.0, None], 'b': None}
+        >>> finite_json({"loss": float("nan"), "values": (1.5, float("-inf"))})
+        {'loss': None, 'values': [1.5, None]}
     """
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {key: finite_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [finite_json(item) for item in value]
     return value
+
+
+def dump_json(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` of `finite_json(value)`, refusing anything else that is not JSON."""
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -7,14 +7,16 @@ Per example, the loss is
 with N the number of training examples (so the sum over one epoch is the negative
 ELBO of the data set, divided by N), the expectation estimated with `mc_samples`
 weight samples, and beta(t) a linear warm-up from 0 to 1 over `warmup_epochs`.
-The loop itself, and its distributed form under `torchrun`, is in `training`.
+With validation data the epoch of best validation log-likelihood is kept (`best_epoch`).
+The loop itself, and its distributed form under `torchrun`, is in `training`; the
+grid of `search=True` in `search`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,12 @@ from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.data import Dataset
 from bnnify.formats.spec import resolve_device
 from bnnify.usecases import LOGGER_NAME
+from bnnify.usecases.distributed import process_device, process_rank
+from bnnify.usecases.fit_result import EPOCH_SCHEMA, POINT_SCHEMA, SCHEMA, FitResult
+from bnnify.usecases.fitted import make_likelihood, save_fitted
 from bnnify.usecases.model_call import model_arguments
 from bnnify.usecases.runner import Runner, check_input, open_runner
+from bnnify.usecases.search import search as search_grid
 from bnnify.usecases.sources import (
     CheckpointLike,
     DataLike,
@@ -41,80 +47,24 @@ from bnnify.usecases.sources import (
     opened_model,
     path_of,
 )
-from bnnify.usecases.training import (
-    FitSettings,
-    make_likelihood,
-    process_device,
-    process_rank,
-    save_fitted,
-    settings_json,
-    train,
-)
+from bnnify.usecases.training import FitSettings, train
 
-__all__ = ["FitResult", "FitSettings", "fit"]
+__all__ = [
+    "DEFAULT_VAL_SPLIT",
+    "EPOCH_SCHEMA",
+    "POINT_SCHEMA",
+    "SCHEMA",
+    "FitResult",
+    "FitSettings",
+    "fit",
+]
 
 logger = logging.getLogger(LOGGER_NAME)
 
-
-@dataclass
-class FitResult:
-    """What a fit did (what `bnnify fit` prints, and records in the fitted checkpoint).
-
-    Attributes:
-        output: The fitted checkpoint (written by the process of rank 0 only).
-        task: The task fitted.
-        settings: The settings used.
-        n_train: Training examples.
-        n_val: Validation examples (0 without validation).
-        data: Name of the training data.
-        model: `{"name": ..., "sha256": ...}` of the model file.
-        history: One record per epoch, those of the fits resumed included: loss,
-            nll, kl, elbo (per example), beta, noise, and `val` metrics.
-        inputs: The names of the model's per-example inputs, in order.
-        model_args: The constant arguments of the model's `forward`.
-        call: What each parameter of `forward` received (`"input NAME"` or a constant).
-        val_estimator: How the validation predictions were sampled
-            (`{"estimator": ..., "reason": ...}`), None without validation.
-    """
-
-    output: Path
-    task: Task
-    settings: FitSettings
-    n_train: int
-    n_val: int
-    data: str
-    model: dict[str, str]
-    history: list[dict[str, Any]]
-    inputs: list[str] = field(default_factory=lambda: ["x"])
-    model_args: dict[str, Any] = field(default_factory=dict)
-    call: dict[str, Any] = field(default_factory=dict)
-    val_estimator: dict[str, str] | None = None
-
-    @property
-    def final(self) -> dict[str, Any]:
-        """The record of the last epoch."""
-        return self.history[-1]
-
-    def info(self) -> dict[str, Any]:
-        """The fit's record in the checkpoint's metadata (`bnnify.fit`)."""
-        return {
-            "task": self.task.value,
-            "settings": settings_json(self.settings),
-            "n_train": self.n_train,
-            "n_val": self.n_val,
-            "data": self.data,
-            "model": self.model,
-            "inputs": self.inputs,
-            "model_args": self.model_args,
-            "call": self.call,
-            "val_estimator": self.val_estimator,
-            "history": self.history,
-            "final": self.final,
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        """The result as `bnnify fit --json` prints it."""
-        return {"output": str(self.output), **self.info()}
+# Held out for validation when no `val` is given (README, "Why these defaults"), from
+# data of at least `_MIN_SPLIT` examples.
+DEFAULT_VAL_SPLIT = 0.1
+_MIN_SPLIT = 10
 
 
 def fit(
@@ -124,17 +74,19 @@ def fit(
     *,
     task: Task | str | None = None,
     val: DataLike | None = None,
-    val_split: float = 0.0,
-    epochs: int = 50,
-    lr: float = 1e-3,
-    batch_size: int = 128,
+    val_split: float | None = None,
+    epochs: int = 1000,
+    lr: float = 1e-2,
+    batch_size: int = 32,
     mc_samples: int = 1,
-    kl_weight: float = 1.0,
+    kl_weight: float = 0.1,
     warmup_epochs: int = 0,
     clip: float | None = 10.0,
     seed: int = 0,
     val_samples: int = 16,
     noise: NoiseMode | str = NoiseMode.FRESH,
+    patience: int = 50,
+    search: bool = False,
     class_dim: int | None = None,
     x_key: str | Sequence[str] = "x",
     y_key: str = "y",
@@ -148,6 +100,7 @@ def fit(
     trust_pickle: bool = False,
     force: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Fits a checkpoint's posterior to data and writes the fitted checkpoint, atomically.
 
@@ -162,18 +115,25 @@ def fit(
         task: "regression" (Gaussian likelihood, learned noise) or "classification"
             (logits); default: the task of a resumed fit.
         val: Validation data, as `data`.
-        val_split: Fraction of `data` held out for validation instead.
+        val_split: Fraction of `data` held out for validation instead (default:
+            `DEFAULT_VAL_SPLIT` when `val` is not given and `data` has at least 10
+            examples; 0: no validation, the last epoch is kept, with a warning).
         epochs: Passes over the data.
         lr: Adam's learning rate.
         batch_size: Examples per step.
         mc_samples: Weight samples per step for the expected NLL.
-        kl_weight: Multiplies KL / N (1: the true ELBO).
+        kl_weight: Multiplies KL / N (1: the true ELBO; the default 0.1 was chosen on
+            validation data, README "Why these defaults").
         warmup_epochs: Linear KL warm-up from 0 over this many epochs.
         clip: Gradient norm clipping (None or 0: off).
         seed: Seed of the data order and the weight noise.
         val_samples: Weight samples for the validation metrics.
         noise: The weight noise of each training step, "fresh" (default) or
             "shifted" (cheaper; see `BayesianModule`'s `noise`).
+        patience: With validation data, stop after this many epochs without a better
+            validation log-likelihood (0: run every epoch); the best epoch is kept.
+        search: Fit every point of the grid `search.GRID` (prior scale, initial
+            posterior spread, KL weight) and keep the best on validation data.
         class_dim: Classification: the dimension of the classes in the model's
             output (0 is the batch; default: a resumed fit's, else the last, -1).
         x_key: Input tensor name in data files, or names of several inputs (`NAME`
@@ -191,7 +151,9 @@ def fit(
             mapping; needed when it has any).
         trust_pickle: Load a pickled `nn.Module` file (this runs its code).
         force: Overwrite `output` if it exists.
-        on_epoch: Called with each epoch's record (on rank 0).
+        on_epoch: Called with each epoch's record (on rank 0); with `search`, the
+            record's `point` is the index of its grid point.
+        on_point: With `search`, called with each grid point's result.
 
     Raises:
         UsageError: For a missing or conflicting task, an invalid setting, or inputs
@@ -204,7 +166,7 @@ def fit(
         DivergedError: If the loss, its gradient or the parameters become infinite or
             NaN (nothing is written).
     """
-    if not 0.0 <= val_split < 1.0:
+    if val_split is not None and not 0.0 <= val_split < 1.0:
         raise InvalidArgumentError(f"val_split must be in [0, 1), got {val_split!r}")
     device = process_device(resolve_device(device))
     destination = Path(output) if output is not None else derived_name(path_of(checkpoint), "fit")
@@ -224,14 +186,26 @@ def fit(
         seed=seed,
         val_samples=val_samples,
         noise=noise,
+        patience=patience,
         class_dim=_class_dim(class_dim, ckpt, resume),
     )
     constants = model_arguments(model_args)
     keys = {"x_key": x_key, "y_key": y_key, "target": target}
     train_data = as_dataset(data, **keys)
     validation = as_dataset(val, **keys) if val is not None else None
-    if validation is None and val_split > 0:
-        train_data, validation = _split(train_data, val_split, seed)
+    fraction = _val_split(val_split, val, len(train_data))
+    if validation is None and fraction > 0:
+        train_data, validation = _split(train_data, fraction, seed)
+    if search and validation is None:
+        raise UsageError(
+            "--search compares its grid on validation data, and there is none",
+            hint="Give --val FILE or --val-split FRACTION.",
+        )
+    if search and resume:
+        raise UsageError(
+            "--search starts every grid point from the converted means, and cannot resume",
+            hint="Drop --resume, or --search.",
+        )
     if validation is not None and validation.x.names != train_data.x.names:
         raise InputError(
             f"the validation inputs ({', '.join(validation.x.names)}) are not the training "
@@ -243,34 +217,61 @@ def fit(
         runner = open_runner(loaded, ckpt, device=device, **confirm)
         source = {"name": loaded.path.name, "sha256": loaded.sha256}
         what = f"{loaded.path.name} ({loaded.format.value})"
-    likelihood = make_likelihood(chosen, ckpt, resume, settings.class_dim)
-    for part in (train_data, validation):
-        if part is not None:
-            _check_fits(runner, likelihood, part)
-    val_estimator = None
-    if validation is not None:
-        choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
-        val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
-        logger.info("Validation predictions: %s", choice)
-    _check_noise(runner, settings.noise)
-    previous = (ckpt.fit or {}).get("history", []) if resume else []
-    logger.info(
-        "Fitting %d Bayesian parameters of %s on %d examples, %s",
-        len(ckpt.parameters),
-        what,
-        len(train_data),
-        chosen.value,
-    )
-    history = train(
-        runner,
-        likelihood,
-        train_data,
-        settings,
-        val=validation,
-        start_epoch=len(previous),
-        init_noise=not resume,
-        on_epoch=on_epoch,
-    )
+        likelihood = make_likelihood(chosen, ckpt, resume, settings.class_dim)
+        for part in (train_data, validation):
+            if part is not None:
+                _check_fits(runner, likelihood, part)
+        val_estimator = None
+        if validation is not None:
+            choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
+            val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
+            logger.info("Validation predictions: %s", choice)
+        else:
+            why = (
+                "--val-split 0"
+                if val_split == 0
+                else f"{len(train_data)} examples, too few to split"
+            )
+            logger.warning(
+                "no validation data (%s): the last epoch is kept, and nothing guards against "
+                "over-fitting; give --val FILE or --val-split FRACTION",
+                why,
+            )
+        _check_noise(runner, settings.noise)
+        previous = (ckpt.fit or {}).get("history", []) if resume else []
+        logger.info(
+            "Fitting %d Bayesian parameters of %s on %d examples%s, %s",
+            len(ckpt.parameters),
+            what,
+            len(train_data),
+            "" if validation is None else f" ({len(validation)} for validation)",
+            chosen.value,
+        )
+        outcome = None
+        if search:
+            outcome = search_grid(
+                lambda prior: open_runner(loaded, ckpt, device=device, prior=prior, **confirm),
+                lambda: make_likelihood(chosen, ckpt, False, settings.class_dim),
+                ckpt.spec,
+                train_data,
+                validation,
+                settings,
+                on_epoch=on_epoch,
+                on_point=on_point,
+            )
+            runner, likelihood, training = outcome.runner, outcome.likelihood, outcome.training
+            settings = dataclasses.replace(settings, kl_weight=outcome.kl_weight)
+        else:
+            training = train(
+                runner,
+                likelihood,
+                train_data,
+                settings,
+                val=validation,
+                start_epoch=len(previous),
+                init_noise=not resume,
+                on_epoch=on_epoch,
+            )
     result = FitResult(
         output=destination,
         task=chosen,
@@ -279,16 +280,22 @@ def fit(
         n_val=0 if validation is None else len(validation),
         data=_name(data, train_data),
         model=source,
-        history=previous + history,
+        history=previous + training.history,
+        selection=training.selection,
+        start=training.start,
+        val_data=None if validation is None else _name(val, validation),
         inputs=train_data.x.names,
         model_args=constants,
         call=runner.call.describe(train_data.x.names),
         val_estimator=val_estimator,
+        search=None if outcome is None else outcome.record(),
     )
+    _log_selection(result)
     if process_rank() == 0:
+        extra = {} if outcome is None else outcome.metadata()
         with outputs:
             temp = outputs.temp(destination)
-            save_fitted(destination, temp, ckpt, runner, likelihood, result.info())
+            save_fitted(destination, temp, ckpt, runner, likelihood, result.info(), extra)
     return result
 
 
@@ -301,6 +308,23 @@ def _check_noise(runner: Runner, noise: NoiseMode) -> None:
             "fresh noise instead: %s (BNNIFY_COMPILE=1 compiles a store of any size)",
             "; ".join(eager),
         )
+
+
+def _log_selection(result: FitResult) -> None:
+    selection = result.selection
+    logger.info(
+        "Kept epoch %d of %d: %s",
+        selection["kept_epoch"],
+        selection["last_epoch"],
+        selection["reason"],
+    )
+
+
+def _val_split(val_split: float | None, val: DataLike | None, n: int) -> float:
+    """The fraction held out: as given, else `DEFAULT_VAL_SPLIT` of data large enough."""
+    if val_split is not None:
+        return val_split
+    return DEFAULT_VAL_SPLIT if val is None and n >= _MIN_SPLIT else 0.0
 
 
 def _check_fits(runner: Runner, likelihood: Likelihood, data: Dataset) -> None:

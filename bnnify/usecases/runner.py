@@ -140,11 +140,16 @@ class ModuleRunner(Runner):
     """
 
     def __init__(
-        self, module: nn.Module, checkpoint: Checkpoint, device: str, call: ModelCall | None = None
+        self,
+        module: nn.Module,
+        checkpoint: Checkpoint,
+        device: str,
+        call: ModelCall | None = None,
+        prior: tuple[str, dict] | None = None,
     ):
         super().__init__()
         self.call = call or ModelCall(forward_signature(module))
-        self.bnn = checkpoint.to_bayesian(module, device=device)
+        self.bnn = checkpoint.to_bayesian(module, prior=prior, device=device)
         _eval(self.bnn)
 
     def forward(self, inputs: InputsLike) -> Tensor:
@@ -204,10 +209,11 @@ class ScriptRunner(Runner):
         checkpoint: Checkpoint,
         device: str,
         call: ModelCall | None = None,
+        prior: tuple[str, dict] | None = None,
     ):
         super().__init__()
         self.call = call or ModelCall(forward_signature(script))
-        self.bnn = checkpoint.to_bayesian(device=device)
+        self.bnn = checkpoint.to_bayesian(prior=prior, device=device)
         self.bnn.eval()
         self.names = self.bnn.reparametrized_names()
         # Found before the move to `device`, which may turn shared memory into copies.
@@ -319,6 +325,7 @@ def open_runner(
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
     model_args: Mapping[str, Any] | None = None,
+    prior: tuple[str, dict] | None = None,
 ) -> Runner:
     """A runner for `model` with the posterior of `checkpoint`.
 
@@ -333,6 +340,7 @@ def open_runner(
             or a mapping); see `confirm_arch`.
         model_args: Constant arguments of the model's `forward`, by name (passed
             unchanged with every batch; see `ModelCall`).
+        prior: A prior spec `(name, kwargs)` replacing the checkpoint's (`fit --search`).
 
     Raises:
         InputError: If the model file is not the one the checkpoint came from.
@@ -346,8 +354,8 @@ def open_runner(
     program = model.module if model.format is ModelFormat.EXPORT else None
     call = ModelCall(forward_signature(module, program), model_args)
     if model.format is ModelFormat.TORCHSCRIPT:
-        return ScriptRunner(module, checkpoint, device, call)
-    return ModuleRunner(module, checkpoint, device, call)
+        return ScriptRunner(module, checkpoint, device, call, prior)
+    return ModuleRunner(module, checkpoint, device, call, prior)
 
 
 # ------------------------------------------------ the model file's own module
