@@ -16,7 +16,6 @@ the torch build and the CPU's instruction set only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -33,7 +32,6 @@ __all__ = [
     "distribution_report_kl",
     "fixed_sum",
     "gaussian_report_kl",
-    "kl_total",
     "parameter_kl",
 ]
 
@@ -181,15 +179,3 @@ def parameter_kl(posterior: Any, prior: Prior, num_samples: int | None) -> Tenso
         return gaussian_report_kl(posterior.mu, posterior.rho, prior, num_samples)
     with torch.no_grad():
         return _against(posterior.distribution, prior, num_samples, type(posterior).__name__)
-
-
-def kl_total(values: Iterable[float] | Tensor) -> float:
-    """The total of per-parameter KL values, exactly rounded: any two callers agree.
-
-    Example:
-        >>> kl_total([0.1, 0.2, 0.3]) == 0.6
-        True
-    """
-    if isinstance(values, Tensor):
-        values = values.detach().double().reshape(-1).tolist()
-    return math.fsum(values)

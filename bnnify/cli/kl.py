@@ -24,7 +24,13 @@ ReductionOpt = Annotated[
     Reduction, typer.Option(help="Report the sum over elements or the mean per element.")
 ]
 TopOpt = Annotated[
-    int, typer.Option(min=0, help="Rows of the per-parameter table, largest KL first (0: all).")
+    int | None,
+    typer.Option(
+        min=0,
+        metavar="N",
+        help="Only the N parameters of largest KL, largest first (0: all) [table default: "
+        "10; --json default: all, in storage order].",
+    ),
 ]
 OutOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Write the KL report to this file.")
@@ -46,7 +52,7 @@ def kl(
     prior_arg: opt.PriorArgOpt = None,
     reduction: ReductionOpt = Reduction.SUM,
     mc_samples: opt.McSamplesOpt = None,
-    top: TopOpt = 10,
+    top: TopOpt = None,
     out_path: OutOpt = None,
     device: opt.DeviceOpt = None,
     seed: SeedOpt = None,
@@ -55,11 +61,13 @@ def kl(
     quiet: opt.QuietOpt = False,
 ) -> None:
     """Compute KL(posterior || prior) of a checkpoint, with its stored prior or another one."""
-    out = Output(json_mode=json, quiet=quiet)
-    import bnnify
+    out = Output(command="kl", json_mode=json, quiet=quiet)
+    # The use case, not `bnnify.kl`: the package's API imports torch, and a report is
+    # read without it.
+    from bnnify.usecases.kl import kl as compute_kl
 
     with reporting(out, "Computing KL") as progress:
-        result = bnnify.kl(
+        result = compute_kl(
             path,
             prior=prior,
             prior_args=prior_arg or (),
@@ -74,21 +82,21 @@ def kl(
     _render(out, result, top)
 
 
-def _render(out: Output, result: Any, top: int) -> None:
-    out.json(result.to_json())
+def _render(out: Output, result: Any, top: int | None) -> None:
+    out.json(result.to_json(top))
     report = result.report
-    order = sorted(range(len(report.names)), key=lambda i: -float(report.per_parameter[i]))
-    shown = order if top == 0 else order[:top]
-    total = report.total or 1.0
-    rows = []
-    for i in shown:
-        k, n = float(report.per_parameter[i]), int(report.numels[i])
-        share = f"{100 * k / total:.1f}%"
-        rows.append((Text(report.names[i]), f"{n:,}", f"{k:.6g}", f"{k / max(n, 1):.4g}", share))
-    title = f"KL by parameter (largest {len(shown)} of {len(order)})"
+    rows = [
+        (Text(p["name"]), f"{p['elements']:,}", f"{p['kl']:.6g}", f"{p['kl_mean']:.4g}", share(p))
+        for p in report.to_json(10 if top is None else top)["parameters"]
+    ]
+    title = f"KL by parameter (largest {len(rows)} of {len(report.names)})"
     out.table(table(title, COLUMNS, rows, right=COLUMNS[1:]))
     method = "analytic" if report.samples is None else f"Monte Carlo, {report.samples} samples"
     out.line(
         f"KL ({result.reduction}): {result.value:.8g}  [{report.prior['name']} prior, {method}, "
-        f"{int(report.numels.sum()):,} elements]"
+        f"{report.elements:,} elements]"
     )
+
+
+def share(parameter: dict[str, Any]) -> str:
+    return f"{100 * parameter['share']:.1f}%"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -26,10 +27,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, clip
+from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, InputError, clip
 from bnnify.usecases import LOGGER_NAME
 
-__all__ = ["Output", "command", "human_bytes", "sanitize"]
+__all__ = ["Output", "command", "human_bytes", "json_text", "sanitize", "schema_name"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,12 +39,21 @@ class Output:
     """Where a command writes: data on stdout (a table, or JSON), the rest on stderr.
 
     Args:
+        command: The command's name: its JSON carries `"schema": "bnnify.<command>/1"`.
         json_mode: Print one JSON object on stdout instead of tables.
-        quiet: Print nothing but errors.
+        quiet: Print nothing but errors and the requested JSON (logs are silenced, not data).
         verbose: Show detail (per-parameter rows, info logs).
     """
 
-    def __init__(self, *, json_mode: bool = False, quiet: bool = False, verbose: bool = False):
+    def __init__(
+        self,
+        *,
+        command: str | None = None,
+        json_mode: bool = False,
+        quiet: bool = False,
+        verbose: bool = False,
+    ):
+        self.command = command
         self.json_mode = json_mode
         self.quiet = quiet
         self.verbose = verbose
@@ -78,11 +88,32 @@ class Output:
         if not self.quiet and not self.json_mode:
             self.out.print(escape(message))
 
-    def json(self, data: Any) -> None:
-        """The JSON result on stdout (JSON mode only)."""
-        if self.json_mode and not self.quiet:
-            sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
-            sys.stdout.flush()
+    def json(self, data: Any, *, schema: str | None = None) -> None:
+        """The JSON result on stdout (JSON mode only, --quiet included: it is the data).
+
+        Args:
+            data: A JSON object; its `schema` key is set first (from `schema`, else the
+                command's name) unless it has one.
+            schema: The schema's name when it is not the command's, e.g. "fit.epoch".
+        """
+        if self.json_mode:
+            self._write(json_text(self._stamped(data, schema), indent=2))
+
+    def json_line(self, data: Any, *, schema: str | None = None) -> None:
+        """One JSON object on one line of stdout (JSON Lines: a record of a stream)."""
+        if self.json_mode:
+            self._write(json_text(self._stamped(data, schema)))
+
+    def _stamped(self, data: Any, schema: str | None) -> Any:
+        name = schema or self.command
+        if not isinstance(data, dict) or name is None or "schema" in data:
+            return data
+        return {"schema": schema_name(name), **data}
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
     @contextmanager
     def progress(self, total: int, description: str) -> Iterator[Callable[[int], None]]:
@@ -152,10 +183,48 @@ def _stderr() -> Console:
     return console
 
 
-def _jsonable(value: Any) -> Any:
+def schema_name(command: str) -> str:
+    """The versioned name of a command's JSON schema, its first key: `bnnify.<command>/1`."""
+    return f"bnnify.{command}/{SCHEMA_VERSION}"
+
+
+SCHEMA_VERSION = 1
+
+
+def json_text(data: Any, *, indent: int | None = None) -> str:
+    """`data` as strict JSON: paths as strings, tensors as lists, never NaN or Infinity.
+
+    A non-finite number becomes null, except a KL divergence (under a key `kl` or
+    `kl_*`): a KL that is not finite is an error, never data.
+
+    Raises:
+        InputError: A KL divergence in `data` is NaN or infinite.
+    """
+    return json.dumps(_plain(data, ()), indent=indent, allow_nan=False)
+
+
+def _plain(value: Any, keys: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v, (*keys, str(k))) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, keys) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _non_finite(value, keys)
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return _plain(value.tolist(), keys)
     return str(value)
+
+
+def _non_finite(value: float, keys: tuple[str, ...]) -> None:
+    if any(k == "kl" or k.startswith("kl_") for k in keys):
+        raise InputError(
+            f"the KL divergence ({'.'.join(keys)}) is {value}: the posterior and prior do "
+            "not give a finite KL, so there is no result to report",
+            hint="Check the prior's arguments and the checkpoint's spreads (bnnify inspect).",
+        )
+    return None
 
 
 def command(function: F) -> F:

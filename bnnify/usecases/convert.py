@@ -9,17 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from bnnify.bnn.kl_report import kl_total
 from bnnify.enums import KLMethod
 from bnnify.errors import ArgumentTypeError, InvalidArgumentError, UsageError
 from bnnify.formats.atomic import AtomicOutputs, check_outputs
 from bnnify.formats.checkpoint_writer import checkpoint_metadata, sharded_paths, write_tensors
 from bnnify.formats.detect import resolve_model_path
 from bnnify.formats.model_files import LoadedModel, ModelFormat
-from bnnify.formats.report import KLReport, write_report
+from bnnify.formats.report import KLReport, kl_total, write_report
 from bnnify.formats.sharded import read_index
 from bnnify.formats.spec import ConversionSpec, resolve_spec
 from bnnify.usecases import LOGGER_NAME
@@ -99,16 +97,15 @@ class ConversionResult:
             "source": self.source,
             "spec": self.spec.to_json(),
             "reparametrized": len(self.parameters),
-            "deterministic": len(self.deterministic),
-            "deterministic_names": self.deterministic,
+            "deterministic": list(self.deterministic),
             "variational_elements": self.elements,
             "kl": {
                 "sum": self.kl_sum,
                 "mean": self.kl_mean,
                 "method": self.method.value,
                 "samples": self.samples,
-                "top": [share.to_json() for share in self.top],
             },
+            "largest": [share.to_json() for share in self.top],
             "buffer_like": [share.to_json() for share in self.buffer_like],
             "suggested_exclude": list(self.suggested_exclude),
             "outputs": [str(p) for p in self.outputs],
@@ -298,8 +295,8 @@ def _report(plan: ConversionPlan, spec: ConversionSpec, name: str, sha256: str) 
     parameters = plan.summary()
     return KLReport(
         names=[p.name for p in parameters],
-        per_parameter=torch.tensor([p.kl for p in parameters], dtype=torch.float64),
-        numels=torch.tensor([p.numel for p in parameters], dtype=torch.int64),
+        per_parameter=[p.kl for p in parameters],
+        numels=[p.numel for p in parameters],
         method=plan.method,
         samples=plan.samples,
         posterior={"name": spec.posterior[0], "kwargs": dict(spec.posterior[1])},
