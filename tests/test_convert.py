@@ -445,6 +445,9 @@ def test_default_output_paths():
         Path("x/c.bnn"),
         Path("x/r.kl"),
     )
+    # A program's ending stays in the name: x.jit and x.pt2 do not collide.
+    jit, pt2 = (output_paths(Path(f"x.{e}"), None, None)[0] for e in ("jit", "pt2"))
+    assert (jit, pt2) == (Path("x.jit.bnn.safetensors"), Path("x.pt2.bnn.safetensors"))
 
 
 def test_the_summary_adds_up(models, tmp_path):

@@ -35,6 +35,7 @@ def convert(
     arch: opt.ArchOpt = None,
     arch_kwargs: opt.ArchKwargsOpt = None,
     trust_pickle: opt.TrustPickleOpt = False,
+    dry_run: opt.DryRunOpt = False,
     force: opt.ForceOpt = False,
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
@@ -45,7 +46,7 @@ def convert(
     The default posterior keeps the trained weights as posterior means
     (pretrained_gaussian with sigma = 0.1 |w|); the default prior is N(0, 1).
     """
-    out = Output(json_mode=json, quiet=quiet, verbose=verbose)
+    out = Output(command="convert", json_mode=json, quiet=quiet, verbose=verbose)
     import bnnify
 
     with reporting(out, "Converting") as progress:
@@ -73,17 +74,18 @@ def convert(
             only=only,
             skip=skip,
             seed=seed,
+            dry_run=dry_run,
         )
     _render(out, result)
 
 
 def _render(out: Output, result: Any) -> None:
     out.json(result.to_json())
-    if out.verbose:
+    if out.verbose or result.dry_run:
         out.table(conversion_table(result))
     method = "analytic" if result.samples is None else f"Monte Carlo, {result.samples} samples"
     out.line(
-        f"Converted {result.source['name']} ({result.source['format']}): "
+        f"{'Would convert' if result.dry_run else 'Converted'} {result.source['name']} ({result.source['format']}): "
         f"{len(result.parameters)} parameters reparametrized "
         f"({result.elements:,} elements), {len(result.deterministic)} kept deterministic"
     )
@@ -94,3 +96,5 @@ def _render(out: Output, result: Any) -> None:
     out.line(f"Largest KL (share of the KL, of the elements): {', '.join(top)}")
     for path in result.outputs:
         out.line(f"  wrote {path} ({human_bytes(path.stat().st_size) if path.exists() else '?'})")
+    if result.dry_run:
+        out.line("Dry run: nothing was written.")

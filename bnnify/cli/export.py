@@ -32,7 +32,7 @@ def export(
 ) -> None:
     """Write a plain model that needs nothing from bnnify: the posterior means, one seeded
     sample, or an ensemble of K samples returning their mean and standard deviation."""
-    sink = Output(json_mode=json, quiet=quiet)
+    sink = Output(command="export", json_mode=json, quiet=quiet)
     import bnnify
 
     options = dict(format=format, weights=weights, seed=seed, inputs=input, x_key=x_key)

@@ -52,7 +52,10 @@ def fit(
     DistributedDataParallel (gloo on CPU, nccl on GPU); rank 0 writes the output.
     """
     rank = int(os.environ.get("RANK", "0"))
-    sink = Output(json_mode=json, quiet=quiet or rank != 0, verbose=verbose)
+    # Only rank 0 speaks: the others are quiet, their JSON too.
+    sink = Output(
+        command="fit", json_mode=json and rank == 0, quiet=quiet or rank != 0, verbose=verbose
+    )
     import bnnify
 
     settings = dict(task=task, val=val, val_split=val_split, epochs=epochs, lr=lr)

@@ -26,7 +26,7 @@ def inspect(
     quiet: QuietOpt = False,
 ) -> None:
     """Show a checkpoint's metadata, per-parameter sigma and signal-to-noise |mu|/sigma."""
-    out = Output(json_mode=json, quiet=quiet)
+    out = Output(command="inspect", json_mode=json, quiet=quiet)
     import bnnify
 
     info = bnnify.inspect(path).to_json()

@@ -16,7 +16,7 @@ COLUMNS = ("name", "aliases", "arguments (defaults)", "description")
 @command
 def list_registered(json: JsonOpt = False) -> None:
     """List the posteriors and priors you can name in a spec or with --posterior/--prior."""
-    out = Output(json_mode=json)
+    out = Output(command="list", json_mode=json)
     # Read from the library's source, not imported: `bnnify list` does not load torch.
     from bnnify.catalog import POSTERIORS, PRIORS
 

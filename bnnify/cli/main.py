@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
 
 import bnnify
 from bnnify.cli import convert, export, fit, inspect_cmd, kl, list_cmd, predict, prune
+from bnnify.cli.output import closed_stdout
 
 __all__ = ["app", "main"]
 
@@ -66,4 +68,13 @@ def main() -> None:
     from bnnify.formats.interrupts import install_signal_handlers
 
     install_signal_handlers()
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # outside a command (help, version piped into `head`)
+        closed_stdout()
+        sys.exit(0)
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            closed_stdout()

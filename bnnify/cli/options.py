@@ -23,6 +23,7 @@ __all__ = [
     "DataOpt",
     "DefaultTaskOpt",
     "DeviceOpt",
+    "DryRunOpt",
     "DtypeOpt",
     "EpochsOpt",
     "ExcludeOpt",
@@ -182,6 +183,13 @@ CheckpointOutOpt = Annotated[
 ]
 ReportOpt = Annotated[
     Path | None, typer.Option(help="KL report path [default: <stem>.kl.safetensors].")
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print the parameter plan and the KL divergence; write nothing.",
+    ),
 ]
 ShardSizeOpt = Annotated[
     str | None,

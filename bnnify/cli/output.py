@@ -27,10 +27,25 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, InputError, clip
+from bnnify.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    BnnifyError,
+    InputError,
+    InvalidArgumentError,
+    clip,
+)
 from bnnify.usecases import LOGGER_NAME
 
-__all__ = ["Output", "command", "human_bytes", "json_text", "sanitize", "schema_name"]
+__all__ = [
+    "Output",
+    "closed_stdout",
+    "command",
+    "human_bytes",
+    "json_text",
+    "sanitize",
+    "schema_name",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,6 +78,19 @@ class Output:
             # Piped tables would otherwise be folded to 80 columns.
             self.out = _SafeConsole(highlight=False, no_color=no_color, width=160)
         self.err = _stderr()
+
+    def stdout_is_data(self, *, json_flag: str | None = None) -> None:
+        """Stdout carries a data stream (`-o -`): results and tables move to stderr.
+
+        Raises:
+            InvalidArgumentError: `json_flag` (--json) asks for JSON on stdout too.
+        """
+        if json_flag:
+            raise InvalidArgumentError(
+                f"-o - writes the data to stdout, where {json_flag} would write too",
+                hint="Write the data to a file with -o FILE, or drop --json.",
+            )
+        self.out = self.err
 
     def log(self, message: str) -> None:
         """An informational line on stderr (hidden by --quiet and --json)."""
@@ -253,6 +281,11 @@ def command(function: F) -> F:
             remove_tracked()
             err.print("[bold red]Interrupted[/bold red]; no partial or temporary file is left.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader of stdout is gone (`| head -1`): what it wanted it has; the files
+            # were written before the results were printed. Quiet success, as Unix tools end.
+            closed_stdout()
+            raise typer.Exit(0) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:  # a bug, not a user mistake: say so briefly
@@ -266,6 +299,18 @@ def command(function: F) -> F:
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def closed_stdout() -> None:
+    """Points stdout at /dev/null after its pipe closed, so that no later write or the
+    interpreter's last flush fails (Python would print `BrokenPipeError` and exit 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (a test's capture): nothing to do
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _print_lines(err: Console, text: str) -> None:

@@ -18,7 +18,17 @@ __all__ = ["predict"]
 Opt = typer.Option
 CheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]
 InputOpt = Annotated[Path, Opt("--input", "-i", help="Inputs: safetensors (x), .npy, .npz or CSV.")]
-OutOpt = Annotated[Path | None, Opt("--out", "-o", help="Write the predictions (safetensors).")]
+OutOpt = Annotated[
+    str | None,
+    Opt(
+        "--out",
+        "-o",
+        metavar="FILE",
+        help="Write the predictions: FILE.safetensors (every tensor, with metadata), "
+        "FILE.csv (a row per example), or - for CSV on stdout (the summary then goes to "
+        "stderr).",
+    ),
+]
 TargetsOpt = Annotated[
     Path | None, Opt("--targets", "--labels", help="Targets or labels: report metrics.")
 ]
@@ -55,7 +65,9 @@ def predict(
 ) -> None:
     """Predict with S weight samples: predictive mean and spread, or class probabilities
     with entropy and mutual information; metrics when targets are given."""
-    sink = Output(json_mode=json, quiet=quiet)
+    sink = Output(command="predict", json_mode=json, quiet=quiet)
+    if out == "-":
+        sink.stdout_is_data(json_flag="--json" if json else None)
     import bnnify
 
     options = dict(samples=samples, targets=targets, task=task, output=out, seed=seed)

@@ -41,7 +41,7 @@ def prune(
 ) -> None:
     """Set to zero the weights of lowest |mu|/sigma (--keep FRACTION or --snr-threshold T):
     writes a pruned checkpoint, or with --export a plain model; metrics with --data."""
-    sink = Output(json_mode=json, quiet=quiet)
+    sink = Output(command="prune", json_mode=json, quiet=quiet)
     import bnnify
 
     options = dict(keep=keep, snr_threshold=snr_threshold, scope=scope, output=output)

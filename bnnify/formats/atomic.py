@@ -237,10 +237,19 @@ def check_outputs(
     inode, so symbolic and hard links to an input count as the input.
 
     Raises:
-        UsageError: For the reasons above (exit code 2).
+        UsageError: For the reasons above (exit code 2), or a path is "-" (stdout: no
+            file of that name is made).
         OutputExistsError: Outputs exist and `force` is false; all of them are listed.
         OutputError: The folder cannot take a new file (no space left).
     """
+    for path in paths:
+        if str(path) == "-":
+            raise UsageError(
+                "'-' (stdout) cannot take this output: it is a file, not a stream (only "
+                "`bnnify predict -o -` writes its predictions to stdout); no file named '-' "
+                "is made either",
+                hint="Give a file name, e.g. -o out.bnn.safetensors (or ./- for that name).",
+            )
     paths = [Path(os.path.abspath(p)) for p in paths]
     for path in paths:
         _check_destination(path)

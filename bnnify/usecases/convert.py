@@ -70,6 +70,7 @@ class ConversionResult:
     outputs: list[Path] = field(default_factory=list)
     buffer_like: list[KLShare] = field(default_factory=list)
     suggested_exclude: list[str] = field(default_factory=list)
+    dry_run: bool = False
 
     @property
     def top(self) -> list[KLShare]:
@@ -109,6 +110,7 @@ class ConversionResult:
             "buffer_like": [share.to_json() for share in self.buffer_like],
             "suggested_exclude": list(self.suggested_exclude),
             "outputs": [str(p) for p in self.outputs],
+            "dry_run": self.dry_run,
             "parameters": [
                 {
                     "name": p.name,
@@ -137,6 +139,7 @@ def convert(
     progress: Progress | None = None,
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
+    dry_run: bool = False,
     **overrides: Any,
 ) -> ConversionResult:
     """Converts a trained model into a variational checkpoint and a KL report, atomically.
@@ -162,6 +165,8 @@ def convert(
         progress: Called with (elements done, total elements) as tensors are written.
         arch: Confirms the spec's `arch` (building it runs its code); see `confirm_arch`.
         arch_kwargs: Confirms the spec's `arch_kwargs` (a JSON object or a mapping).
+        dry_run: Plan the conversion and compute the KL, but write nothing (the result's
+            `outputs` is empty).
         **overrides: Spec keys overriding `spec`, as `resolve_spec` takes them:
             `posterior`, `prior` (a name or `(name, kwargs)`), `posterior_args`,
             `prior_args` (dicts merged over the spec's), `device`, `dtype`, `include`,
@@ -222,6 +227,7 @@ def convert(
             progress,
             read=read,
             confirmation=(arch, arch_kwargs),
+            dry_run=dry_run,
         )
 
 
@@ -237,11 +243,14 @@ def _convert(
     *,
     read: list[Path],
     confirmation: tuple[str | None, str | Mapping[str, Any] | None],
+    dry_run: bool,
 ) -> ConversionResult:
     stem = checkpoint.name.removesuffix(".safetensors").removesuffix(".safetensors.index.json")
     # Fail before any work on outputs that exist (without force) or cannot be written.
     index = checkpoint.parent / f"{stem}.safetensors.index.json"
-    AtomicOutputs([checkpoint if shard_bytes is None else index, report], force=force, inputs=read)
+    if not dry_run:
+        early = [checkpoint if shard_bytes is None else index, report]
+        AtomicOutputs(early, force=force, inputs=read)
     source = {"name": model.path.name, "format": model.format.value, "sha256": model.sha256}
     # Where the weights were inside the file: `fit` and `predict` read them there again.
     source |= {k: v for k, v in (("key", model.key), ("prefix", model.prefix)) if v is not None}
@@ -253,17 +262,21 @@ def _convert(
     targets = [checkpoint]
     if shard_bytes is not None:
         targets = sharded_paths(checkpoint, stem, plan.infos, shard_bytes)
-    with AtomicOutputs([*targets, report], force=force, inputs=read) as outputs:
-        write_tensors(
-            checkpoint,
-            plan.infos,
-            plan.produce,
-            metadata,
-            outputs.temp,
-            shard_bytes=shard_bytes,
-            stem=stem,
-        )
-        write_report(_report(plan, spec, targets[-1].name, model.sha256), outputs.temp(report))
+    if dry_run:
+        for info in plan.infos:  # every tensor made, as the writer would, then dropped
+            plan.produce(info.name)
+    else:
+        with AtomicOutputs([*targets, report], force=force, inputs=read) as outputs:
+            write_tensors(
+                checkpoint,
+                plan.infos,
+                plan.produce,
+                metadata,
+                outputs.temp,
+                shard_bytes=shard_bytes,
+                stem=stem,
+            )
+            write_report(_report(plan, spec, targets[-1].name, model.sha256), outputs.temp(report))
     parameters = plan.summary()
     # Only a file that does not say what is a buffer can have a buffer made Bayesian.
     unknown = spec.arch is None and model.module_types() is None
@@ -277,9 +290,10 @@ def _convert(
         deterministic=[r.name for r in plan.deterministic],
         method=plan.method,
         samples=plan.samples,
-        outputs=[*targets, report],
+        outputs=[] if dry_run else [*targets, report],
         buffer_like=suspects,
         suggested_exclude=flags,
+        dry_run=dry_run,
     )
 
 
@@ -333,15 +347,23 @@ def output_paths(
     return checkpoint, Path(report)
 
 
+# Endings of weight files, dropped from the outputs' names; any other ending (x.jit,
+# x.pt2) stays, so that two models beside each other get two default outputs.
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+
+
 def _stem(model_path: Path) -> str:
-    """`model` for model.pt, model.state_dict for model.state_dict.pt, the folder's name."""
+    """`model` for model.pt, model.state_dict for model.state_dict.pt, `x.jit` for x.jit,
+    the folder's name."""
     name = model_path.name
     if model_path.is_dir():
         return name
     for suffix in (".safetensors.index.json", ".bin.index.json", ".index.json"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
-    return Path(name).stem or name
+    if Path(name).suffix.lower() in _WEIGHT_SUFFIXES:
+        return Path(name).stem or name
+    return name
 
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,13 @@ from bnnify.enums import Task
 from bnnify.errors import InvalidArgumentError
 from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.data import Dataset
-from bnnify.formats.predictions import Predictions, write_predictions
+from bnnify.formats.predictions import (
+    STDOUT,
+    Predictions,
+    check_destination,
+    write_csv,
+    write_predictions,
+)
 from bnnify.formats.spec import resolve_device
 from bnnify.usecases import LOGGER_NAME
 from bnnify.usecases.model_call import model_arguments
@@ -60,7 +67,7 @@ class PredictionResult:
     tensors: dict[str, Tensor]
     summary: dict[str, Any]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    output: Path | None = None
+    output: Path | str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The result as `bnnify predict --json` prints it."""
@@ -108,7 +115,8 @@ def predict(
         targets: Targets or labels (a file or a tensor): report metrics.
         task: "regression" or "classification" (default: the fitted task, else
             regression).
-        output: Write the predictions to this safetensors file.
+        output: Write the predictions to this file: .safetensors (every tensor, with
+            metadata) or .csv (a row per example); "-" writes CSV to stdout.
         keep_samples: Also keep every sampled output (tensor `samples`).
         mean_weights: Predict once with the posterior means instead.
         batch_size: Inputs per batch (bounds memory).
@@ -131,13 +139,17 @@ def predict(
         UnsafeInputError: If the checkpoint names an architecture that `arch` and
             `arch_kwargs` do not confirm.
         OutputExistsError: If `output` exists and `force` is false.
+        InvalidArgumentError: If `output`'s ending is not .safetensors or .csv.
     """
     for name, value in (("samples", samples), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
     device = resolve_device(device)
     paths = file_paths(checkpoint, model, inputs, targets)
-    outputs = AtomicOutputs([output], force=force, inputs=paths) if output else None
+    fmt = check_destination(output, keep_samples=keep_samples) if output else None
+    to_stdout = output is not None and str(output) == STDOUT
+    stored = output and not to_stdout
+    outputs = AtomicOutputs([output], force=force, inputs=paths) if stored else None
     ckpt = as_checkpoint(checkpoint)
     fitted = ckpt.fit or {}
     chosen = Task.parse(task if task is not None else fitted.get("task", "regression"))
@@ -170,7 +182,7 @@ def predict(
             class_dim=class_dim,
         )
     result.summary["model_args"] = constants
-    if outputs is not None:
+    if output:
         summary = result.summary
         predictions = Predictions(
             result.tensors,
@@ -180,8 +192,13 @@ def predict(
             estimator=summary["estimator"],
             call=runner.call.describe(data.x.names),
         )
+        if outputs is None:
+            write_csv(predictions, sys.stdout)
+            sys.stdout.flush()
+            result.output = STDOUT
+            return result
         with outputs:
-            write_predictions(predictions, outputs.temp(output))
+            write_predictions(predictions, outputs.temp(output), fmt)
         result.output = Path(output)
     return result
 
