@@ -84,8 +84,9 @@ def _render(out: Output, result: Any) -> None:
     if out.verbose or result.dry_run:
         out.table(conversion_table(result))
     method = "analytic" if result.samples is None else f"Monte Carlo, {result.samples} samples"
+    verb = "Would convert" if result.dry_run else "Converted"
     out.line(
-        f"{'Would convert' if result.dry_run else 'Converted'} {result.source['name']} ({result.source['format']}): "
+        f"{verb} {result.source['name']} ({result.source['format']}): "
         f"{len(result.parameters)} parameters reparametrized "
         f"({result.elements:,} elements), {len(result.deterministic)} kept deterministic"
     )

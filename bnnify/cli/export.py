@@ -30,8 +30,11 @@ def export(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Write a plain model that needs nothing from bnnify: the posterior means, one seeded
-    sample, or an ensemble of K samples returning their mean and standard deviation."""
+    """Write a plain PyTorch model that needs nothing from bnnify.
+
+    The posterior means, one seeded sample, or an ensemble of K samples returning
+    their mean and standard deviation.
+    """
     sink = Output(command="export", json_mode=json, quiet=quiet)
     import bnnify
 

@@ -44,7 +44,7 @@ def fit(
     force: opt.ForceOpt = False,
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
-    verbose: opt.VerboseOpt = False,
+    verbose: opt.FitVerboseOpt = False,
 ) -> None:
     """Fit the posterior to data by maximising the ELBO (expected NLL + KL / N).
 

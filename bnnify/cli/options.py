@@ -35,6 +35,7 @@ __all__ = [
     "FitOutOpt",
     "FitSamplesOpt",
     "FitTaskOpt",
+    "FitVerboseOpt",
     "ForceOpt",
     "IncludeOpt",
     "InputKeyOpt",
@@ -79,7 +80,12 @@ __all__ = [
 ]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No logs, warnings or summary: only errors (and --json's JSON)."
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show per-parameter detail.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.")]
 DeviceOpt = Annotated[
@@ -216,9 +222,11 @@ ValOpt = Annotated[Path | None, typer.Option(help="Validation data file.")]
 ValSplitOpt = Annotated[
     float, typer.Option(min=0.0, max=0.9, help="Fraction of the data held out instead.")
 ]
-EpochsOpt = Annotated[int, typer.Option(min=1)]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="Passes over the training data.")]
 LrOpt = Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")]
-BatchSizeOpt = Annotated[int, typer.Option(min=1)]
+BatchSizeOpt = Annotated[
+    int, typer.Option(min=1, help="Examples per batch (per optimisation step; bounds memory).")
+]
 FitSamplesOpt = Annotated[
     int, typer.Option(min=1, help="Weight samples per step for the expected NLL.")
 ]
@@ -227,7 +235,13 @@ WarmupOpt = Annotated[
     int, typer.Option(min=0, help="Linear KL warm-up from 0 over this many epochs.")
 ]
 ClipOpt = Annotated[float, typer.Option(min=0.0, help="Gradient norm clipping (0: off).")]
-SeedOpt = Annotated[int, typer.Option(min=0, max=2**31 - 1)]
+SeedOpt = Annotated[
+    int, typer.Option(min=0, max=2**31 - 1, help="Seed of the weight noise and the batches.")
+]
+FitVerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Log every epoch (default: about ten epoch lines)."),
+]
 ValSamplesOpt = Annotated[int, typer.Option(min=1, help="Weight samples for validation metrics.")]
 InputKeyOpt = Annotated[
     list[str] | None,

@@ -63,8 +63,11 @@ def predict(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Predict with S weight samples: predictive mean and spread, or class probabilities
-    with entropy and mutual information; metrics when targets are given."""
+    """Predict with S weight samples, with the uncertainty of each prediction.
+
+    Regression: predictive mean and spread; classification: class probabilities with
+    entropy and mutual information; metrics when targets are given.
+    """
     sink = Output(command="predict", json_mode=json, quiet=quiet)
     if out == "-":
         sink.stdout_is_data(json_flag="--json" if json else None)

@@ -39,8 +39,11 @@ def prune(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Set to zero the weights of lowest |mu|/sigma (--keep FRACTION or --snr-threshold T):
-    writes a pruned checkpoint, or with --export a plain model; metrics with --data."""
+    """Set to zero the weights of lowest signal-to-noise ratio |mu|/sigma.
+
+    By --keep FRACTION or --snr-threshold T: writes a pruned checkpoint, or with
+    --export a plain model; metrics before and after with --data.
+    """
     sink = Output(command="prune", json_mode=json, quiet=quiet)
     import bnnify
 
