@@ -53,6 +53,8 @@ def readable(function: Callable[..., Any]) -> Callable[..., Any]:
         for info in extras:
             if isinstance(info, (OptionInfo, ArgumentInfo)):
                 _fix(info, name, value_type)
+        # Resolved once and kept: a string annotation would be evaluated anew by Typer.
+        function.__annotations__[name] = hint
     return function
 
 

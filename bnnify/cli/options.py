@@ -120,7 +120,7 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         help="For a state-dict model: confirm the architecture the spec or checkpoint "
-        "names (package.module:callable); building it runs that code.",
+        "names (package.module : callable); building it runs that code.",
     ),
 ]
 ArchKwargsOpt = Annotated[
@@ -278,10 +278,15 @@ TargetOpt = Annotated[
 ]
 FitOutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Fitted checkpoint [default: <checkpoint>.fit.safetensors]."),
+    typer.Option(
+        "--out",
+        "-o",
+        help="Fitted checkpoint [default: the checkpoint's stem + .fit.safetensors].",
+    ),
 ]
 ResumeOpt = Annotated[
-    bool, typer.Option(help="Continue a previous fit (its noise scale, history, task).")
+    bool,
+    typer.Option("--resume", help="Continue a previous fit (its noise scale, history, task)."),
 ]
 
 # ------------------------------------------------------------- export, prune
@@ -322,14 +327,17 @@ ExportInputOpt = Annotated[
 ]
 AleatoricOpt = Annotated[
     bool,
-    typer.Option(help="Add the fitted noise to an ensemble's std (regression; else epistemic)."),
+    typer.Option(
+        "--aleatoric",
+        help="Add the fitted noise to an ensemble's std (regression; else epistemic).",
+    ),
 ]
 ExportOutOpt = Annotated[
     Path | None,
     typer.Option(
         "--output",
         "-o",
-        help="Output file (default: beside the checkpoint, <stem>.<weights>.<format ending>).",
+        help="Output file (default: beside the checkpoint, <stem> . <weights> . <format ending>).",
     ),
 ]
 KeepOpt = Annotated[
@@ -347,7 +355,7 @@ PruneOutOpt = Annotated[
     typer.Option(
         "--output",
         "-o",
-        help="Output file (default: <stem>.pruned.safetensors beside the checkpoint).",
+        help="Output file (default: beside the checkpoint, <stem> + .pruned.safetensors).",
     ),
 ]
 PruneDataOpt = Annotated[

@@ -43,9 +43,11 @@ def predict(
     input: InputOpt,
     samples: Annotated[int, Opt(min=1, help="Weight samples.")] = 32,
     out: OutOpt = None,
-    keep_samples: Annotated[bool, Opt(help="Also store every sampled output in --out.")] = False,
+    keep_samples: Annotated[
+        bool, Opt("--keep-samples", help="Also store every sampled output in --out.")
+    ] = False,
     mean_weights: Annotated[
-        bool, Opt(help="Deterministic prediction with the posterior means.")
+        bool, Opt("--mean-weights", help="Deterministic prediction with the posterior means.")
     ] = False,
     targets: TargetsOpt = None,
     task: TaskOpt = None,
