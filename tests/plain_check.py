@@ -23,8 +23,6 @@ class _NoBnnify(importlib.abc.MetaPathFinder):
         return None
 
 
-sys.meta_path.insert(0, _NoBnnify())
-
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
@@ -82,4 +80,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Only when run: pytest imports this file to collect doctests, and a blocker
+    # installed then would refuse every bnnify module the later tests import.
+    sys.meta_path.insert(0, _NoBnnify())
     main()

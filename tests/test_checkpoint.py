@@ -247,7 +247,7 @@ def check_opening(path) -> None:
     """Opening refuses with a bnnify error, or every KL it then gives is finite and >= 0."""
     from bnnify.errors import BnnifyError
     from bnnify.usecases.checkpoint_kl import checkpoint_kl
-    from bnnify.usecases.inspect import parameter_stats
+    from bnnify.usecases.parameter_stats import parameter_stats
 
     try:
         with Checkpoint(path) as ckpt:

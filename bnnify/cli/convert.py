@@ -40,6 +40,8 @@ def convert(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
     verbose: opt.VerboseOpt = False,
+    top: opt.TopOpt = 0,
+    filter: opt.FilterOpt = None,
 ) -> None:
     """Convert a trained model into a Bayesian one (a variational checkpoint + KL report).
 
@@ -76,13 +78,13 @@ def convert(
             seed=seed,
             dry_run=dry_run,
         )
-    _render(out, result)
+    _render(out, result, top, filter)
 
 
-def _render(out: Output, result: Any) -> None:
+def _render(out: Output, result: Any, top: int, pattern: str | None) -> None:
     out.json(result.to_json())
     if out.verbose or result.dry_run:
-        out.table(conversion_table(result))
+        out.table(conversion_table(result, top=top, pattern=pattern))
     method = "analytic" if result.samples is None else f"Monte Carlo, {result.samples} samples"
     verb = "Would convert" if result.dry_run else "Converted"
     out.line(

@@ -11,7 +11,7 @@ from rich.text import Text
 from bnnify.cli import options as opt
 from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
-from bnnify.cli.tables import table
+from bnnify.cli.tables import select_rows, table
 from bnnify.enums import Reduction
 
 __all__ = ["kl"]
@@ -53,6 +53,7 @@ def kl(
     reduction: ReductionOpt = Reduction.SUM,
     mc_samples: opt.McSamplesOpt = None,
     top: TopOpt = None,
+    filter: opt.FilterOpt = None,
     out_path: OutOpt = None,
     device: opt.DeviceOpt = None,
     seed: SeedOpt = None,
@@ -79,17 +80,29 @@ def kl(
             force=force,
             progress=progress,
         )
-    _render(out, result, top)
+    _render(out, result, top, filter)
 
 
-def _render(out: Output, result: Any, top: int | None) -> None:
-    out.json(result.to_json(top))
+def _render(out: Output, result: Any, top: int | None, pattern: str | None) -> None:
+    ranked = top is not None or pattern is not None
+    data = result.to_json(0 if ranked else None)
+    if ranked:
+        data["parameters"], _ = select_rows(
+            data["parameters"], top=top or 0, pattern=pattern, ranked=True
+        )
+    out.json(data)
     report = result.report
+    shown, matched = select_rows(
+        report.to_json(0)["parameters"],
+        top=10 if top is None else top,
+        pattern=pattern,
+        ranked=True,
+    )
     rows = [
         (Text(p["name"]), f"{p['elements']:,}", f"{p['kl']:.6g}", f"{p['kl_mean']:.4g}", share(p))
-        for p in report.to_json(10 if top is None else top)["parameters"]
+        for p in shown
     ]
-    title = f"KL by parameter (largest {len(rows)} of {len(report.names)})"
+    title = f"KL by parameter (largest {len(rows)} of {matched})"
     out.table(table(title, COLUMNS, rows, right=COLUMNS[1:]))
     method = "analytic" if report.samples is None else f"Monte Carlo, {report.samples} samples"
     out.line(

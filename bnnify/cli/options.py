@@ -32,6 +32,7 @@ __all__ = [
     "ExportInputOpt",
     "ExportOutOpt",
     "ExportSeedOpt",
+    "FilterOpt",
     "FitOutOpt",
     "FitSamplesOpt",
     "FitTaskOpt",
@@ -68,6 +69,7 @@ __all__ = [
     "SpecOpt",
     "TargetOpt",
     "TargetsOpt",
+    "TopOpt",
     "TrustPickleOpt",
     "ValOpt",
     "ValSamplesOpt",
@@ -86,7 +88,20 @@ QuietOpt = Annotated[
         "--quiet", "-q", help="No logs, warnings or summary: only errors (and --json's JSON)."
     ),
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show per-parameter detail.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Show the per-parameter table (see --top and --filter)."),
+]
+FilterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--filter",
+        help="Only the parameters whose name matches this glob (e.g. 'layers.1*.weight').",
+    ),
+]
+TopOpt = Annotated[
+    int, typer.Option("--top", min=0, help="Rows of the per-parameter table (0: all).")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.")]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="Device to compute on: cpu, cuda, cuda:1, ...")

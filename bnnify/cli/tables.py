@@ -1,16 +1,18 @@
-"""Rich tables in the one style of every command: a title on the left, long cells folded."""
+"""Rich tables in the one style of every command: a title on the left, names never folded."""
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["conversion_table", "table"]
+__all__ = ["conversion_table", "natural_key", "plain", "select_rows", "table"]
 
-CONVERT_COLUMNS = ("name", "shape", "elements", "dtype", "posterior", "prior", "sigma init", "KL")
+CONVERT_COLUMNS = ("name", "shape", "elements", "dtype", "sigma init", "KL")
 
 
 def table(
@@ -22,22 +24,86 @@ def table(
 ) -> Table:
     """A table with `columns` (those in `right` right-aligned) holding `rows`.
 
-    Cells read from files should be `rich.text.Text`, so that they are not parsed as markup.
+    The first column holds names: it is never wrapped (a name folded over lines cannot
+    be copied or grepped); the other columns give way. Cells read from files should be
+    `rich.text.Text`, so that they are not parsed as markup.
     """
+    rows = list(rows)
     result = Table(title=title, title_justify="left")
-    for column in columns:
-        result.add_column(column, overflow="fold", justify="right" if column in right else "left")
+    for i, column in enumerate(columns):
+        justify = "right" if column in right else "left"
+        if i == 0:
+            widest = max((len(str(row[0])) for row in rows), default=0)
+            result.add_column(column, no_wrap=True, min_width=max(widest, len(column)))
+        else:
+            result.add_column(column, overflow="fold", justify=justify)
     for row in rows:
         result.add_row(*row)
     return result
 
 
-def conversion_table(result: Any) -> Table:
-    """`bnnify convert -v`: a row per reparametrized parameter of a `ConversionResult`."""
-    posterior, prior = result.spec.posterior[0], result.spec.prior[0]
-    rows = []
-    for p in result.parameters:
+def natural_key(name: str) -> list[Any]:
+    """Sorts `layers.2` before `layers.10`: digit runs compare as numbers.
+
+    Example:
+        >>> sorted(["l.10", "l.2", "l.1"], key=natural_key)
+        ['l.1', 'l.2', 'l.10']
+    """
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in _RUNS.findall(name)]
+
+
+_RUNS = re.compile(r"\d+|\D+")
+
+
+def select_rows(
+    rows: Sequence[dict[str, Any]], *, top: int, pattern: str | None, ranked: bool = False
+) -> tuple[list[dict[str, Any]], int]:
+    """The rows whose `name` matches the glob `pattern`, in natural order of their names
+    (kept in their order when `ranked`), at most `top` (0: all); and how many matched."""
+    chosen = [r for r in rows if pattern is None or fnmatch.fnmatchcase(r["name"], pattern)]
+    if not ranked:
+        chosen.sort(key=lambda r: natural_key(r["name"]))
+    return (chosen if top == 0 else chosen[:top]), len(chosen)
+
+
+def plain(value: Any) -> str:
+    """A value from JSON as a person reads it: no Python repr (`None`, `[]`, `{'a': 1}`).
+
+    Example:
+        >>> plain({"delta": 0.1}), plain(None), plain([]), plain(["a", "b"])
+        ('delta=0.1', '-', '-', 'a, b')
+    """
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(plain(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def conversion_table(result: Any, *, top: int = 0, pattern: str | None = None) -> Table:
+    """`bnnify convert -v`: a row per reparametrized parameter of a `ConversionResult`.
+
+    The posterior and prior, the same for every row, are said once in the title.
+    """
+    rows = [{"name": p.name, "p": p} for p in result.parameters]
+    shown, total = select_rows(rows, top=top, pattern=pattern)
+    cells = []
+    for row in shown:
+        p = row["p"]
         size, sigma, kl = f"{p.numel:,}", f"{p.sigma_mean:.3g}", f"{p.kl:.4g}"
-        rows.append((Text(p.name), str(tuple(p.shape)), size, p.dtype, posterior, prior, sigma, kl))
+        cells.append((Text(p.name), str(tuple(p.shape)), size, p.dtype, sigma, kl))
+    posterior, prior = result.spec.posterior, result.spec.prior
+    title = (
+        f"Reparametrized parameters ({len(shown)} of {total}); posterior {posterior[0]}"
+        f"{_args(posterior[1])}, prior {prior[0]}{_args(prior[1])}"
+    )
     right = ("elements", "sigma init", "KL")
-    return table("Reparametrized parameters", CONVERT_COLUMNS, rows, right=right)
+    return table(title, CONVERT_COLUMNS, cells, right=right)
+
+
+def _args(kwargs: dict[str, Any]) -> str:
+    return f" ({plain(kwargs)})" if kwargs else ""
