@@ -29,7 +29,9 @@ def env(json: JsonOpt = False) -> None:
         + (f" (CUDA {torch_info['cuda']})" if torch_info["cuda"] else "")
     )
     out.line(f"device {device['default']}; CUDA devices: {', '.join(device['cuda']) or 'none'}")
-    out.line(f"threads {info['threads']['torch']} (OMP_NUM_THREADS={info['threads']['omp']})")
+    threads = info["threads"]
+    omp = threads["omp"] or "unset"
+    out.line(f"threads {threads['torch']} of {threads['cpus']} CPUs (OMP_NUM_THREADS {omp})")
     packages = ", ".join(f"{k} {v or 'not installed'}" for k, v in info["packages"].items())
     out.line(f"packages: {packages}")
 

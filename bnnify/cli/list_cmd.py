@@ -6,7 +6,7 @@ from rich.text import Text
 
 from bnnify.cli.options import JsonOpt
 from bnnify.cli.output import Output, command
-from bnnify.cli.tables import table
+from bnnify.cli.tables import plain, table
 
 __all__ = ["list_registered"]
 
@@ -37,8 +37,10 @@ def list_registered(json: JsonOpt = False) -> None:
     for kind, rows in data.items():
         cells = []
         for row in rows:
-            arguments = ", ".join(f"{k}={v!r}" for k, v in row["arguments"].items())
-            aliases = ", ".join(row["aliases"])
+            arguments = ", ".join(
+                k if v is None else f"{k}={plain(v)}" for k, v in row["arguments"].items()
+            )
+            aliases = plain(row["aliases"])
             cells.append(
                 [Text(text) for text in (row["name"], aliases, arguments, row["description"])]
             )

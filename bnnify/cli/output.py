@@ -7,6 +7,7 @@ recolour, hide or rewrite what the user reads, or plant a hyperlink).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -191,6 +192,14 @@ class _SafeConsole(Console):
 
     def render_str(self, text: str, **kwargs: Any) -> Text:
         return super().render_str(sanitize(text), **kwargs)
+
+    def on_broken_pipe(self) -> None:
+        """A closed pipe: on stderr, stop drawing and go on; on stdout, end as `command`
+        does (exit 0). Rich's own handler exits 1."""
+        if self.stderr:
+            self.quiet = True
+            return
+        raise BrokenPipeError(errno.EPIPE, "stdout was closed")
 
 
 def _sanitize_table(table: Table) -> None:

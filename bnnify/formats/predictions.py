@@ -86,14 +86,14 @@ def check_destination(path: str | Path, *, keep_samples: bool = False) -> str:
 
 
 def write_csv(predictions: Predictions, stream: TextIO) -> None:
-    """One row per example: a column per tensor (`name_i` per element of a vector)."""
+    """One row per example: a column per tensor (`name_i` per element when it has several)."""
     columns, blocks = [], []
     for name, tensor in predictions.tensors.items():
         block = tensor.detach().cpu().reshape(tensor.shape[0], -1) if tensor.dim() else None
         if block is None:
             continue
         width = block.shape[1]
-        columns += [name] if tensor.dim() == 1 else [f"{name}_{i}" for i in range(width)]
+        columns += [name] if width == 1 else [f"{name}_{i}" for i in range(width)]
         blocks.append(block.tolist())
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(columns)
