@@ -139,3 +139,21 @@ def test_an_invalid_reduction_is_a_usage_error(models, tmp_path):
     checkpoint, _ = make(models, tmp_path)
     with pytest.raises(InvalidArgumentError, match="invalid reduction 'median'"):
         bnnify.kl(checkpoint, reduction="median")
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "scale_mixture"])
+def test_progress_moves_within_a_large_tensor(tmp_path, prior):
+    """Elements are reported chunk by chunk, not once per tensor, closed form or MC."""
+    torch.save(torch.nn.Linear(200, 200).state_dict(), tmp_path / "big.pt")
+    steps = []
+    converted = bnnify.convert(
+        tmp_path / "big.pt",
+        output=tmp_path / "big.bnn.safetensors",
+        prior=prior,
+        progress=lambda n, total: steps.append((n, total)),
+    )
+    assert len(steps) > 2 and sum(n for n, _ in steps) == steps[0][1] == 40200
+    steps.clear()
+    bnnify.kl(converted.outputs[0], progress=lambda n, total: steps.append((n, total)))
+    assert len(steps) > 2 and sum(n for n, _ in steps) == steps[0][1] == 40200
+    assert max(n for n, _ in steps) < 40000

@@ -84,7 +84,8 @@ def checkpoint_kl(
         device: Where to compute.
         seed: Seed of the Monte Carlo noise (default: the checkpoint's), drawn per
             parameter as `bnnify convert` does, so that its report is reproduced.
-        progress: Called with (elements of the parameter, total elements) after each.
+        progress: Called with (elements done, total elements) as each chunk of a
+            parameter is done (a large tensor or a long Monte Carlo KL shows movement).
 
     Raises:
         SpecError: If the prior needs the original weights (empirical prior) and the
@@ -98,6 +99,11 @@ def checkpoint_kl(
     seed = ckpt.spec.seed if seed is None else seed
     closed_form_checked = mc_samples is not None
     total = ckpt.num_elements()
+
+    def advance(elements: int) -> None:
+        if progress is not None:
+            progress(elements, total)
+
     for name, record in ckpt.parameters.items():
         posterior = ckpt.posterior(name, device)
         like = posterior.mean.detach()
@@ -112,7 +118,7 @@ def checkpoint_kl(
             samples = default_samples(posterior, p)
             closed_form_checked = True
         with seeded(seed, f"kl:{name}", device):
-            value = parameter_kl(posterior, p, samples)
+            value = parameter_kl(posterior, p, samples, advance)
         names.append(name)
         numels.append(math.prod(record.shape))
         method = KLMethod.ANALYTIC if samples is None else KLMethod.MONTE_CARLO
@@ -121,8 +127,6 @@ def checkpoint_kl(
                 float(value), name=name, elements=numels[-1], method=method, source=str(ckpt.path)
             )
         )
-        if progress:
-            progress(numels[-1], total)
     method = KLMethod.ANALYTIC if samples is None else KLMethod.MONTE_CARLO
     return KLReport(
         names=names,
