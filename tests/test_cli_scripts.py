@@ -300,3 +300,27 @@ def test_no_python_reprs_in_human_output(files, tmp_path):
     for repr_ in ("None", "[]", "{'", "{}"):
         assert repr_ not in text, repr_
     assert os.environ.get("BNNIFY_DEBUG") is None
+
+
+def test_a_sharded_output_is_read_back_by_the_name_it_was_given(files, tmp_path):
+    Path("out").mkdir()
+    made = strict_json(
+        cli(
+            "convert",
+            files.reg_model,
+            "--shard-size",
+            "200B",
+            "-o",
+            "out/ab.bnn.safetensors",
+            "--json",
+        ).stdout
+    )
+    index = "out/ab.bnn.safetensors.index.json"
+    assert index in made["outputs"] and len(made["outputs"]) > 3  # several shards
+    expected = strict_json(cli("kl", index, "--json").stdout)["value"]
+    reg = ("-m", files.reg_model, "-i", files.reg_train, "-o", "-", "-q")
+    for name in ("out/ab.bnn.safetensors", "out", index):
+        assert strict_json(cli("kl", name, "--json").stdout)["value"] == expected, name
+        shown = strict_json(cli("inspect", name, "--json").stdout)
+        assert shown["kind"] == "sharded" and len(shown["files"]) == len(made["outputs"]) - 1
+        assert cli("predict", name, *reg).stdout.startswith("mean,std"), name

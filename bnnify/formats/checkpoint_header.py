@@ -41,10 +41,16 @@ _NOT_A_CHECKPOINT_HINT = (
 def checkpoint_in(path: str | Path) -> Path:
     """`path`, or for a folder the one checkpoint in it: a sharded index, else a file.
 
+    A sharded checkpoint is also found by the name it was written to: `-o x.safetensors`
+    writes `x.safetensors.index.json` and its shards, and `x.safetensors` names them.
+
     Raises:
         InputError: The folder holds no checkpoint, or several (they are listed).
     """
     path = Path(path)
+    index = path.with_name(f"{path.name}.index.json")
+    if not os.path.lexists(path) and path.name.endswith(".safetensors") and index.is_file():
+        return index
     if not path.is_dir():
         return path
     for pattern in ("*.safetensors.index.json", "*.bnn.safetensors"):
