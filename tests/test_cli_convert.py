@@ -447,12 +447,14 @@ def test_quiet_prints_nothing(models, tmp_path):
 def test_verbose_adds_a_per_parameter_table(models, tmp_path):
     result = invoke("convert", models.path("lstm", "torchscript"), "-v", "--prior", "laplace")
     assert result.exit_code == 0
-    header = next(line for line in result.stdout.splitlines() if "name" in line)
-    for column in ("name", "shape", "elements", "dtype", "posterior", "prior", "sigma init"):
+    header = next(line for line in result.stdout.splitlines() if "┃ name" in line)
+    for column in ("name", "shape", "elements", "dtype", "sigma init", "KL"):
         assert column in header
+    # The posterior and prior, the same on every row, are said once, above the table.
+    assert "posterior pretrained_gaussian (delta=0.1), prior laplace" in flat(result.stdout)
     rows = [line for line in result.stdout.splitlines() if line.startswith("│ lstm.weight_hh_l0")]
     assert len(rows) == 1
-    for cell in ("(20, 5)", "100", "float32", "pretrained_gaussian", "laplace"):
+    for cell in ("(20, 5)", "100", "float32"):
         assert cell in rows[0]
 
 

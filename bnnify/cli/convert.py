@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from bnnify.cli import options as opt
-from bnnify.cli.output import Output, command, human_bytes
+from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
-from bnnify.cli.tables import conversion_table
+from bnnify.cli.tables import conversion_lines, conversion_table
 
 __all__ = ["convert"]
 
@@ -85,19 +85,5 @@ def _render(out: Output, result: Any, top: int, pattern: str | None) -> None:
     out.json(result.to_json())
     if out.verbose or result.dry_run:
         out.table(conversion_table(result, top=top, pattern=pattern))
-    method = "analytic" if result.samples is None else f"Monte Carlo, {result.samples} samples"
-    verb = "Would convert" if result.dry_run else "Converted"
-    out.line(
-        f"{verb} {result.source['name']} ({result.source['format']}): "
-        f"{len(result.parameters)} parameters reparametrized "
-        f"({result.elements:,} elements), {len(result.deterministic)} kept deterministic"
-    )
-    out.line(
-        f"KL divergence: {result.kl_sum:.6g} (mean {result.kl_mean:.6g} per element, {method})"
-    )
-    top = [f"{s.name} {100 * s.share:.3g}% ({100 * s.elements_share:.3g}%)" for s in result.top]
-    out.line(f"Largest KL (share of the KL, of the elements): {', '.join(top)}")
-    for path in result.outputs:
-        out.line(f"  wrote {path} ({human_bytes(path.stat().st_size) if path.exists() else '?'})")
-    if result.dry_run:
-        out.line("Dry run: nothing was written.")
+    for line in conversion_lines(result):
+        out.line(line)

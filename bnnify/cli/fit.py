@@ -51,11 +51,8 @@ def fit(
     Runs under `torchrun --nproc_per_node=N -m bnnify fit ...` with
     DistributedDataParallel (gloo on CPU, nccl on GPU); rank 0 writes the output.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    # Only rank 0 speaks: the others are quiet, their JSON too.
-    sink = Output(
-        command="fit", json_mode=json and rank == 0, quiet=quiet or rank != 0, verbose=verbose
-    )
+    rank = int(os.environ.get("RANK", "0"))  # only rank 0 speaks, its JSON too
+    sink = Output(command="fit", json_mode=json and not rank, quiet=quiet or rank, verbose=verbose)
     import bnnify
 
     settings = dict(task=task, val=val, val_split=val_split, epochs=epochs, lr=lr)

@@ -6,17 +6,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.text import Text
 
 from bnnify.cli import options as opt
 from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
-from bnnify.cli.tables import select_rows, table
+from bnnify.cli.tables import kl_line, kl_table, select_rows
 from bnnify.enums import Reduction
 
 __all__ = ["kl"]
 
-COLUMNS = ("parameter", "elements", "KL (sum)", "KL (mean)", "share")
 PathArg = Annotated[
     Path, typer.Argument(help="Variational checkpoint (or its sharded index), or a KL report.")
 ]
@@ -87,29 +85,8 @@ def _render(out: Output, result: Any, top: int | None, pattern: str | None) -> N
     ranked = top is not None or pattern is not None
     data = result.to_json(0 if ranked else None)
     if ranked:
-        data["parameters"], _ = select_rows(
-            data["parameters"], top=top or 0, pattern=pattern, ranked=True
-        )
+        rows = data["parameters"]
+        data["parameters"], _ = select_rows(rows, top=top or 0, pattern=pattern, ranked=True)
     out.json(data)
-    report = result.report
-    shown, matched = select_rows(
-        report.to_json(0)["parameters"],
-        top=10 if top is None else top,
-        pattern=pattern,
-        ranked=True,
-    )
-    rows = [
-        (Text(p["name"]), f"{p['elements']:,}", f"{p['kl']:.6g}", f"{p['kl_mean']:.4g}", share(p))
-        for p in shown
-    ]
-    title = f"KL by parameter (largest {len(rows)} of {matched})"
-    out.table(table(title, COLUMNS, rows, right=COLUMNS[1:]))
-    method = "analytic" if report.samples is None else f"Monte Carlo, {report.samples} samples"
-    out.line(
-        f"KL ({result.reduction}): {result.value:.8g}  [{report.prior['name']} prior, {method}, "
-        f"{report.elements:,} elements]"
-    )
-
-
-def share(parameter: dict[str, Any]) -> str:
-    return f"{100 * parameter['share']:.1f}%"
+    out.table(kl_table(result.report, top=10 if top is None else top, pattern=pattern))
+    out.line(kl_line(result))

@@ -53,6 +53,7 @@ __all__ = [
     "OptionalModelOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
+    "PredictOutOpt",
     "PriorArgOpt",
     "PriorOpt",
     "PruneDataOpt",
@@ -82,12 +83,8 @@ __all__ = [
 ]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-QuietOpt = Annotated[
-    bool,
-    typer.Option(
-        "--quiet", "-q", help="No logs, warnings or summary: only errors (and --json's JSON)."
-    ),
-]
+_QUIET = "No logs, warnings or summary: only errors (and --json's JSON)."
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=_QUIET)]
 VerboseOpt = Annotated[
     bool,
     typer.Option("--verbose", "-v", help="Show the per-parameter table (see --top and --filter)."),
@@ -205,13 +202,8 @@ CheckpointOutOpt = Annotated[
 ReportOpt = Annotated[
     Path | None, typer.Option(help="KL report path [default: <stem>.kl.safetensors].")
 ]
-DryRunOpt = Annotated[
-    bool,
-    typer.Option(
-        "--dry-run",
-        help="Print the parameter plan and the KL divergence; write nothing.",
-    ),
-]
+_DRY_RUN = "Print the parameter plan and the KL divergence; write nothing."
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help=_DRY_RUN)]
 ShardSizeOpt = Annotated[
     str | None,
     typer.Option(
@@ -302,6 +294,14 @@ FitOutOpt = Annotated[
 ResumeOpt = Annotated[
     bool,
     typer.Option("--resume", help="Continue a previous fit (its noise scale, history, task)."),
+]
+
+_PREDICT_OUT = (
+    "Write the predictions: FILE.safetensors (every tensor, with metadata), FILE.csv (a row "
+    "per example), or - for CSV on stdout (the summary then goes to stderr)."
+)
+PredictOutOpt = Annotated[
+    str | None, typer.Option("--out", "-o", metavar="FILE", help=_PREDICT_OUT)
 ]
 
 # ------------------------------------------------------------- export, prune

@@ -18,17 +18,6 @@ __all__ = ["predict"]
 Opt = typer.Option
 CheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]
 InputOpt = Annotated[Path, Opt("--input", "-i", help="Inputs: safetensors (x), .npy, .npz or CSV.")]
-OutOpt = Annotated[
-    str | None,
-    Opt(
-        "--out",
-        "-o",
-        metavar="FILE",
-        help="Write the predictions: FILE.safetensors (every tensor, with metadata), "
-        "FILE.csv (a row per example), or - for CSV on stdout (the summary then goes to "
-        "stderr).",
-    ),
-]
 TargetsOpt = Annotated[
     Path | None, Opt("--targets", "--labels", help="Targets or labels: report metrics.")
 ]
@@ -42,7 +31,7 @@ def predict(
     model: opt.ModelOpt,
     input: InputOpt,
     samples: Annotated[int, Opt(min=1, help="Weight samples.")] = 32,
-    out: OutOpt = None,
+    out: opt.PredictOutOpt = None,
     keep_samples: Annotated[
         bool, Opt("--keep-samples", help="Also store every sampled output in --out.")
     ] = False,

@@ -10,9 +10,21 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["conversion_table", "natural_key", "plain", "select_rows", "table"]
+from bnnify.cli.output import human_bytes
+
+__all__ = [
+    "conversion_lines",
+    "conversion_table",
+    "kl_line",
+    "kl_table",
+    "natural_key",
+    "plain",
+    "select_rows",
+    "table",
+]
 
 CONVERT_COLUMNS = ("name", "shape", "elements", "dtype", "sigma init", "KL")
+KL_COLUMNS = ("parameter", "elements", "KL (sum)", "KL (mean)", "share")
 
 
 def table(
@@ -103,6 +115,53 @@ def conversion_table(result: Any, *, top: int = 0, pattern: str | None = None) -
     )
     right = ("elements", "sigma init", "KL")
     return table(title, CONVERT_COLUMNS, cells, right=right)
+
+
+def conversion_lines(result: Any) -> list[str]:
+    """The summary of a `ConversionResult`: what was converted, its KL, the files."""
+    method = "analytic" if result.samples is None else f"Monte Carlo, {result.samples} samples"
+    verb, source = ("Would convert" if result.dry_run else "Converted"), result.source
+    top = [f"{s.name} {100 * s.share:.3g}% ({100 * s.elements_share:.3g}%)" for s in result.top]
+    lines = [
+        f"{verb} {source['name']} ({source['format']}): {len(result.parameters)} parameters "
+        f"reparametrized ({result.elements:,} elements), {len(result.deterministic)} kept "
+        "deterministic",
+        f"KL divergence: {result.kl_sum:.6g} (mean {result.kl_mean:.6g} per element, {method})",
+        f"Largest KL (share of the KL, of the elements): {', '.join(top)}",
+    ]
+    for path in result.outputs:
+        size = human_bytes(path.stat().st_size) if path.exists() else "?"
+        lines.append(f"  wrote {path} ({size})")
+    return lines + (["Dry run: nothing was written."] if result.dry_run else [])
+
+
+def kl_table(report: Any, *, top: int, pattern: str | None) -> Table:
+    """`bnnify kl`: the parameters of a `KLReport` of largest KL first."""
+    rows, matched = select_rows(
+        report.to_json(0)["parameters"], top=top, pattern=pattern, ranked=True
+    )
+    cells = [
+        (
+            Text(p["name"]),
+            f"{p['elements']:,}",
+            f"{p['kl']:.6g}",
+            f"{p['kl_mean']:.4g}",
+            f"{100 * p['share']:.1f}%",
+        )
+        for p in rows
+    ]
+    title = f"KL by parameter (largest {len(cells)} of {matched})"
+    return table(title, KL_COLUMNS, cells, right=KL_COLUMNS[1:])
+
+
+def kl_line(result: Any) -> str:
+    """`bnnify kl`: the KL of a `KLResult` under its reduction, and how it was computed."""
+    report = result.report
+    method = "analytic" if report.samples is None else f"Monte Carlo, {report.samples} samples"
+    return (
+        f"KL ({result.reduction}): {result.value:.8g}  [{report.prior['name']} prior, {method}, "
+        f"{report.elements:,} elements]"
+    )
 
 
 def _args(kwargs: dict[str, Any]) -> str:

@@ -48,9 +48,9 @@ def checkpoint_in(path: str | Path) -> Path:
         InputError: The folder holds no checkpoint, or several (they are listed).
     """
     path = Path(path)
-    index = path.with_name(f"{path.name}.index.json")
-    if not os.path.lexists(path) and path.name.endswith(".safetensors") and index.is_file():
-        return index
+    if path.name.endswith(".safetensors") and not os.path.lexists(path):
+        index = path.with_name(f"{path.name}.index.json")
+        return index if index.is_file() else path
     if not path.is_dir():
         return path
     for pattern in ("*.safetensors.index.json", "*.bnn.safetensors"):

@@ -347,14 +347,14 @@ def output_paths(
     return checkpoint, Path(report)
 
 
-# Endings of weight files, dropped from the outputs' names; any other ending (x.jit,
-# x.pt2) stays, so that two models beside each other get two default outputs.
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+# Endings dropped from the outputs' names (weight files, torch.export's .pt2); any other
+# ending (x.jit, x.ts) stays, so that x.jit and x.pt2 get two default outputs.
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".pt2", ".safetensors", ".bin", ".ckpt")
 
 
 def _stem(model_path: Path) -> str:
-    """`model` for model.pt, model.state_dict for model.state_dict.pt, `x.jit` for x.jit,
-    the folder's name."""
+    """`model` for model.pt and model.pt2, model.state_dict for model.state_dict.pt,
+    `x.jit` for x.jit, the folder's name."""
     name = model_path.name
     if model_path.is_dir():
         return name
