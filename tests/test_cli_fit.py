@@ -85,7 +85,7 @@ def test_json_history_settings_and_fitted_metadata(files, tmp_path):
     assert listing(tmp_path) == [out.name]
     with Checkpoint(out) as fitted:
         recorded = fitted.fit
-        assert recorded == {k: v for k, v in info.items() if k != "output"}
+        assert recorded == {k: v for k, v in info.items() if k not in ("output", "schema")}
         assert recorded["settings"]["seed"] == 0
         assert recorded["final"]["val"] == history[-1]["val"]
         log_noise = fitted.fit_tensors()["bnnify.fit.log_noise"]
