@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -9,12 +10,20 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bnnify.errors import OutputError, OutputExistsError, UsageError
-from bnnify.formats.atomic import AtomicOutputs, atomic_path
+from bnnify.formats.atomic import AtomicOutputs
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, *, force: bool = False) -> Iterator[Path]:
+    """The temporary path of one output, committed when the block ends."""
+    with AtomicOutputs([path], force=force) as outputs:
+        yield outputs.temp(path)
 
 
 def names(folder: Path) -> list[str]:
@@ -296,12 +305,12 @@ def test_a_file_size_limit_is_reported_for_real(tmp_path: Path):
         """
         import resource, sys
         from bnnify.errors import OutputError
-        from bnnify.formats.atomic import atomic_path
+        from bnnify.formats.atomic import AtomicOutputs
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
-            with atomic_path(sys.argv[1]) as temp:
-                with open(temp, "wb") as file:
+            with AtomicOutputs([sys.argv[1]]) as outputs:
+                with open(outputs.temp(sys.argv[1]), "wb") as file:
                     for _ in range(4):
                         file.write(b"x" * 2048)
         except OutputError as error:

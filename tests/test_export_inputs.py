@@ -75,3 +75,20 @@ def test_predict_runs_a_dynamic_program_at_any_batch_size(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["summary"]["examples"] == 6
+
+
+def test_export_says_the_program_takes_the_exported_shape_only(tmp_path):
+    # `bnnify export` runs a copy of the module: the copy must refuse clearly too.
+    path = save_program(tmp_path / "fixed.pt2", dynamic=False)
+    ckpt = tmp_path / "fixed.bnn.safetensors"
+    assert invoke("convert", path, "-o", ckpt, "--json").exit_code == 0
+    save_file({"x": torch.randn(2, 3)}, str(tmp_path / "x.safetensors"))
+    result = invoke(
+        "export", ckpt, "--model", path, "--input", tmp_path / "x.safetensors",
+        "--weights", "ensemble:2", "--format", "export", "-o", tmp_path / "e.pt2",
+    )  # fmt: skip
+    assert result.exit_code == 1 and result.stdout == ""
+    message = flat(result.stderr)
+    assert "internal error" not in message and "Guard failed" not in message
+    assert "dimension 1 was fixed at 4" in message
+    assert not (tmp_path / "e.pt2").exists()

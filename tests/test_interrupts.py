@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bnnify.formats.atomic import atomic_path
+from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.interrupts import (
     HANDLED_SIGNALS,
     deferred_signals,
@@ -36,8 +36,9 @@ def handlers():
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_each_signal_becomes_an_interrupt_that_cleans_up(tmp_path, handlers, name):
-    with pytest.raises(KeyboardInterrupt, match=name), atomic_path(tmp_path / "out") as temp:
-        temp.write_bytes(b"partial")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt, match=name), AtomicOutputs([out]) as outputs:
+        outputs.temp(out).write_bytes(b"partial")
         signal.raise_signal(getattr(signal, name))
     assert list(tmp_path.iterdir()) == []
 

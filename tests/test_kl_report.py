@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnnify.bnn as bnn
-from bnnify.bnn.kl import Segment, gaussian_scalars, store_kl
 from bnnify.bnn.kl_report import REPORT_CHUNK, fixed_sum, gaussian_report_kl, parameter_kl
+from bnnify.bnn.kl_training import Segment, gaussian_scalars, store_kl
 from bnnify.bnn.posteriors import GaussianPosterior
 
 # Larger than torch's parallel grain (32768) and than a chunk, and not a multiple of either.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -254,3 +255,16 @@ def test_priors_accept_any_strides_and_store_contiguous_tensors(spec, layout):
         assert torch.equal(prior.mu, weight)
     tensor_prior = bnn.get_prior(("gaussian", {"mu": weight, "sigma": weight.abs() + 0.1}))
     assert tensor_prior.mu.is_contiguous() and tensor_prior.sigma.is_contiguous()
+
+
+def test_the_broadcast_check_agrees_with_torch():
+    from bnnify.bnn.priors import _broadcasts
+
+    shapes = [(), (1,), (3,), (2, 1), (2, 3), (4, 2, 3), (1, 3), (3, 2), (0,), (1, 0)]
+    for a, b in itertools.product(shapes, repeat=2):
+        try:
+            torch.broadcast_shapes(a, b)
+            expected = True
+        except RuntimeError:
+            expected = False
+        assert _broadcasts(a, b) is expected, (a, b)

@@ -1,7 +1,7 @@
 """The KL divergence of a `BayesianModule`: which kernel serves which parameters.
 
 Parameters in a flat Gaussian store are grouped in segments (neighbours under
-equal scalar priors merged) that the fused kernels of `bnnify.bnn.kl` reduce; other
+equal scalar priors merged) that the fused kernels of `bnnify.bnn.kl_training` reduce; other
 pairs go through `torch.distributions`, parameter by parameter.
 """
 
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Normal
 
-from bnnify.bnn import kl as _kl
+from bnnify.bnn import kl_training as _kl
 from bnnify.bnn.kl_report import gaussian_report_kl, parameter_kl
 from bnnify.bnn.posteriors import GaussianPosterior
 from bnnify.bnn.priors import Prior

@@ -1,6 +1,6 @@
 """KL divergences for reports: float64, added in one fixed order on any thread count.
 
-The training kernels of `bnnify.bnn.kl` are fast, and their last digits depend on the
+The training kernels of `bnnify.bnn.kl_training` are fast, and their last digits depend on the
 thread count and on memory alignment (BLAS dot products, threaded sums). A report
 must not: `bnnify convert` writes it, `bnnify kl` recomputes it, `kl_by_parameter`
 gives it from a live module, and all three must agree to the last bit.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, Normal, kl_divergence
 
-from bnnify.bnn.kl import has_flat_log_prob, has_gaussian_closed_form, pair_has_closed_form
+from bnnify.bnn.kl_training import has_flat_log_prob, has_gaussian_closed_form, pair_has_closed_form
 from bnnify.bnn.priors import Prior
 from bnnify.errors import InvalidArgumentError
 

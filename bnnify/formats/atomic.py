@@ -25,7 +25,7 @@ import errno
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -33,7 +33,7 @@ from bnnify.errors import BnnifyError, OutputError, OutputExistsError, UsageErro
 from bnnify.formats.inputs import file_identity, refuse_inputs
 from bnnify.formats.interrupts import deferred_signals, forget, raise_pending, track
 
-__all__ = ["AtomicOutputs", "atomic_path", "check_outputs"]
+__all__ = ["AtomicOutputs", "check_outputs"]
 
 logger = logging.getLogger("bnnify")
 
@@ -203,26 +203,6 @@ class AtomicOutputs:
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
                 forget(temp)
-
-
-@contextlib.contextmanager
-def atomic_path(
-    path: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
-) -> Iterator[Path]:
-    """Yields a temporary path to write one output to; see `AtomicOutputs`.
-
-    Example:
-        >>> import tempfile
-        >>> folder = tempfile.TemporaryDirectory()
-        >>> out = Path(folder.name, "out.txt")
-        >>> with atomic_path(out) as temp:
-        ...     _ = temp.write_text("done")
-        >>> out.read_text()
-        'done'
-        >>> folder.cleanup()
-    """
-    with AtomicOutputs([path], force=force, inputs=inputs) as outputs:
-        yield outputs.temp(path)
 
 
 def check_outputs(

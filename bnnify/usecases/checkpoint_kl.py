@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from bnnify.bnn import get_prior
-from bnnify.bnn.kl import default_samples
+from bnnify.bnn.kl_training import default_samples
 from bnnify.bnn.kl_report import parameter_kl
 from bnnify.enums import KLMethod
 from bnnify.errors import SpecError

@@ -23,8 +23,8 @@ from torch import Tensor
 from bnnify.bnn import BayesianModule, PosteriorFactory, get_posterior, get_prior
 from bnnify.bnn.keys import posterior_key, prior_key
 from bnnify.bnn.kinds import module_types
-from bnnify.bnn.kl import default_samples
 from bnnify.bnn.kl_report import parameter_kl
+from bnnify.bnn.kl_training import default_samples
 from bnnify.bnn.posteriors import is_flat, restore_posterior
 from bnnify.enums import KLMethod
 from bnnify.errors import SpecError, UsageError

@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from bnnify.bnn.ensemble import Ensemble, StackedEnsemble
 from bnnify.errors import InputError, UsageError
 from bnnify.formats.checkpoint import Checkpoint
+from bnnify.formats.export_inputs import check_shapes
 from bnnify.formats.model_files import LoadedModel, ModelFormat
 from bnnify.formats.plain_model import independent
 from bnnify.usecases import LOGGER_NAME
+from bnnify.usecases.model_call import ModelCall, forward_signature
 from bnnify.usecases.runner import ModuleRunner, Runner, ScriptRunner, source_module
 
 __all__ = [
@@ -103,9 +105,16 @@ def open_for_export(
     """Opens `loaded` with `checkpoint`'s posterior, on the CPU (see `source_module`)."""
     module = source_module(loaded, checkpoint, arch=arch, arch_kwargs=arch_kwargs)
     deterministic = checkpoint.deterministic_state()
+    program = loaded.module if loaded.format is ModelFormat.EXPORT else None
+    call = ModelCall(forward_signature(module, program))
     if loaded.format is ModelFormat.TORCHSCRIPT:
-        return OpenedModel(loaded, ScriptRunner(module, checkpoint, "cpu"), None, deterministic)
-    runner = ModuleRunner(_copy(module), checkpoint, "cpu")
+        runner = ScriptRunner(module, checkpoint, "cpu", call)
+        return OpenedModel(loaded, runner, None, deterministic)
+    copied = _copy(module)
+    if program is not None:
+        # A deep copy of a torch.export module loses its forward pre-hooks.
+        check_shapes(program, copied)
+    runner = ModuleRunner(copied, checkpoint, "cpu", call)
     _eval(module)
     return OpenedModel(loaded, runner, module, deterministic)
 

@@ -13,8 +13,8 @@ from torch import nn
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
 import bnnify.bnn as bnn
-from bnnify.bnn import kl as kl_module
-from bnnify.bnn.kl import Segment, store_kl
+from bnnify.bnn import kl_training as kl_module
+from bnnify.bnn.kl_training import Segment, store_kl
 from bnnify.bnn.posteriors import inverse_softplus
 
 CLOSED_FORM_PRIORS = [
@@ -396,7 +396,7 @@ def test_kl_under_no_grad():
 
 
 def test_fused_gaussian_kl_across_chunk_boundaries(monkeypatch):
-    from bnnify.bnn import kl as kl_module
+    from bnnify.bnn import kl_training as kl_module
 
     monkeypatch.setattr(kl_module, "FAST_CHUNK", 5)
     net = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Linear(7, 3)).double()
