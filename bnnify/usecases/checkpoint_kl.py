@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from bnnify.bnn import get_prior
-from bnnify.bnn.kl_training import default_samples
 from bnnify.bnn.kl_report import parameter_kl
+from bnnify.bnn.kl_training import default_samples
 from bnnify.enums import KLMethod
 from bnnify.errors import SpecError
 from bnnify.formats.atomic import AtomicOutputs
