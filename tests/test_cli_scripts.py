@@ -324,3 +324,14 @@ def test_a_sharded_output_is_read_back_by_the_name_it_was_given(files, tmp_path)
         shown = strict_json(cli("inspect", name, "--json").stdout)
         assert shown["kind"] == "sharded" and len(shown["files"]) == len(made["outputs"]) - 1
         assert cli("predict", name, *reg).stdout.startswith("mean,std"), name
+
+
+def test_fit_verbose_logs_every_epoch_as_its_help_says(files, tmp_path):
+    assert cli("convert", files.reg_model, "-o", "c.bnn.safetensors", "-q").exit_code == 0
+    run_ = ("fit", "c.bnn.safetensors", "-m", files.reg_model, "-d", files.reg_train)
+    run_ += ("--task", "regression", "--epochs", "20", "-f", "-o", "f.safetensors")
+    for flags, lines in (((), 10), (("-v",), 20)):
+        result = cli(*run_, *flags)
+        assert result.exit_code == 0, result.output
+        epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+        assert len(epochs) == lines, flags

@@ -16,7 +16,10 @@ from bnnify.enums import Reduction
 __all__ = ["kl"]
 
 PathArg = Annotated[
-    Path, typer.Argument(help="Variational checkpoint (or its sharded index), or a KL report.")
+    Path,
+    typer.Argument(
+        help="Variational checkpoint (its sharded index, or their folder), or a KL report."
+    ),
 ]
 ReductionOpt = Annotated[
     Reduction, typer.Option(help="Report the sum over elements or the mean per element.")
