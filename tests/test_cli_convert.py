@@ -452,6 +452,7 @@ def test_verbose_adds_a_per_parameter_table(models, tmp_path):
         assert column in header
     # The posterior and prior, the same on every row, are said once, above the table.
     assert "posterior pretrained_gaussian (delta=0.1), prior laplace" in flat(result.stdout)
+    assert flat(result.stdout).count("pretrained_gaussian") == 1
     rows = [line for line in result.stdout.splitlines() if line.startswith("│ lstm.weight_hh_l0")]
     assert len(rows) == 1
     for cell in ("(20, 5)", "100", "float32"):

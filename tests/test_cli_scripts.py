@@ -236,9 +236,9 @@ def test_the_verbose_table_is_readable_for_many_parameters(tmp_path):
     lines = result.stdout.splitlines()
     names = [m.group(1) for line in lines if (m := re.match(r"│ (\S+\.weight) ", line))]
     assert names == ["1.weight", "10.weight"]  # natural order: 1, 10, 11 (2 of 3 matched)
-    assert "(2 of 3); posterior pretrained_gaussian (delta=0.1), prior gaussian" in flat(
-        result.stdout
-    )
+    text = flat(result.stdout)
+    assert "Every parameter: posterior pretrained_gaussian (delta=0.1), prior gaussian" in text
+    assert "Reparametrized parameters (2 of 3)" in text
 
 
 # --------------------------------------------------------------- help, env, completion

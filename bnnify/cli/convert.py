@@ -7,7 +7,7 @@ from typing import Any
 from bnnify.cli import options as opt
 from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
-from bnnify.cli.tables import conversion_lines, conversion_table
+from bnnify.cli.tables import conversion_lines, conversion_pair, conversion_table
 
 __all__ = ["convert"]
 
@@ -84,6 +84,7 @@ def convert(
 def _render(out: Output, result: Any, top: int, pattern: str | None) -> None:
     out.json(result.to_json())
     if out.verbose or result.dry_run:
+        out.line(conversion_pair(result))
         out.table(conversion_table(result, top=top, pattern=pattern))
     for line in conversion_lines(result):
         out.line(line)

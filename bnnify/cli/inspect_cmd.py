@@ -92,7 +92,6 @@ def _render(out: Output, info: dict[str, Any], top: int, pattern: str | None) ->
         )
         for p in shown
     ]
-    result = table(f"Parameters ({len(shown)} of {total})", columns, cells, right=columns[3:])
+    out.table(table(f"Parameters ({len(shown)} of {total})", columns, cells, right=columns[3:]))
     if not with_stats:
-        result.caption = "sigma and |mu|/sigma: bnnify inspect --stats"
-    out.table(result)
+        out.line("sigma and |mu|/sigma per parameter: bnnify inspect --stats")

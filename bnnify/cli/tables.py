@@ -14,6 +14,7 @@ from bnnify.cli.output import human_bytes
 
 __all__ = [
     "conversion_lines",
+    "conversion_pair",
     "conversion_table",
     "kl_line",
     "kl_table",
@@ -99,7 +100,7 @@ def plain(value: Any) -> str:
 def conversion_table(result: Any, *, top: int = 0, pattern: str | None = None) -> Table:
     """`bnnify convert -v`: a row per reparametrized parameter of a `ConversionResult`.
 
-    The posterior and prior, the same for every row, are said once in the title.
+    The posterior and prior, the same for every row, are said once (`conversion_pair`).
     """
     rows = [{"name": p.name, "p": p} for p in result.parameters]
     shown, total = select_rows(rows, top=top, pattern=pattern)
@@ -108,13 +109,18 @@ def conversion_table(result: Any, *, top: int = 0, pattern: str | None = None) -
         p = row["p"]
         size, sigma, kl = f"{p.numel:,}", f"{p.sigma_mean:.3g}", f"{p.kl:.4g}"
         cells.append((Text(p.name), str(tuple(p.shape)), size, p.dtype, sigma, kl))
-    posterior, prior = result.spec.posterior, result.spec.prior
-    title = (
-        f"Reparametrized parameters ({len(shown)} of {total}); posterior {posterior[0]}"
-        f"{_args(posterior[1])}, prior {prior[0]}{_args(prior[1])}"
-    )
+    title = f"Reparametrized parameters ({len(shown)} of {total})"
     right = ("elements", "sigma init", "KL")
     return table(title, CONVERT_COLUMNS, cells, right=right)
+
+
+def conversion_pair(result: Any) -> str:
+    """The posterior and prior of every parameter of a `ConversionResult`, in one line."""
+    posterior, prior = result.spec.posterior, result.spec.prior
+    return (
+        f"Every parameter: posterior {posterior[0]}{_args(posterior[1])}, "
+        f"prior {prior[0]}{_args(prior[1])}"
+    )
 
 
 def conversion_lines(result: Any) -> list[str]:
