@@ -37,8 +37,9 @@ def table(
 ) -> Table:
     """A table with `columns` (those in `right` right-aligned) holding `rows`.
 
-    The first column holds names: it is never wrapped (a name folded over lines cannot
-    be copied or grepped); the other columns give way. Cells read from files should be
+    The first column holds names: it is as wide as its longest name, the other columns
+    giving way (a name folded over lines cannot be copied or grepped); only a name wider
+    than the whole console is folded, never cut. Cells read from files should be
     `rich.text.Text`, so that they are not parsed as markup.
     """
     rows = list(rows)
@@ -47,7 +48,8 @@ def table(
         justify = "right" if column in right else "left"
         if i == 0:
             widest = max((len(str(row[0])) for row in rows), default=0)
-            result.add_column(column, no_wrap=True, min_width=max(widest, len(column)))
+            width = max(widest, len(column))
+            result.add_column(column, overflow="fold", min_width=width)
         else:
             result.add_column(column, overflow="fold", justify=justify)
     for row in rows:
