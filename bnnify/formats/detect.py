@@ -110,9 +110,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def describe(path: str | Path) -> str | None:
-    """What a file is, from its content ("a torch.save file"), or None if unrecognized."""
+    """What a file (or the checkpoint a folder holds, as `detect_format` finds it) is, from
+    its content ("a torch.save file"), or None if unrecognized."""
     try:
-        fmt = _sniff(regular_file(path))
+        fmt = _sniff(resolve_model_path(path))
     except InputError:  # FormatError included
         return None
     return _DESCRIPTIONS[fmt]
