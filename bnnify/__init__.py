@@ -1,7 +1,8 @@
 """bnnify: turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).
 
-`bnnify.convert`, `fit`, `predict`, `kl`, `inspect`, `export` and `prune` (see
-`bnnify.api`) are loaded on first use: `import bnnify` itself does not import torch.
+`bnnify.convert`, `fit`, `calibrate`, `predict`, `plot`, `kl`, `inspect`, `export` and
+`prune` (see `bnnify.api`) are loaded on first use: `import bnnify` itself does not import
+torch.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CalibrationResult",
     "ConversionResult",
     "ExportResult",
     "FitResult",
@@ -17,14 +19,17 @@ __all__ = [
     "KLResult",
     "ParameterStats",
     "ParameterSummary",
+    "PlotResult",
     "PredictionResult",
     "PruneResult",
     "__version__",
+    "calibrate",
     "convert",
     "export",
     "fit",
     "inspect",
     "kl",
+    "plot",
     "predict",
     "prune",
 ]

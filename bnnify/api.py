@@ -6,15 +6,18 @@ Example:
     True
 """
 
+from bnnify.usecases.calibrate import CalibrationResult, calibrate
 from bnnify.usecases.convert import ConversionResult, ParameterSummary, convert
 from bnnify.usecases.export import ExportResult, export
 from bnnify.usecases.fit import FitResult, FitSettings, fit
 from bnnify.usecases.inspect import InspectResult, ParameterStats, inspect
 from bnnify.usecases.kl import KLResult, kl
+from bnnify.usecases.plot import PlotResult, plot
 from bnnify.usecases.predict import PredictionResult, predict
 from bnnify.usecases.prune import PruneResult, prune
 
 __all__ = [
+    "CalibrationResult",
     "ConversionResult",
     "ExportResult",
     "FitResult",
@@ -23,13 +26,16 @@ __all__ = [
     "KLResult",
     "ParameterStats",
     "ParameterSummary",
+    "PlotResult",
     "PredictionResult",
     "PruneResult",
+    "calibrate",
     "convert",
     "export",
     "fit",
     "inspect",
     "kl",
+    "plot",
     "predict",
     "prune",
 ]

@@ -3,8 +3,8 @@
 `python -m bnnify.demo OUT.pt` trains a 8-32-1 MLP on a synthetic regression task
 (seeded, a second on a laptop) and saves it as TorchScript, its state dict beside
 it (`OUT.state_dict.pt`, for the `arch` example spec) and the data
-(`train.safetensors`, `test.safetensors`: tensors `x` and `y`) for `bnnify fit`
-and `bnnify predict`.
+(`train.safetensors`, `val.safetensors`, `test.safetensors`: tensors `x` and `y`) for
+`bnnify fit`, `bnnify calibrate` and `bnnify predict`.
 """
 
 from __future__ import annotations
@@ -64,13 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.output.parent
     x, y = synthetic_regression(512, seed=0)
     save_file({"x": x, "y": y}, str(folder / "train.safetensors"))
+    x, y = synthetic_regression(256, seed=2)
+    save_file({"x": x, "y": y}, str(folder / "val.safetensors"))
     x, y = synthetic_regression(256, seed=1)
     save_file({"x": x, "y": y}, str(folder / "test.safetensors"))
     with torch.no_grad():
         rmse = nn.functional.mse_loss(model(x), y).sqrt().item()
     print(
         f"trained demo model (test RMSE {rmse:.3f}): wrote {args.output}, {state_path}, "
-        f"{folder / 'train.safetensors'} and {folder / 'test.safetensors'}"
+        f"{folder / 'train.safetensors'}, {folder / 'val.safetensors'} and "
+        f"{folder / 'test.safetensors'}"
     )
 
 

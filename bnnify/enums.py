@@ -7,7 +7,7 @@ from typing import Any
 
 from bnnify.errors import InvalidArgumentError, closest
 
-__all__ = ["ExportFormat", "KLMethod", "ModuleKind", "PruneScope", "Reduction", "Task"]
+__all__ = ["ExportFormat", "Figure", "KLMethod", "ModuleKind", "PruneScope", "Reduction", "Task"]
 
 
 class _Choice(str, Enum):
@@ -86,3 +86,14 @@ class PruneScope(_Choice):
 
     GLOBAL = "global"
     LAYER = "layer"
+
+
+class Figure(_Choice):
+    """The figures `bnnify plot` draws (the first two from a checkpoint, the rest from a
+    predictions file)."""
+
+    LAYERS = "layers"
+    SIGMA = "sigma"
+    RELIABILITY = "reliability"
+    COVERAGE = "coverage"
+    BANDS = "bands"

@@ -476,3 +476,12 @@ def test_ood_detection_orients_every_score_toward_the_ood_inputs():
     # Swapping the roles turns every score around.
     for result in ood_detection(outside, inside).values():
         assert result["auroc"] == 0.0
+
+
+def test_max_softmax_ranks_confidences_that_round_to_one():
+    # 1 - p is below the float64 spacing at 1 for both: -max p would tie them all.
+    inside = torch.tensor([[[60.0, 0.0], [58.0, 0.0]]])
+    outside = torch.tensor([[[45.0, 0.0], [44.0, 0.0]]])
+    assert classification_summary(outside)["probs"].amax(-1).eq(1.0).all()
+    scores = ood_detection(inside, outside)["max_softmax"]
+    assert scores == {"auroc": 1.0, "aupr": 1.0}

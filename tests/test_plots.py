@@ -173,7 +173,7 @@ def test_without_matplotlib_drawing_says_how_to_install_it(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     probs, labels = classification_data(20)
-    with pytest.raises(UsageError, match=r"pip install bnnify\[plot\]") as error:
+    with pytest.raises(UsageError, match=r"pip install 'bnnify\[plot\]'") as error:
         plots.reliability_diagram(probs, labels, tmp_path / "r.png")
     assert error.value.exit_code == EXIT_USAGE
     assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,10 @@ from bnnify.formats.predictions import read_predictions
 from bnnify.usecases.predict import PredictionResult, noise_of, predict_dataset
 from bnnify.usecases.runner import open_runner
 
+REGRESSION_KEYS = {"rmse", "mae", "nll", "log_likelihood", "crps", "calibration_error"}
+REGRESSION_KEYS |= {f"{kind}_{level}" for kind in ("coverage", "width") for level in (50, 90, 95)}
+CLASSIFICATION_KEYS = {"accuracy", "nll", "log_likelihood", "brier", "ece", "ece_bins"}
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 
@@ -162,7 +166,7 @@ def test_metrics_of_both_models_against_targets(classifier, toy, files):
     result = predict_dataset(classifier, test, task="classification", samples=8)
     assert set(result.metrics) == {"bayesian", "mean_weights"}
     for metrics in result.metrics.values():
-        assert set(metrics) == {"accuracy", "log_likelihood", "ece", "nll"}
+        assert set(metrics) == CLASSIFICATION_KEYS
         assert metrics["accuracy"] > 0.9
         assert metrics["nll"] == pytest.approx(-metrics["log_likelihood"])
     alone = predict_dataset(classifier, test, task="classification", mean_weights=True)
@@ -174,8 +178,9 @@ def test_metrics_of_both_models_against_targets(classifier, toy, files):
     data = Dataset(data.x[:50], data.y[:50], data.source)
     result = predict_dataset(runner, data, task="regression", samples=8, noise=noise)
     for metrics in result.metrics.values():
-        assert set(metrics) == {"rmse", "log_likelihood"}
+        assert set(metrics) == REGRESSION_KEYS
         assert 0 < metrics["rmse"] < 1
+        assert 0 <= metrics["coverage_50"] <= metrics["coverage_90"] <= metrics["coverage_95"]
     without_noise = predict_dataset(runner, data, task="regression", samples=8)
     assert set(without_noise.metrics["bayesian"]) == {"rmse"}
 
@@ -207,9 +212,11 @@ def test_predict_from_files_writes_the_predictions_file(files, tmp_path):
         32,
         files.reg_fitted.name,
     )
-    assert sorted(written.tensors) == sorted(result.tensors)
+    assert sorted(written.tensors) == sorted([*result.tensors, "targets"])
     for name, tensor in result.tensors.items():
         assert torch.equal(written.tensors[name], tensor)
+    assert torch.equal(written.tensors["targets"], load_dataset(files.reg_train).y)
+    assert written.calibration is None
     assert result.to_json()["output"] == str(out)
 
 

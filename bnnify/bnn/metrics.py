@@ -350,6 +350,8 @@ def ood_detection(logits_in: Tensor, logits_out: Tensor) -> dict[str, dict[str, 
 
     Out-of-distribution inputs are the positive class; predictive entropy and mutual
     information score higher on them, and max softmax enters negated (lower confidence).
+    With one sample (a deterministic network) mutual information is zero up to rounding,
+    which would rank inputs by noise: it is left out.
 
     Args:
         logits_in: Logit samples `(S, ..., C)` of in-distribution inputs.
@@ -361,6 +363,8 @@ def ood_detection(logits_in: Tensor, logits_out: Tensor) -> dict[str, dict[str, 
     ).bool()
     results = {}
     for name in OOD_SCORES:
+        if name == "mutual_information" and min(len(logits_in), len(logits_out)) == 1:
+            continue
         score = torch.cat([_ood_score(inside, name), _ood_score(outside, name)])
         results[name] = {
             "auroc": auroc(score, positive),
@@ -371,5 +375,8 @@ def ood_detection(logits_in: Tensor, logits_out: Tensor) -> dict[str, dict[str, 
 
 def _ood_score(summary: dict[str, Tensor], name: str) -> Tensor:
     if name == "max_softmax":
-        return -summary["probs"].amax(-1).reshape(-1)
+        # -max p ranks as 1 - max p, the sum of the other probabilities: summed, they keep
+        # the digits that 1 - p loses when p rounds to 1 (confident inputs would all tie).
+        probs = summary["probs"].flatten(0, -2).sort(-1).values
+        return probs[:, :-1].sum(-1)
     return summary[name].reshape(-1)

@@ -9,7 +9,19 @@ from typing import Annotated
 import typer
 
 import bnnify
-from bnnify.cli import convert, env_cmd, export, fit, inspect_cmd, kl, list_cmd, predict, prune
+from bnnify.cli import (
+    calibrate,
+    convert,
+    env_cmd,
+    export,
+    fit,
+    inspect_cmd,
+    kl,
+    list_cmd,
+    plot,
+    predict,
+    prune,
+)
 from bnnify.cli.help_text import readable
 from bnnify.cli.output import closed_stdout
 
@@ -58,6 +70,8 @@ COMMANDS = {
     "list": list_cmd.list_registered,
     "fit": fit.fit,
     "predict": predict.predict,
+    "calibrate": calibrate.calibrate,
+    "plot": plot.plot,
     "export": export.export,
     "prune": prune.prune,
     "env": env_cmd.env,

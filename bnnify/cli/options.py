@@ -304,6 +304,26 @@ PredictOutOpt = Annotated[
     str | None, typer.Option("--out", "-o", metavar="FILE", help=_PREDICT_OUT)
 ]
 
+# ---------------------------------------------------------------- predict
+
+OodOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ood",
+        help="Out-of-distribution inputs (classification): report the AUROC and AUPR "
+        "of entropy, mutual information and max softmax at telling them apart.",
+    ),
+]
+CalibrationOpt = Annotated[
+    bool,
+    typer.Option(
+        "--calibration/--no-calibration", help="Apply the checkpoint's calibration, if any."
+    ),
+]
+KeepInputsOpt = Annotated[
+    bool, typer.Option(help="Also store the inputs in --out (for `bnnify plot`'s 1-D bands).")
+]
+
 # ------------------------------------------------------------- export, prune
 
 AnyCheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]

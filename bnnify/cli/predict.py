@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from bnnify.cli import options as opt
 from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
+from bnnify.cli.tables import number_table
 from bnnify.enums import Task
 
 __all__ = ["predict"]
@@ -18,9 +18,7 @@ __all__ = ["predict"]
 Opt = typer.Option
 CheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]
 InputOpt = Annotated[Path, Opt("--input", "-i", help="Inputs: safetensors (x), .npy, .npz or CSV.")]
-TargetsOpt = Annotated[
-    Path | None, Opt("--targets", "--labels", help="Targets or labels: report metrics.")
-]
+TargetsOpt = Annotated[Path | None, Opt("--targets", "--labels", help="Targets: metrics.")]
 TaskOpt = Annotated[Task | None, Opt(help="Default: the fitted task, else regression.")]
 SeedOpt = Annotated[int, Opt(min=0, max=2**31 - 1, help="Seed of the weight samples.")]
 
@@ -38,7 +36,10 @@ def predict(
     mean_weights: Annotated[
         bool, Opt("--mean-weights", help="Deterministic prediction with the posterior means.")
     ] = False,
+    keep_inputs: opt.KeepInputsOpt = False,
     targets: TargetsOpt = None,
+    ood: opt.OodOpt = None,
+    calibration: opt.CalibrationOpt = True,
     task: TaskOpt = None,
     batch_size: Annotated[int, Opt(min=1, help="Inputs per batch (bounds memory).")] = 256,
     input_key: opt.InputKeyOpt = None,
@@ -54,11 +55,7 @@ def predict(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Predict with S weight samples, with the uncertainty of each prediction.
-
-    Regression: predictive mean and spread; classification: class probabilities with
-    entropy and mutual information; metrics when targets are given.
-    """
+    """Predict with S weight samples, with the uncertainty of each prediction."""
     sink = Output(command="predict", json_mode=json, quiet=quiet)
     if out == "-":
         sink.stdout_is_data(json_flag="--json" if json else None)
@@ -68,6 +65,7 @@ def predict(
     options |= dict(keep_samples=keep_samples, mean_weights=mean_weights, batch_size=batch_size)
     options |= dict(x_key=input_key or "x", y_key=y_key, device=device, arch=arch, force=force)
     options |= dict(arch_kwargs=arch_kwargs, model_args=model_arg, class_dim=class_dim)
+    options |= dict(keep_inputs=keep_inputs, ood=ood, calibration=calibration)
     with reporting(sink, "Predicting"):
         result = bnnify.predict(checkpoint, model, input, trust_pickle=trust_pickle, **options)
     _render(sink, result)
@@ -81,18 +79,22 @@ def _render(out: Output, result: Any) -> None:
         f"{summary['samples']} weight sample(s))"
     )
     out.line("  estimator: {estimator} ({reason})".format(**summary["estimator"]))
+    out.line(f"  calibration: {_calibration(summary['calibration'])}")
     for key, value in summary.items():
-        if isinstance(value, float) or key in ("positions", "class_counts"):
+        if isinstance(value, float) or key in ("positions", "class_counts", "ood_examples"):
             out.line(f"  {key}: {f'{value:.5g}' if isinstance(value, float) else value}")
     if result.metrics:
-        names = list(result.metrics)
-        table = Table(title="Metrics", title_justify="left")
-        table.add_column("metric")
-        for name in names:
-            table.add_column(name.replace("_", " "), justify="right")
-        for key in result.metrics[names[0]]:
-            row = [f"{result.metrics[n].get(key, float('nan')):.5g}" for n in names]
-            table.add_row(key, *row)
-        out.table(table)
+        keys = next(iter(result.metrics.values()))
+        rows = {k: {m: v.get(k) for m, v in result.metrics.items()} for k in keys}
+        out.table(number_table("Metrics", "metric", rows))
+    for model, scores in result.ood.items():
+        title = f"Out-of-distribution detection, {model.replace('_', ' ')}"
+        out.table(number_table(title, "score", scores))
     if result.output is not None:
         out.line(f"  wrote {result.output}")
+
+
+def _calibration(applied: dict[str, Any]) -> str:
+    if not applied["applied"]:
+        return f"none ({applied['reason']})"
+    return f"{applied['parameter']} {applied['value']:.4g} (fitted on {applied['data']})"

@@ -19,6 +19,7 @@ __all__ = [
     "kl_line",
     "kl_table",
     "natural_key",
+    "number_table",
     "plain",
     "select_rows",
     "table",
@@ -174,3 +175,17 @@ def kl_line(result: Any) -> str:
 
 def _args(kwargs: dict[str, Any]) -> str:
     return f" ({plain(kwargs)})" if kwargs else ""
+
+
+def number_table(title: str, first: str, rows: dict[str, dict[str, Any]]) -> Table:
+    """Numbers by row and column (`rows[row][column]`); a missing number reads "n/a".
+
+    The columns are those of the first row; names have their underscores as spaces.
+    """
+    columns = list(next(iter(rows.values()), {}))
+    names = [first, *(c.replace("_", " ") for c in columns)]
+    cells = [
+        (key, *("n/a" if values.get(c) is None else f"{values[c]:.5g}" for c in columns))
+        for key, values in rows.items()
+    ]
+    return table(title, names, cells, right=names[1:])

@@ -186,14 +186,15 @@ class Checkpoint:
         check_format(metadata, self.path, self._kind)
 
     def _check_tensors(self) -> None:
-        infos = {key: self._info(key) for key in self.files}
+        infos = {key: self.tensor_info(key) for key in self.files}
         for name, record in self.parameters.items():
             check_parameter(record, self.spec, infos, f"{self.path}: parameter {shorten(name)}")
         for name, record in self.deterministic.items():
             dtype = parse_dtype(record.dtype, str(self.path))
             check_tensor(name, infos.get(name), record.shape, dtype, str(self.path))
 
-    def _info(self, key: str) -> TensorInfo:
+    def tensor_info(self, key: str) -> TensorInfo:
+        """The name, dtype and shape of one tensor of the file, from its header."""
         return self._readers[self.files[key]].infos[key]
 
     # -------------------------------------------------------------- tensors

@@ -14,11 +14,17 @@ import torch
 from torch import Tensor
 
 import bnnify
-from bnnify.formats.checkpoint import FORMAT, FORMAT_VERSION, ParameterRecord, TensorRecord
+from bnnify.formats.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    Checkpoint,
+    ParameterRecord,
+    TensorRecord,
+)
 from bnnify.formats.safetensors_io import SafetensorsWriter, ShardedWriter, TensorInfo
 from bnnify.formats.spec import ConversionSpec
 
-__all__ = ["checkpoint_metadata", "sharded_paths", "write_tensors"]
+__all__ = ["checkpoint_metadata", "copy_checkpoint", "sharded_paths", "write_tensors"]
 
 
 def checkpoint_metadata(
@@ -80,3 +86,13 @@ def sharded_paths(
 ) -> list[Path]:
     """Files a sharded checkpoint of `infos` will consist of (shards, then the index)."""
     return ShardedWriter(target.parent, stem, infos, None, shard_bytes).paths()
+
+
+def copy_checkpoint(checkpoint: Checkpoint, path: Path, metadata: Mapping[str, str]) -> None:
+    """Writes every tensor of `checkpoint`, bytes unchanged, into one file with `metadata`.
+
+    Tensors are read and written one at a time; a sharded checkpoint becomes one file.
+    `path` is where the bytes go (an `AtomicOutputs` temp path).
+    """
+    infos = [checkpoint.tensor_info(key) for key in checkpoint.keys()]  # noqa: SIM118
+    write_tensors(path, infos, checkpoint.tensor, metadata, lambda final: path)

@@ -54,7 +54,7 @@ def _figure_class() -> Any:
     except ImportError as error:
         raise UsageError(
             "drawing figures needs matplotlib, which is not installed",
-            hint="Install it with: pip install bnnify[plot]",
+            hint="Install it with: pip install 'bnnify[plot]'",
         ) from error
     return Figure
 

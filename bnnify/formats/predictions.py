@@ -42,7 +42,9 @@ class Predictions:
     Attributes:
         tensors: Regression: `mean`, `std`, `epistemic_std`, `aleatoric_std`;
             classification: `probs`, `predicted`, `predictive_entropy`,
-            `expected_entropy`, `mutual_information`; `samples` when kept.
+            `expected_entropy`, `mutual_information`; `samples` when kept (of the
+            calibrated predictive, if calibrated); `targets` when given, and
+            `input.<name>` when kept.
         task: The task the model was run for.
         samples: Weight samples per prediction (1 for the posterior means).
         checkpoint: File name of the checkpoint that made them.
@@ -50,6 +52,8 @@ class Predictions:
             (see `bnnify.bnn.EstimatorChoice`).
         call: What each parameter of the model's forward received (`"input NAME"`
             or a constant argument).
+        calibration: The calibration applied to the predictive, `{"temperature":
+            T}` or `{"scale": s}` with the `model` it belongs to; None if none was.
     """
 
     tensors: dict[str, Tensor]
@@ -58,6 +62,7 @@ class Predictions:
     checkpoint: str
     estimator: dict[str, str] | None = None
     call: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
 
 
 def check_destination(path: str | Path, *, keep_samples: bool = False) -> str:
@@ -120,6 +125,8 @@ def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "sa
         metadata["bnnify.estimator_reason"] = predictions.estimator["reason"]
     if predictions.call is not None:
         metadata["bnnify.call"] = json.dumps(predictions.call, sort_keys=True)
+    if predictions.calibration is not None:
+        metadata["bnnify.calibration"] = json.dumps(predictions.calibration, sort_keys=True)
     tensors = {k: v.contiguous() for k, v in predictions.tensors.items()}
     save_file(tensors, path, metadata)
 
@@ -153,6 +160,9 @@ def read_predictions(path: str | Path) -> Predictions:
                 "reason": metadata.get("bnnify.estimator_reason", ""),
             }
         call = metadata.get("bnnify.call")
+        calibration = metadata.get("bnnify.calibration")
+        if calibration is not None:
+            calibration = load_json(calibration, str(path), "metadata 'bnnify.calibration'")
         return Predictions(
             tensors={name: reader.tensor(name) for name in reader.infos},
             task=Task(metadata["bnnify.task"]),
@@ -160,6 +170,7 @@ def read_predictions(path: str | Path) -> Predictions:
             checkpoint=metadata["bnnify.checkpoint"],
             estimator=estimator,
             call=None if call is None else load_json(call, str(path), "metadata 'bnnify.call'"),
+            calibration=calibration,
         )
     except (KeyError, ValueError) as error:
         raise FormatError(f"{path}: malformed predictions metadata ({clip(str(error))})") from None

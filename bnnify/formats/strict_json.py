@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from typing import Any
 
 from bnnify.errors import FormatError, shorten
 
-__all__ = ["MAX_DEPTH", "load_json"]
+__all__ = ["MAX_DEPTH", "finite_json", "load_json"]
 
 # bnnify's own JSON (index files, checkpoint metadata) nests a handful of levels.
 MAX_DEPTH = 64
@@ -51,6 +52,22 @@ def load_json(data: bytes | str, source: str, what: str = "the file") -> Any:
         raise FormatError(f"{source}: {what} is not valid JSON ({reason})") from None
     if _depth_exceeds(value, MAX_DEPTH):
         raise _too_deep(source, what)
+    return value
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every float that is not finite replaced by None (JSON has no NaN).
+
+    Example:
+        >>> finite_json({"a": [1.0, float("nan")], "b": float("inf")})
+        {'a': [1.0, None], 'b': None}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
     return value
 
 

@@ -36,6 +36,7 @@ from bnnify.usecases.sources import (
     ModelLike,
     as_checkpoint,
     as_dataset,
+    derived_name,
     file_paths,
     opened_model,
     path_of,
@@ -203,7 +204,7 @@ def fit(
     if not 0.0 <= val_split < 1.0:
         raise InvalidArgumentError(f"val_split must be in [0, 1), got {val_split!r}")
     device = process_device(resolve_device(device))
-    destination = Path(output) if output is not None else _fitted_name(path_of(checkpoint))
+    destination = Path(output) if output is not None else derived_name(path_of(checkpoint), "fit")
     paths = file_paths(checkpoint, model, data, val)
     outputs = AtomicOutputs([destination], force=force, inputs=paths)
     ckpt = as_checkpoint(checkpoint)
@@ -291,15 +292,6 @@ def _check_fits(runner: Runner, likelihood: Likelihood, data: Dataset) -> None:
     output = check_input(runner, data.x)
     like_targets = output[:1].expand(len(data.y), *output.shape[1:])
     likelihood.check(like_targets, data.y.to(output.device))
-
-
-def _fitted_name(checkpoint: Path) -> Path:
-    name = checkpoint.name
-    for suffix in (".safetensors.index.json", ".safetensors"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return checkpoint.with_name(f"{name}.fit.safetensors")
 
 
 def _name(data: DataLike, dataset: Dataset) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "Progress",
     "as_checkpoint",
     "as_dataset",
+    "derived_name",
     "file_paths",
     "opened_model",
     "path_of",
@@ -124,6 +125,21 @@ def file_paths(*inputs: Any) -> list[Path]:
         elif isinstance(item, Checkpoint) or (isinstance(item, LoadedModel) and item.path.exists()):
             paths.append(item.path)
     return paths
+
+
+def derived_name(checkpoint: Path, tag: str) -> Path:
+    """`<stem>.<tag>.safetensors` beside `checkpoint` (a file or a sharded index).
+
+    Example:
+        >>> derived_name(Path("runs/m.fit.safetensors"), "cal").as_posix()
+        'runs/m.fit.cal.safetensors'
+    """
+    name = checkpoint.name
+    for suffix in (".safetensors.index.json", ".safetensors"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return checkpoint.with_name(f"{name}.{tag}.safetensors")
 
 
 def path_of(value: Any, what: str = "checkpoint") -> Path:
