@@ -39,7 +39,7 @@ def predict(
     keep_inputs: opt.KeepInputsOpt = False,
     targets: TargetsOpt = None,
     ood: opt.OodOpt = None,
-    calibration: opt.CalibrationOpt = True,
+    no_calibration: opt.NoCalibrationOpt = False,
     task: TaskOpt = None,
     batch_size: Annotated[int, Opt(min=1, help="Inputs per batch (bounds memory).")] = 256,
     input_key: opt.InputKeyOpt = None,
@@ -65,7 +65,7 @@ def predict(
     options |= dict(keep_samples=keep_samples, mean_weights=mean_weights, batch_size=batch_size)
     options |= dict(x_key=input_key or "x", y_key=y_key, device=device, arch=arch, force=force)
     options |= dict(arch_kwargs=arch_kwargs, model_args=model_arg, class_dim=class_dim)
-    options |= dict(keep_inputs=keep_inputs, ood=ood, calibration=calibration)
+    options |= dict(keep_inputs=keep_inputs, ood=ood, calibration=not no_calibration)
     with reporting(sink, "Predicting"):
         result = bnnify.predict(checkpoint, model, input, trust_pickle=trust_pickle, **options)
     _render(sink, result)

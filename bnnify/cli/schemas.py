@@ -78,7 +78,7 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
         "history",
         "final",
     ),
-    "predict": ("schema", "summary", "metrics", "output"),
+    "predict": ("schema", "summary", "metrics", "ood", "output"),
     "export": (
         "schema",
         "output",
