@@ -176,3 +176,7 @@ def test_describe_a_folder_as_the_checkpoint_it_holds(tmp_path: Path):
     assert detect_format(tmp_path) is ModelFormat.SHARDED
     assert describe(tmp_path) is not None
     assert describe(tmp_path / "missing") is None
+    (tmp_path / "m.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"w": "../s1.safetensors"}})
+    )
+    assert describe(tmp_path / "m.safetensors.index.json") is None  # refused, not raised
