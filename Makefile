@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-threads lint format demo bench bench-peers bench-digits bench-prune real-models clean
+.PHONY: install test test-threads lint format demo bench bench-peers bench-digits bench-prune gpu-site real-models clean
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ bench-peers: install
 	$(PY) -m pip install -q --no-deps torchbayesian==0.2.1 bayesian-torch==0.5.0
 	$(PY) -m pip install -q numpy
 	$(PY) benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# The peers for `benchmarks/gpu.sh` on a device machine (which has no network): pure
+# Python, carried there with the checkout.
+gpu-site: install
+	$(PY) -m pip install -q --no-deps --target benchmarks/out/gpu_site \
+		torchbayesian==0.2.1 bayesian-torch==0.5.0
 
 # scikit-learn is a benchmark-only dependency (its bundled digits), installed here only.
 bench-digits: install

@@ -44,6 +44,10 @@ from workloads import (
 from bnnify.bnn import BayesianModule
 
 TOOLS = ("bnnify", "torchbayesian", "bayesian-torch")
+WEIGHTS = "bnnify, weights sampled"
+SHIFTED = "bnnify, shifted noise"
+EAGER = "bnnify, eager kernels"
+READ = "read floor"
 
 
 def _available(tool: str) -> bool:
@@ -180,7 +184,19 @@ def workloads(device: str, quick: bool) -> list[dict]:
     ]
 
 
-def run(spec: dict, tools: list[str], device: str, repeats: int) -> dict:
+def _read_floor(bnn: nn.Module) -> Callable[[], None]:
+    """One read of every mu and rho: the least any KL of the store can cost."""
+    stores = [(store.mu.detach(), store.rho.detach()) for store in bnn.variational]
+
+    def read() -> None:
+        for mu, rho in stores:
+            mu.sum()
+            rho.sum()
+
+    return read
+
+
+def run(spec: dict, tools: list[str], device: str, repeats: int, eager: bool = False) -> dict:
     torch.manual_seed(0)
     plain = spec["model"]().to(device)
     x = torch.randn(spec["batch"], *spec["x"], device=device)
@@ -200,9 +216,28 @@ def run(spec: dict, tools: list[str], device: str, repeats: int) -> dict:
     result: dict = {"workload": spec["name"], "failures": failures, "ms": {}, "ratio": {}}
     steps = {"plain": train_step(plain, None, x, target, loss_fn)}
     steps |= {t: train_step(m, kls[t], x, target, loss_fn) for t, m in models.items()}
+    if "bnnify" in models and models["bnnify"].training_kernels() == ["compiled"]:
+        shifted = copy.deepcopy(models["bnnify"])
+        shifted.noise = "shifted"  # the opt-in cheap noise, beside the default
+        steps[SHIFTED] = train_step(shifted, shifted.kl_divergence, x, target, loss_fn)
+        if eager:
+            # The eager kernels (as BNNIFY_COMPILE=0, main's path before the compiled
+            # step), timed in the same round robin: the before/after of one process.
+            eager_bnn = BayesianModule(copy.deepcopy(plain), compile_kernels=False).to(device)
+            kls[EAGER] = eager_bnn.kl_divergence
+            steps[EAGER] = train_step(eager_bnn, kls[EAGER], x, target, loss_fn)
+    # The first step of each: bnnify's includes compiling its kernels (or loading them).
+    result["first_step_ms"] = {t: median_ms(v) for t, v in round_robin(steps, 1, 0).items()}
+    if "bnnify" in models:
+        result["bnnify_kernels"] = models["bnnify"].training_kernels()
     _record(result, "train_step", round_robin(steps, repeats))
     if spec["kl"]:
-        times = round_robin({t: kls[t] for t in models}, repeats)
+        kl_calls = {t: kls[t] for t in models}
+        if "bnnify" in models:
+            kl_calls[READ] = _read_floor(models["bnnify"])
+            if EAGER in kls:
+                kl_calls[EAGER] = kls[EAGER]
+        times = round_robin(kl_calls, repeats)
         result["ms"]["kl"] = {t: median_ms(v) for t, v in times.items()}
     if spec["predict"]:
         for model in (plain, *models.values()):
@@ -210,6 +245,9 @@ def run(spec: dict, tools: list[str], device: str, repeats: int) -> dict:
         xp = x[:32]
         preds = {"plain": predictions(None, plain, xp)}
         preds |= {t: predictions(t, m, xp) for t, m in models.items()}
+        if "bnnify" in models:
+            # The same weight-sampled passes as the peers, beside bnnify's default.
+            preds[WEIGHTS] = predictions(None, models["bnnify"], xp)
         _record(result, "predict32", round_robin(preds, repeats))
     return result
 
@@ -238,12 +276,26 @@ def table(results: list[dict], tools: list[str]) -> str:
                     cells.append("missing")
                 elif key == "kl":
                     cells.append(f"{ms[tool]:.1f} ms")
+                    if tool == "bnnify" and READ in ms:
+                        floor = f"{ms[tool] / ms[READ]:.1f}x the read floor {ms[READ]:.1f} ms"
+                        cells[-1] = f"{cells[-1]} ({floor})"
+                    if tool == "bnnify" and EAGER in ms:
+                        cells[-1] = f"{cells[-1]}; {ms[EAGER]:.1f} ms eager"
                 else:
                     cells.append(f"{ms[tool]:.1f} ms ({r['ratio'][key][tool]:.2f}x)")
+                if key == "predict32" and tool == "bnnify" and WEIGHTS in ms:
+                    weights = f"{ms[WEIGHTS]:.1f} ms ({r['ratio'][key][WEIGHTS]:.2f}x)"
+                    cells[-1] = f"{cells[-1]} local trick; {weights} weights sampled"
+                if key == "train_step" and tool == "bnnify" and SHIFTED in ms:
+                    shifted = f"{ms[SHIFTED]:.1f} ms ({r['ratio'][key][SHIFTED]:.2f}x)"
+                    cells[-1] = f"{cells[-1]}; {shifted} shifted noise"
+                if key == "train_step" and tool == "bnnify" and EAGER in ms:
+                    eager = f"{ms[EAGER]:.1f} ms ({r['ratio'][key][EAGER]:.2f}x)"
+                    cells[-1] = f"{cells[-1]}; {eager} eager kernels"
             plain = "-" if key == "kl" else f"{ms['plain']:.1f} ms"
             label = {
                 "train_step": "train step",
-                "predict32": "32 MC predictions",
+                "predict32": "32 MC predictions (peers: weights sampled)",
                 "kl": "kl_divergence()",
             }[key]
             lines.append(f"| {r['workload']} | {label} | {plain} | " + " | ".join(cells) + " |")
@@ -259,20 +311,28 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset")
+    parser.add_argument("--only", default="", help="workloads whose name contains this")
+    parser.add_argument(
+        "--eager", action="store_true", help="also time bnnify's eager kernels, same process"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_peers.json"))
     args = parser.parse_args()
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    tools = [t for t in TOOLS if _available(t)]
-    missing = [t for t in TOOLS if t not in tools]
+    chosen = [t for t in TOOLS if t in args.tools.split(",")]
+    tools = [t for t in chosen if _available(t)]
+    missing = [t for t in chosen if t not in tools]
     if missing:
         print(f"not importable (run `make bench-peers`): {', '.join(missing)}", file=sys.stderr)
     repeats = args.repeats or (3 if args.quick else 7)
     results = []
     for spec in workloads(args.device, args.quick):
+        if args.only not in spec["name"]:
+            continue
         print(f"running {spec['name']} ...", file=sys.stderr)
-        results.append(run(spec, tools, args.device, repeats))
+        results.append(run(spec, tools, args.device, repeats, args.eager))
     print(table(results, tools))
     write_json(
         args.out,

@@ -39,6 +39,9 @@ class Model:
         no_predict: Why predict cannot run, when it is known in advance.
         include: `--include` pattern for the conversion (default: everything).
         flags: More `convert` flags (`--only linear`, `--key ema`).
+        run_flags: More `predict` and `fit` flags (`--model-arg sr=16000`).
+        expect: Command -> a part of the error it must stop with: a refusal that is right
+            (a row then counts it as expected, not as a failure).
         derived: Key of a file derived from `path` (`derive_voice_encoder`'s, or
             "bin_shards": the state dict split into Hugging Face .bin shards).
         group: Rows holding the same weights: their spreads are compared with the
@@ -56,6 +59,8 @@ class Model:
     no_predict: str = ""
     include: str | None = None
     flags: tuple[str, ...] = ()
+    run_flags: tuple[str, ...] = ()
+    expect: dict[str, str] = field(default_factory=dict)
     derived: str | None = None
     group: str | None = None
     reference: bool = False
@@ -76,27 +81,67 @@ def _voice(fmt: str, label: str, **kwargs: Any) -> Model:
     )
 
 
+MTCNN_SIZES = {"pnet": 12, "rnet": 24, "onet": 48}
+
+
+def _mtcnn(net: str, **kwargs: Any) -> Model:
+    size, name = MTCNN_SIZES[net], net[0].upper() + "Net"
+    return Model(
+        kwargs.pop("name", f"mtcnn-{net}"),
+        FACENET,
+        f"facenet_pytorch/data/{net}.pt",
+        kwargs.pop("format", "state dict (legacy, non-contiguous)"),
+        f"conv + PReLU (MTCNN {name}, rebuilt)",
+        input_shape=(8, 3, size, size),
+        arch=f"rebuilt:{name}",
+        **kwargs,
+    )
+
+
+SILERO_8K_UNUSED = "does not depend on the Bayesian parameter(s) '_model_8k."
+STATEFUL = "keeps state between calls"
+
+# The heads that the face odds (the last output) do not use: their weights stay deterministic.
+OTHER_HEADS = {"pnet": "conv4_2.*", "rnet": "dense5_2.*", "onet": "dense6_[23].*"}
+
 MODELS = (
     *(
-        Model(
-            f"mtcnn-{net}",
-            FACENET,
-            f"facenet_pytorch/data/{net}.pt",
-            "state dict",
-            f"conv (MTCNN {net[0].upper()}-Net)",
-            input_shape=(2, 3, size, size),
-            arch=f"facenet_pytorch.models.mtcnn:{net[0].upper()}Net",
-            arch_kwargs={"pretrained": False},
-        )
-        for net, size in (("pnet", 12), ("rnet", 24), ("onet", 48))
+        _mtcnn(net, arch_kwargs={"output": -1}, flags=("--exclude", OTHER_HEADS[net]))
+        for net in MTCNN_SIZES
+    ),
+    _mtcnn(
+        "onet",
+        name="mtcnn-onet-all-outputs",
+        format="state dict (legacy), every output",
+        expect={"predict": "returns a tuple of 3", "fit": "returns a tuple of 3"},
+    ),
+    Model(
+        "mtcnn-onet-no-arch",
+        FACENET,
+        "facenet_pytorch/data/onet.pt",
+        "state dict (legacy, non-contiguous), no arch",
+        "conv + PReLU (MTCNN ONet)",
     ),
     Model(
         "silero-vad-jit",
         SILERO,
         "silero_vad/data/silero_vad.jit",
-        "TorchScript",
+        "TorchScript, forward(x, sr)",
         "conv + LSTMCell",
         input_shape=(4, 512),
+        run_flags=("--model-arg", "sr=16000"),
+        expect={"predict": SILERO_8K_UNUSED, "fit": SILERO_8K_UNUSED},
+    ),
+    Model(
+        "silero-vad-jit-16k",
+        SILERO,
+        "silero_vad/data/silero_vad.jit",
+        "TorchScript, forward(x, sr), 8 kHz branch excluded",
+        "conv + LSTMCell",
+        input_shape=(4, 512),
+        flags=("--exclude", "_model_8k.*"),
+        run_flags=("--model-arg", "sr=16000"),
+        expect={"predict": STATEFUL, "fit": STATEFUL},
     ),
     Model(
         "silero-vad-16k",

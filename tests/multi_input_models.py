@@ -14,6 +14,7 @@ __all__ = [
     "MaskedRegressor",
     "RateModel",
     "Streaming",
+    "TwoHeads",
     "masked_regressor",
     "mlp",
     "token_classifier",
@@ -86,3 +87,15 @@ class Streaming(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.calls.add_(1.0)
         return self.lin(x) + 0.1 * self.calls
+
+
+class TwoHeads(nn.Module):
+    """Returns a tuple (boxes, scores), as detectors such as MTCNN's P-, R- and O-Net do."""
+
+    def __init__(self, features: int = 3):
+        super().__init__()
+        self.boxes = nn.Linear(features, 4)
+        self.scores = nn.Linear(features, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.boxes(x), torch.softmax(self.scores(x), dim=1)

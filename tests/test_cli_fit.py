@@ -24,6 +24,7 @@ from fit_files import (
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bnnify.bnn import kernels
 from bnnify.demo import build_model, synthetic_regression
 from bnnify.formats.checkpoint import Checkpoint
 
@@ -108,6 +109,32 @@ def test_a_validation_file_and_human_output(files, tmp_path):
     with Checkpoint(out) as fitted:
         assert fitted.fit["n_val"] == 64
         assert all("val" in record for record in fitted.fit["history"])
+
+
+@pytest.mark.skipif(
+    kernels.compile_refusal(torch.device("cpu")) is not None, reason="torch.compile unavailable"
+)
+def test_shifted_noise_and_compiled_kernels_from_the_cli(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNNIFY_COMPILE", "1")  # the toy model is far below the threshold
+    results = []
+    for noise in ("fresh", "shifted", "shifted"):
+        out = tmp_path / f"{noise}-{len(results)}.safetensors"
+        results.append(fit_json(*fit_args(files, out, "--noise", noise)))
+    assert [r["settings"]["noise"] for r in results] == ["fresh", "shifted", "shifted"]
+    assert results[1]["history"] == results[2]["history"]  # seeded: the same run twice
+    assert results[0]["history"] != results[1]["history"]  # other noise, other steps
+    assert all(math.isfinite(r["final"]["elbo"]) for r in results)
+    refused = cli(*fit_args(files, tmp_path / "x.safetensors", "--noise", "cheap"))
+    assert refused.exit_code == 2 and "cheap" in refused.output
+
+
+def test_shifted_noise_on_eager_kernels_says_the_noise_stays_fresh(files, tmp_path, monkeypatch):
+    monkeypatch.delenv("BNNIFY_COMPILE", raising=False)  # the toy model is too small
+    result = cli(*fit_args(files, tmp_path / "s.safetensors", "--noise", "shifted"))
+    assert result.exit_code == 0, result.output
+    warning = flat(result.stderr)
+    assert "draw fresh noise instead: eager (1153 elements, fewer than the" in warning
+    assert "BNNIFY_COMPILE=1 compiles a store of any size" in warning
 
 
 def test_kl_warmup_rises_linearly_to_one(files, tmp_path):

@@ -278,6 +278,10 @@ def bad_files(tmp_path):
     save_script(nn.Sequential(nn.Linear(1, 1)), tmp_path / "other.pt")
     torch.save(nn.Sequential(nn.Linear(1, 1)).state_dict(), "weights.pt")
     convert_file(tmp_path / "weights.pt", tmp_path / "weights.bnn.safetensors")
+    from multi_input_models import TwoHeads
+
+    save_script(TwoHeads(features=1), tmp_path / "heads.pt")
+    convert_file(tmp_path / "heads.pt", tmp_path / "heads.bnn.safetensors")
     Path("exists.safetensors").write_bytes(b"keep")
     return tmp_path
 
@@ -294,6 +298,7 @@ BAD = {
     "no samples": ("{reg} -i {x} --samples 0", 2, "--samples"),
     "labels": ("{cls} -i three.safetensors --labels labels.safetensors", 1, "must lie in [0, 2]"),
     "no arch": ("weights.bnn.safetensors -m weights.pt -i {x}", 2, "save the model as TorchScript"),
+    "two outputs": ("heads.bnn.safetensors -m heads.pt -i {x}", 1, "returns a tuple of 2"),
 }
 
 

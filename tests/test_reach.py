@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnnify.bnn.reach import refuse_stateful, refuse_unreached
+from bnnify.bnn.reach import refuse_not_one_tensor, refuse_stateful, refuse_unreached
 from bnnify.errors import InputError
 
 
@@ -28,6 +28,26 @@ def test_unreached_weights_are_named_with_the_fix():
         error.value.message
     )
     assert error.value.hint.startswith("Do X.") and "--exclude 'b'" in error.value.hint
+    with pytest.raises(InputError) as error:
+        refuse_unreached(used.sum(), [used, cached], ["head.w", "Tail[0].w"])
+    assert error.value.hint.endswith("--exclude 'Tail[[]0].w'.")  # one name: exactly it, escaped
+
+
+def test_the_exclude_hint_names_one_module_when_it_holds_every_unreached_weight():
+    used = torch.ones(2, requires_grad=True)
+    unused = [torch.ones(1, requires_grad=True) for _ in range(6)]
+    names = ["net.w", *(f"net_8k.{i}.w" for i in range(3)), "a.w", "b.w", "c.w"]
+    hints = {
+        # One module holds them, and no used weight: one pattern.
+        3: "--exclude 'net_8k.*'",
+        # A pattern 'net*' would also catch net.w: each name.
+        6: "--exclude 'net_8k.0.w' --exclude 'net_8k.1.w' --exclude 'net_8k.2.w' "
+        "--exclude 'a.w' --exclude 'b.w' ...",
+    }
+    for count, flags in hints.items():
+        with pytest.raises(InputError) as error:
+            refuse_unreached(used.sum(), [used, *unused[:count]], names[: count + 1])
+        assert error.value.hint.endswith(f"deterministic with {flags}.")
     many = [torch.ones(1, requires_grad=True) for _ in range(7)]
     with pytest.raises(InputError, match="'w0', 'w1', 'w2', 'w3', 'w4' and 2 more"):
         refuse_unreached(used.sum(), many, [f"w{i}" for i in range(7)])
@@ -50,3 +70,20 @@ def test_a_model_that_answers_differently_the_second_time_is_refused():
         assert error.value.message.startswith("the TorchScript model gives another output")
     with pytest.raises(InputError, match="keeps state"):
         refuse_stateful(torch.tensor([1, 2]), torch.tensor([1, 3]))
+
+
+def test_an_output_other_than_one_tensor_is_described():
+    refuse_not_one_tensor(torch.ones(2, 3))
+    cases = {
+        "a list of 1 (tensor (2,))": [torch.ones(2)],
+        "a tuple of 7 (tensor (1,), tensor (1,), tensor (1,), tensor (1,), int, ...)": (
+            *[torch.ones(1)] * 4,
+            *[3] * 3,
+        ),
+        "a dict": {"y": torch.ones(2)},
+    }
+    for what, output in cases.items():
+        with pytest.raises(InputError) as error:
+            refuse_not_one_tensor(output, model="the net")
+        assert error.value.message.startswith(f"the net returns {what}, not one tensor")
+        assert "picks it" in error.value.hint

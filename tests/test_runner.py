@@ -296,3 +296,15 @@ def test_a_model_that_keeps_state_between_calls_is_refused(tmp_path, kind):
         runner = module_runner(tmp_path, net, "streaming")
     with pytest.raises(InputError, match="keeps state between calls"):
         check_input(runner, torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("call", ["predict_samples", "forward"])
+@pytest.mark.parametrize("kind", ["script", "module"])
+def test_a_model_returning_several_tensors_is_refused_by_name(tmp_path, kind, call):
+    from multi_input_models import TwoHeads
+
+    runner = (script_runner if kind == "script" else module_runner)(tmp_path, TwoHeads(), "heads")
+    x = torch.randn(4, 3)
+    message = r"returns a tuple of 2 \(tensor \(2, 4\), tensor \(2, 2\)\), not one tensor"
+    with pytest.raises(InputError, match=message):
+        runner.predict_samples(x, 2) if call == "predict_samples" else runner(x)

@@ -176,22 +176,6 @@ def test_chunked_sample_backward_matches_autograd(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_threaded_noise_is_reproducible_and_standard(monkeypatch):
-    from bnnify.bnn import store as store_module
-
-    monkeypatch.setattr(store_module, "_NOISE_MIN", 1000)
-    torch.manual_seed(3)
-    a = store_module.standard_normal(40_000, torch.float32, torch.device("cpu"))
-    torch.manual_seed(3)
-    b = store_module.standard_normal(40_000, torch.float32, torch.device("cpu"))
-    assert torch.equal(a, b)
-    assert abs(float(a.mean())) < 4 / 200 and abs(float(a.std()) - 1) < 0.02
-    pieces = a.reshape(4, -1)
-    assert not torch.equal(pieces[0], pieces[1])  # independently seeded pieces
-    correlation = torch.corrcoef(pieces)[0, 1]
-    assert abs(float(correlation)) < 4 / 100
-
-
 def test_a_sample_backpropagated_twice_says_how_to_reuse_it():
     from bnnify.bnn import BayesianModule
 

@@ -51,11 +51,16 @@ class Divergence:
         ]
         self._standalone_closed: list[bool] | None = None
         self._prior_closed: dict[type, bool] = {}
+        # Per store, its compiled sampler, whose training sample carries the KL.
+        self.fused: list[Any] = []
         self.refresh()
 
     def refresh(self) -> None:
         """Rebuilds the segments (after the priors' values changed, e.g. on loading)."""
         self.segments = [self._merged(k) for k in range(len(self.stores))]
+        if self.fused:
+            for fused, segments in zip(self.fused, self.segments, strict=True):
+                fused.configure(segments)
 
     def slot_segments(self, k: int) -> list[tuple[str, _kl.Segment]]:
         store = self.stores[k]
@@ -84,6 +89,11 @@ class Divergence:
         self._check_closed_forms(samples)
         terms: dict[str, Tensor] = {}
         for k in range(len(self.stores)):
+            fused = self._fused_kl(k) if samples is None else None
+            if fused is not None:
+                # Computed with this step's sample, its gradient fused with the sample's.
+                terms[f"variational.{k}"] = fused.to(device)
+                continue
             for segment in self.segments[k]:
                 name = f"variational.{k}[{segment.start}]"
                 terms[name] = self._segment_kl(k, segment, samples).to(device)
@@ -91,6 +101,18 @@ class Divergence:
             value = _kl.distribution_kl(posterior.distribution, prior.distribution, samples)
             terms[slot.name] = value.to(device, torch.float64)
         return terms
+
+    def _fused_kl(self, k: int) -> Tensor | None:
+        """Store `k`'s KL from its compiled sampler: carried by this step's sample, or
+        computed by the compiled kernels when gradients are recorded; else None."""
+        samplers = getattr(self, "fused", None)  # absent from modules pickled before it
+        if not samplers or torch.compiler.is_compiling():
+            return None
+        sampler = samplers[k]
+        kl = sampler.take_kl()
+        if kl is None and torch.is_grad_enabled() and sampler.active():
+            kl = sampler.kl()
+        return kl
 
     def report(self, samples: int | None) -> dict[str, Tensor]:
         """KL of each parameter by the report function (fixed order), float64 on the CPU."""

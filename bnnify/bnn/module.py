@@ -13,12 +13,14 @@ from torch.distributions import Distribution, Normal
 from bnnify.bnn.build import Reparametrized, allocate_stores, build_parameters, check_module
 from bnnify.bnn.collect import collect_parameters, linear_pairs, select
 from bnnify.bnn.divergence import Divergence, check_reduction, check_samples
-from bnnify.bnn.keys import posterior_key, prior_key
+from bnnify.bnn.fused import FusedSampler
 from bnnify.bnn.posteriors import PosteriorFactory, is_flat
 from bnnify.bnn.registry import Spec, parse_spec
 from bnnify.bnn.reparametrize import Sampler, Slot
 from bnnify.bnn.rowwise import Estimator, EstimatorChoice, batch_refusal, choose_estimator
-from bnnify.errors import FormatError, InvalidArgumentError, UsageError
+from bnnify.bnn.state import copy_state_, gather_state
+from bnnify.enums import NoiseMode
+from bnnify.errors import InvalidArgumentError, UsageError
 
 __all__ = ["BayesianModule", "Reparametrized"]
 
@@ -55,6 +57,13 @@ class BayesianModule(nn.Module):
             `predict_samples` uses the trick only where it is proven (see
             `predictive_estimator`).
         debug: Alias of `verbose` (the name used by torchbayesian 0.2.1).
+        compile_kernels: Training kernels of flat Gaussian stores compiled by torch.compile:
+            True at any size, False never, None (default) from `fused.MIN_COMPILE_NUMEL`
+            elements where possible; `BNNIFY_COMPILE=0` or `=1` forces either everywhere.
+        noise: "fresh" (default) normals at every training step, or "shifted": one
+            buffer of normals under a random cyclic shift and random signs per step,
+            cheaper, unbiased per step, magnitudes shared between steps (README).
+            Gradient steps of compiled stores only. Settable as `model.noise`.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -79,6 +88,8 @@ class BayesianModule(nn.Module):
         exclude: str | Sequence[str] | None = None,
         local_reparameterization: bool = False,
         debug: bool | None = None,
+        compile_kernels: bool | None = None,
+        noise: str = "fresh",
     ):
         super().__init__()
         check_module(module)
@@ -111,6 +122,10 @@ class BayesianModule(nn.Module):
         for layer, (weight, bias) in lrt.items():
             layer.__dict__["_bnnify_lrt"] = (weight.slot, None if bias is None else bias.slot)
         self._divergence = Divergence(self.variational, self._slots, self.priors, self.posteriors)
+        fused = [FusedSampler(store, compile=compile_kernels) for store in self.variational]
+        self._sampler.fused = self._divergence.fused = fused
+        self._divergence.refresh()
+        self.noise = noise
         # Loading a state_dict changes the priors' values, which the segments read.
         self.register_load_state_dict_post_hook(_refresh_segments)
         self.training = module.training
@@ -210,6 +225,26 @@ class BayesianModule(nn.Module):
             assert self._sampler.local, "the row-wise proof admitted a weight-sampling pass"
         return torch.stack([self(*inputs, **kwargs) for _ in range(num_samples)])
 
+    @property
+    def noise(self) -> str:
+        """The training steps' weight noise, "fresh" or "shifted" (settable; see `noise=`)."""
+        return self._noise.value
+
+    @noise.setter
+    def noise(self, value: str) -> None:
+        self._noise = NoiseMode.parse(value)
+        for fused in self._sampler.fused:
+            fused.noise = self._noise
+
+    def training_kernels(self) -> list[str]:
+        """How a training pass samples each flat store now: "compiled" or "eager (why)".
+
+        Example:
+            >>> BayesianModule(nn.Linear(3, 2)).training_kernels()
+            ['eager (8 elements, fewer than the 1048576 worth compiling)']
+        """
+        return [f"eager ({r})" if (r := f.refusal()) else "compiled" for f in self._sampler.fused]
+
     def predictive_estimator(self, *inputs: Any, **kwargs: Any) -> EstimatorChoice:
         """The estimator `predict_samples(*inputs, ...)` uses, with the reason.
 
@@ -295,21 +330,8 @@ class BayesianModule(nn.Module):
         the posterior's own state otherwise) and `"<name>.prior.<buffer>"` for prior
         tensors that are not scalars (such as the mean of an empirical prior).
         """
-        state: dict[str, Tensor] = {}
-        for i, slot in enumerate(self._slots):
-            if slot.store is None:
-                for key, tensor in self.posteriors[slot.index].state_dict().items():
-                    state[posterior_key(slot.name, key)] = tensor
-            else:
-                store = self.variational[slot.store]
-                state[posterior_key(slot.name, "mu")] = store.view(store.mu.detach(), slot.index)
-                state[posterior_key(slot.name, "rho")] = store.view(store.rho.detach(), slot.index)
-            for key, tensor in self.priors[i].named_buffers():
-                if tensor.dim() > 0:
-                    state[prior_key(slot.name, key)] = tensor
-        return state
+        return gather_state(self._slots, self.variational, self.posteriors, self.priors)
 
-    @torch.no_grad()
     def load_variational_state(
         self, state: Mapping[str, Tensor], *, strict: bool = True
     ) -> tuple[list[str], list[str]]:
@@ -322,24 +344,7 @@ class BayesianModule(nn.Module):
             FormatError: On a shape mismatch, or with `strict` on missing or
                 unexpected keys.
         """
-        own = self.variational_state()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if strict and (missing or unexpected):
-            raise FormatError(
-                f"variational state does not match: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}",
-                hint="Load a checkpoint made from the same model and spec.",
-            )
-        for key, target in own.items():
-            if key in state:
-                if tuple(state[key].shape) != tuple(target.shape):
-                    raise FormatError(
-                        f"{key!r} has shape {tuple(state[key].shape)}, "
-                        f"expected {tuple(target.shape)}"
-                    )
-                target.copy_(state[key])
-        return missing, unexpected
+        return copy_state_(self.variational_state(), state, strict=strict)
 
     def posterior_distribution(self, name: str) -> Distribution:
         """The posterior of parameter `name` as a distribution (views of the storage)."""

@@ -12,15 +12,18 @@ two calls on the same inputs and weights differ (`refuse_stateful`).
 
 from __future__ import annotations
 
+import glob
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bnnify.bnn.collect import matches
 from bnnify.errors import InputError
 
-__all__ = ["refuse_stateful", "refuse_unreached"]
+__all__ = ["refuse_not_one_tensor", "refuse_stateful", "refuse_unreached"]
 
 # Float outputs of two identical calls may differ by rounding (nondeterministic kernels);
 # a model that keeps state between calls drifts by far more.
@@ -80,8 +83,24 @@ def refuse_unreached(
             "computed from them when the model was built), or does not use them, so their "
             "samples would never reach the predictions",
             hint=f"{fix} If the parameters are unused, keep them deterministic with "
-            f"--exclude {unreached[0]!r}.".lstrip(),
+            f"{_exclude_flags(unreached, names)}.".lstrip(),
         )
+
+
+def _exclude_flags(unreached: Sequence[str], names: Sequence[str]) -> str:
+    """`--exclude` flags for exactly `unreached`: one module pattern when one holds several."""
+    prefix = unreached[0].split(".")[:-1]
+    for name in unreached[1:]:
+        path = name.split(".")[:-1]
+        same = itertools.takewhile(lambda pair: pair[0] == pair[1], zip(prefix, path, strict=False))
+        prefix = [part for part, _ in same]
+    if prefix and len(unreached) > 1:
+        pattern = glob.escape(".".join(prefix)) + ".*"
+        others = set(names) - set(unreached)
+        if not any(matches(n, [pattern]) for n in others):
+            return f"--exclude {pattern!r}"
+    flags = " ".join(f"--exclude {glob.escape(n)!r}" for n in unreached[:5])
+    return flags + (" ..." if len(unreached) > 5 else "")
 
 
 def refuse_stateful(first: Any, second: Any, *, model: str = "the model") -> None:
@@ -117,6 +136,45 @@ def refuse_stateful(first: Any, second: Any, *, model: str = "the model") -> Non
             hint="Save a model whose forward depends only on its inputs (reset or pass the "
             "state explicitly, as an input).",
         )
+
+
+def refuse_not_one_tensor(output: Any, *, model: str = "the model") -> None:
+    """Refuses unless a model returned one tensor (what fit and predict take per example).
+
+    A multi-head model (a detector's boxes and scores) returns a tuple: which of its
+    outputs the likelihood and the predictive spread are about is not bnnify's guess.
+
+    Args:
+        output: What the model returned.
+        model: How the message names the model.
+
+    Raises:
+        InputError: Describing what it returned.
+
+    Example:
+        >>> refuse_not_one_tensor(torch.ones(2))
+        >>> refuse_not_one_tensor((torch.ones(2, 4), torch.ones(2, 2)))
+        Traceback (most recent call last):
+        ...
+        bnnify.errors.InputError: the model returns a tuple of 2 (tensor (2, 4), tensor (2, 2)), ...
+    """
+    if isinstance(output, Tensor):
+        return
+    if isinstance(output, (list, tuple)):
+        parts = [
+            f"tensor {tuple(item.shape)}" if isinstance(item, Tensor) else type(item).__name__
+            for item in output[:5]
+        ]
+        more = ", ..." if len(output) > 5 else ""
+        what = f"a {type(output).__name__} of {len(output)} ({', '.join(parts)}{more})"
+    else:
+        what = f"a {type(output).__name__}"
+    raise InputError(
+        f"{model} returns {what}, not one tensor: fit and predict need the one output "
+        "the likelihood and the predictive spread are about",
+        hint="Save a model whose forward returns that one tensor (a subclass or wrapper "
+        "that picks it), as TorchScript, torch.export, or an `arch`.",
+    )
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

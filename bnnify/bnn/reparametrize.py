@@ -150,6 +150,8 @@ class Sampler:
         # id(slot) -> the tensor every read returns (`BayesianModule.given_weights`).
         self.given: dict[int, Tensor] | None = None
         self.draw: Draw | None = None
+        # Per store, its compiled sampler (`bnnify.bnn.fused`), set by BayesianModule.
+        self.fused: list[Any] = []
 
     def store_of(self, slot: Slot) -> GaussianStore:
         return self.stores[slot.store]
@@ -269,9 +271,22 @@ class Draw:
                 return sampler.lone_value(slot)
         parts = self.flat.get(slot.store)
         if parts is None:
-            parts = store.split(self._flat(slot.store, store, first), first)
+            fused = self._fused(slot.store, first)
+            if fused is not None:
+                parts = fused.sample()
+            else:
+                parts = store.split(self._flat(slot.store, store, first), first)
             self.flat[slot.store] = parts
         return parts[slot.index - first]
+
+    def _fused(self, store_index: int, first: int) -> Any:
+        """The compiled sampler of a store sampled whole (no frozen noise), if active."""
+        sampler = self.sampler
+        if first or sampler.mode != "sample" or sampler.frozen is not None:
+            return None
+        fused = getattr(sampler, "fused", ())  # absent from modules pickled before it
+        fused = fused[store_index] if store_index < len(fused) else None
+        return fused if fused is not None and fused.active() else None
 
     def _first_sampled(self, store_index: int) -> int:
         return self.sampler.lrt_ends[store_index]

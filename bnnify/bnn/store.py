@@ -3,64 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnnify.bnn.noise import standard_normal
 from bnnify.errors import FormatError
 
-__all__ = ["GaussianStore", "gaussian_sample", "standard_normal"]
+__all__ = ["GaussianStore", "gaussian_sample"]
 
-# Large CPU noise tensors are filled in this many independently seeded pieces, in
-# parallel: torch's CPU generator is sequential, and noise dominates a CPU step.
-_NOISE_PIECES = 4
-_NOISE_MIN = 1 << 20
-_pool: ThreadPoolExecutor | None = None
 _CHUNK = 1 << 18
-
-
-def _reset_pool() -> None:
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool)
-
-
-def standard_normal(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """`numel` standard normal numbers, drawn from torch's global generator's seed.
-
-    On the CPU, large requests are split into pieces with their own generators,
-    seeded from the global generator, and filled by a thread pool. The result is
-    reproducible under `torch.manual_seed` and independent of the thread count.
-    """
-    global _pool
-    out = torch.empty(numel, dtype=dtype, device=device)
-    threads = min(torch.get_num_threads(), _NOISE_PIECES)
-    if out.device.type != "cpu" or numel < _NOISE_MIN or torch.compiler.is_compiling():
-        return out.normal_()
-    seeds = torch.randint(0, 2**62, (_NOISE_PIECES,)).tolist()
-    size = math.ceil(numel / _NOISE_PIECES)
-
-    def fill(i: int) -> None:
-        generator = torch.Generator().manual_seed(seeds[i])
-        out[i * size : (i + 1) * size].normal_(generator=generator)
-
-    if threads < 2:
-        for i in range(_NOISE_PIECES):
-            fill(i)
-        return out
-    if _pool is None:
-        _pool = ThreadPoolExecutor(_NOISE_PIECES, thread_name_prefix="bnnify-noise")
-    list(_pool.map(fill, range(_NOISE_PIECES)))
-    return out
 
 
 class _GaussianSample(torch.autograd.Function):

@@ -30,6 +30,7 @@ def fit(
     clip: opt.ClipOpt = 10.0,
     seed: opt.SeedOpt = 0,
     val_samples: opt.ValSamplesOpt = 16,
+    noise: opt.NoiseOpt = "fresh",
     input_key: opt.InputKeyOpt = None,
     y_key: opt.YKeyOpt = "y",
     target: opt.TargetOpt = None,
@@ -55,7 +56,7 @@ def fit(
     sink = Output(command="fit", json_mode=json and not rank, quiet=quiet or rank, verbose=verbose)
     import bnnify
 
-    settings = dict(task=task, val=val, val_split=val_split, epochs=epochs, lr=lr)
+    settings = dict(task=task, val=val, val_split=val_split, epochs=epochs, lr=lr, noise=noise)
     settings |= dict(batch_size=batch_size, mc_samples=mc_samples, kl_weight=kl_weight)
     settings |= dict(warmup_epochs=warmup_epochs, clip=clip, seed=seed, val_samples=val_samples)
     settings |= dict(class_dim=class_dim, model_args=model_arg, force=force, resume=resume)
@@ -73,12 +74,8 @@ def fit(
 
 def _log_epoch(out: Output, record: dict, epochs: int) -> None:
     val = record.get("val") or {}
-    parts = [
-        f"epoch {record['epoch']}",
-        f"ELBO/N {record['elbo']:.4g}",
-        f"NLL {record['nll']:.4g}",
-        f"KL {record['kl']:.4g}",
-    ]
+    parts = [f"epoch {record['epoch']}", f"ELBO/N {record['elbo']:.4g}"]
+    parts += [f"NLL {record['nll']:.4g}", f"KL {record['kl']:.4g}"]
     parts += [f"val {k} {v:.4g}" for k, v in val.items()]
     every = max(1, epochs // 10)
     if out.verbose or record["epoch"] % every == 0:

@@ -26,7 +26,7 @@ from bnnify.cli.export_options import (
     TargetsOpt,
     WeightsOpt,
 )
-from bnnify.enums import Task
+from bnnify.enums import NoiseMode, Task
 
 __all__ = [
     "AleatoricOpt",
@@ -69,6 +69,7 @@ __all__ = [
     "ModelArgOpt",
     "ModelOpt",
     "NoCalibrationOpt",
+    "NoiseOpt",
     "OnlyOpt",
     "OptionalModelOpt",
     "PosteriorArgOpt",
@@ -268,6 +269,13 @@ SeedOpt = Annotated[
 FitVerboseOpt = Annotated[
     bool,
     typer.Option("--verbose", "-v", help="Log every epoch (default: about ten epoch lines)."),
+]
+NoiseOpt = Annotated[
+    NoiseMode,
+    typer.Option(
+        help="Weight noise of each training step: fresh normals, or one reused buffer "
+        "under a random shift and signs (cheaper; see README)."
+    ),
 ]
 ValSamplesOpt = Annotated[int, typer.Option(min=1, help="Weight samples for validation metrics.")]
 InputKeyOpt = Annotated[

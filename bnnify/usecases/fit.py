@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bnnify.bnn.likelihood import Likelihood
-from bnnify.enums import Task
+from bnnify.enums import NoiseMode, Task
 from bnnify.errors import InputError, InvalidArgumentError, UsageError
 from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.checkpoint import Checkpoint
@@ -134,6 +134,7 @@ def fit(
     clip: float | None = 10.0,
     seed: int = 0,
     val_samples: int = 16,
+    noise: NoiseMode | str = NoiseMode.FRESH,
     class_dim: int | None = None,
     x_key: str | Sequence[str] = "x",
     y_key: str = "y",
@@ -171,6 +172,8 @@ def fit(
         clip: Gradient norm clipping (None or 0: off).
         seed: Seed of the data order and the weight noise.
         val_samples: Weight samples for the validation metrics.
+        noise: The weight noise of each training step, "fresh" (default) or
+            "shifted" (cheaper; see `BayesianModule`'s `noise`).
         class_dim: Classification: the dimension of the classes in the model's
             output (0 is the batch; default: a resumed fit's, else the last, -1).
         x_key: Input tensor name in data files, or names of several inputs (`NAME`
@@ -220,6 +223,7 @@ def fit(
         clip=clip or None,
         seed=seed,
         val_samples=val_samples,
+        noise=noise,
         class_dim=_class_dim(class_dim, ckpt, resume),
     )
     constants = model_arguments(model_args)
@@ -248,6 +252,7 @@ def fit(
         choice = runner.estimator(validation.x[: settings.batch_size])  # as evaluate's
         val_estimator = {"estimator": choice.estimator.value, "reason": choice.reason}
         logger.info("Validation predictions: %s", choice)
+    _check_noise(runner, settings.noise)
     previous = (ckpt.fit or {}).get("history", []) if resume else []
     logger.info(
         "Fitting %d Bayesian parameters of %s on %d examples, %s",
@@ -285,6 +290,17 @@ def fit(
             temp = outputs.temp(destination)
             save_fitted(destination, temp, ckpt, runner, likelihood, result.info())
     return result
+
+
+def _check_noise(runner: Runner, noise: NoiseMode) -> None:
+    """Warns when shifted noise was asked for where only fresh noise can serve."""
+    eager = [k for k in runner.bnn.training_kernels() if k != "compiled"]
+    if noise is NoiseMode.SHIFTED and eager:
+        logger.warning(
+            "shifted noise serves the compiled training kernels only; these steps draw "
+            "fresh noise instead: %s (BNNIFY_COMPILE=1 compiles a store of any size)",
+            "; ".join(eager),
+        )
 
 
 def _check_fits(runner: Runner, likelihood: Likelihood, data: Dataset) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bnnify.bnn import BayesianModule, Estimator, EstimatorChoice
-from bnnify.bnn.reach import refuse_stateful, refuse_unreached
+from bnnify.bnn.reach import refuse_not_one_tensor, refuse_stateful, refuse_unreached
 from bnnify.errors import BnnifyError, InputError, UsageError
 from bnnify.formats.arch import build_arch, confirm_arch, load_strict
 from bnnify.formats.checkpoint import Checkpoint
@@ -75,6 +75,7 @@ class Runner(nn.Module):
             self._check_reach(args, kwargs)
             with torch.no_grad():
                 first = self._mean_call(args, kwargs)
+                refuse_not_one_tensor(first, model=self._model)
                 refuse_stateful(first, self._mean_call(args, kwargs), model=self._model)
             self._checked = True
         return self.call.bind(inputs)

@@ -32,7 +32,7 @@ from bnnify.bnn.likelihood import (
     classes_last,
 )
 from bnnify.bnn.metrics import classification_metrics, regression_metrics
-from bnnify.enums import Task
+from bnnify.enums import NoiseMode, Task
 from bnnify.errors import DivergedError, InputError, InvalidArgumentError
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.checkpoint_writer import write_tensors
@@ -71,10 +71,12 @@ class FitSettings:
     clip: float | None = 10.0
     seed: int = 0
     val_samples: int = 16
+    noise: NoiseMode = NoiseMode.FRESH
     class_dim: int = -1
 
     def __post_init__(self) -> None:
         self.task = Task.parse(self.task)
+        self.noise = NoiseMode.parse(self.noise)
         if isinstance(self.class_dim, bool) or not isinstance(self.class_dim, int):
             raise InvalidArgumentError(f"class_dim must be an integer, got {self.class_dim!r}")
         if self.class_dim == 0:
@@ -187,6 +189,7 @@ def train(
     for data in (train, val):
         if data is not None:
             refuse_overflow(runner, likelihood, data, settings.batch_size)
+    runner.bnn.noise = settings.noise
     objective: nn.Module = _Objective(runner, likelihood)
     _freeze_deterministic(runner)
     trained = [p for p in objective.parameters() if p.requires_grad]
@@ -194,7 +197,7 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         objective = DistributedDataParallel(objective)
-    optimizer = torch.optim.Adam(trained, lr=settings.lr)
+    optimizer = _adam(trained, settings.lr)
     n = len(train)
     steps = math.ceil(n / settings.batch_size)
     warmup = settings.warmup_epochs * steps
@@ -233,6 +236,12 @@ def train(
         if on_epoch is not None and rank == 0:
             on_epoch(record)
     return history
+
+
+def _adam(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam, fused (one kernel per flat tensor) where torch has the fused kernel."""
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
 def _step(
