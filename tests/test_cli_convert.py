@@ -18,6 +18,7 @@ from cli_helpers import BNNIFY, flat, invoke
 from model_files import FORMATS, save_pickled, save_state_dict, shared_files
 from safetensors.torch import save_file
 
+from bnnify.cli.schemas import KL_BLOCK, SCHEMAS
 from bnnify.formats import safetensors_io
 from bnnify.formats.checkpoint import Checkpoint
 
@@ -84,8 +85,7 @@ def test_every_format_converts_through_the_cli(models, tmp_path, model, fmt):
     assert data["source"]["format"] == FORMATS[fmt]
     assert data["source"]["name"] == path.name
     assert data["reparametrized"] == len(params) == len(data["parameters"])
-    assert data["deterministic"] == len(buffers)
-    assert sorted(data["deterministic_names"]) == sorted(buffers)
+    assert sorted(data["deterministic"]) == sorted(buffers)
     assert data["variational_elements"] == sum(p.numel() for p in params.values())
     for row in data["parameters"]:
         assert row["shape"] == list(params[row["name"]].shape)
@@ -177,7 +177,7 @@ def test_spec_flags_reach_the_checkpoint(models, tmp_path):
     assert data["spec"]["prior"] == {"name": "laplace", "kwargs": {"scale": 0.5}}
     assert (data["spec"]["dtype"], data["spec"]["seed"]) == ("float64", 4)
     assert [p["name"] for p in data["parameters"]] == ["0.weight", "2.weight"]
-    assert data["deterministic_names"] == ["0.bias", "2.bias"]
+    assert data["deterministic"] == ["0.bias", "2.bias"]
     for row in data["parameters"]:
         assert row["sigma_init"] == pytest.approx(0.05)
         assert row["dtype"] == "float64"
@@ -449,12 +449,15 @@ def test_quiet_prints_nothing(models, tmp_path):
 def test_verbose_adds_a_per_parameter_table(models, tmp_path):
     result = invoke("convert", models.path("lstm", "torchscript"), "-v", "--prior", "laplace")
     assert result.exit_code == 0
-    header = next(line for line in result.stdout.splitlines() if "name" in line)
-    for column in ("name", "shape", "elements", "dtype", "posterior", "prior", "sigma init"):
+    header = next(line for line in result.stdout.splitlines() if "┃ name" in line)
+    for column in ("name", "shape", "elements", "dtype", "sigma init", "KL"):
         assert column in header
+    # The posterior and prior, the same on every row, are said once, above the table.
+    assert "posterior pretrained_gaussian (delta=0.1), prior laplace" in flat(result.stdout)
+    assert flat(result.stdout).count("pretrained_gaussian") == 1
     rows = [line for line in result.stdout.splitlines() if line.startswith("│ lstm.weight_hh_l0")]
     assert len(rows) == 1
-    for cell in ("(20, 5)", "100", "float32", "pretrained_gaussian", "laplace"):
+    for cell in ("(20, 5)", "100", "float32"):
         assert cell in rows[0]
 
 
@@ -462,20 +465,9 @@ def test_json_is_one_document_and_nothing_else(models, tmp_path):
     result = invoke("convert", models.path("cnn", "state_dict"), "--json")
     assert result.stderr == ""
     data = json.loads(result.stdout)  # fails on anything but exactly one document
-    assert set(data) == {
-        "source",
-        "spec",
-        "reparametrized",
-        "deterministic",
-        "deterministic_names",
-        "variational_elements",
-        "kl",
-        "outputs",
-        "parameters",
-        "buffer_like",
-        "suggested_exclude",
-    }
-    assert set(data["kl"]) == {"sum", "mean", "method", "samples", "top"}
+    assert next(iter(data)) == "schema" and data["schema"] == "bnnify.convert/1"
+    assert set(data) == set(SCHEMAS["convert"])
+    assert tuple(data["kl"]) == KL_BLOCK
 
 
 # ---------------------------------------------------------------- real processes
@@ -489,7 +481,7 @@ def test_python_m_bnnify_converts(models, tmp_path):
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["source"]["format"] == "sharded_safetensors"
-    assert data["reparametrized"] == 6 and data["deterministic"] == 3
+    assert data["reparametrized"] == 6 and len(data["deterministic"]) == 3
     assert listing(tmp_path) == sorted(data["outputs"])
     assert data["outputs"][-2] == "model.bnn.safetensors.index.json"
     assert library_kl(tmp_path / data["outputs"][-2]) == pytest.approx(data["kl"]["sum"], rel=1e-5)

@@ -227,7 +227,7 @@ def test_inspect_and_kl_accept_a_fitted_checkpoint(files, tmp_path):
     assert data["format"] == "bnnify.variational"
     kl = cli("kl", out, "--json")
     assert kl.exit_code == 0, kl.output
-    assert json.loads(kl.stdout)["kl"] == pytest.approx(info["final"]["kl"], rel=1e-5)
+    assert json.loads(kl.stdout)["value"] == pytest.approx(info["final"]["kl"], rel=1e-5)
 
 
 def test_fit_and_predict_an_arch_state_dict():

@@ -35,7 +35,7 @@ def convert(models, *flags):
 
 
 def inspect_json(path):
-    result = invoke("inspect", path, "--json")
+    result = invoke("inspect", path, "--json", "--stats")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     return json.loads(result.stdout)
@@ -99,11 +99,11 @@ def test_inspect_a_sharded_checkpoint(models, tmp_path):
 
 def test_inspect_tables(models):
     convert(models)
-    result = invoke("inspect", "cnn.bnn.safetensors", "--top", "2")
+    result = invoke("inspect", "cnn.bnn.safetensors", "--top", "2", "--stats")
     assert result.exit_code == 0
     out = result.stdout
     assert "Checkpoint" in out and "bnnify.variational v1" in out
-    assert "pretrained_gaussian {'delta': 0.1}" in out
+    assert "pretrained_gaussian delta=0.1" in out
     assert "Parameters (2 of 6)" in out
     for column in ("sigma mean", "sigma min", "sigma max", "|mu|/sigma median"):
         assert column in out

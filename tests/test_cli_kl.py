@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from cli_helpers import BNNIFY, flat, invoke
 from model_files import build_cnn, shared_files
 
+from bnnify.cli.schemas import SCHEMAS
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.safetensors_io import load_file, read_header, save_file
 
@@ -63,28 +64,28 @@ def test_the_kl_matches_the_library(models, posterior, prior, dtype):
     made = convert(models, "--posterior", posterior, "--prior", prior, "--dtype", dtype)
     data = kl_json("c.bnn.safetensors")
     assert data["reduction"] == "sum"
-    assert data["kl"] == data["kl_sum"] == kl_json("c.kl.safetensors")["kl"]
-    assert data["kl"] == pytest.approx(made["kl"]["sum"], rel=1e-12)
+    assert data["value"] == data["kl"]["sum"] == kl_json("c.kl.safetensors")["value"]
+    assert data["value"] == pytest.approx(made["kl"]["sum"], rel=1e-12)
     assert data["elements"] == made["variational_elements"] == 178
-    assert (data["method"], data["samples"]) == ("analytic", None)
+    assert (data["kl"]["method"], data["kl"]["samples"]) == ("analytic", None)
     assert data["prior"]["name"] == prior and data["posterior"]["name"] == posterior
     assert [p["kl"] for p in data["parameters"]] == [p["kl"] for p in made["parameters"]]
     rel = 1e-10 if dtype == "float64" else 1e-5
     architecture = build_cnn().to(getattr(torch, dtype))
     assert library_kl("c.bnn.safetensors", architecture=architecture) == pytest.approx(
-        data["kl"], rel=rel
+        data["value"], rel=rel
     )
-    assert library_kl("c.bnn.safetensors") == pytest.approx(data["kl"], rel=rel)
+    assert library_kl("c.bnn.safetensors") == pytest.approx(data["value"], rel=rel)
 
 
 def test_the_mean_reduction(models):
     convert(models)
     data = kl_json("c.bnn.safetensors", "--reduction", "mean")
     assert data["reduction"] == "mean"
-    assert data["kl"] == pytest.approx(data["kl_sum"] / data["elements"], rel=1e-12)
-    assert data["kl"] == data["kl_mean"]
+    assert data["value"] == pytest.approx(data["kl"]["sum"] / data["elements"], rel=1e-12)
+    assert data["value"] == data["kl"]["mean"]
     human = invoke("kl", "c.bnn.safetensors", "--reduction", "mean")
-    assert f"KL (mean): {data['kl']:.8g}" in human.stdout
+    assert f"KL (mean): {data['value']:.8g}" in human.stdout
     assert invoke("kl", "c.bnn.safetensors", "--reduction", "median").exit_code == 2
 
 
@@ -99,9 +100,12 @@ def test_top_limits_the_table_to_the_largest(models):
     assert shown == ranked[:2]
     everything = invoke("kl", "c.bnn.safetensors", "--top", "0").stdout
     assert "largest 6 of 6" in everything
-    assert f"KL (sum): {data['kl']:.8g}" in everything
-    # The JSON always lists every parameter.
-    assert len(kl_json("c.bnn.safetensors", "--top", "1")["parameters"]) == 6
+    assert f"KL (sum): {data['value']:.8g}" in everything
+    # The JSON lists every parameter in storage order, or with --top the largest, sorted.
+    assert [p["name"] for p in kl_json("c.bnn.safetensors", "--top", "2")["parameters"]] == (
+        ranked[:2]
+    )
+    assert len(data["parameters"]) == data["parameter_count"] == 6
 
 
 def test_a_prior_override_matches_the_library(models):
@@ -109,20 +113,20 @@ def test_a_prior_override_matches_the_library(models):
     data = kl_json("c.bnn.safetensors", "--prior", "laplace", "--prior-arg", "scale=0.5")
     assert data["prior"] == {"name": "laplace", "kwargs": {"scale": 0.5}}
     expected = library_kl("c.bnn.safetensors", prior=("laplace", {"scale": 0.5}))
-    assert data["kl"] == pytest.approx(expected, rel=1e-5)
+    assert data["value"] == pytest.approx(expected, rel=1e-5)
     # Arguments alone change the recorded prior.
     data = kl_json("c.bnn.safetensors", "--prior-arg", "sigma=0.5")
     assert data["prior"] == {"name": "gaussian", "kwargs": {"sigma": 0.5}}
     expected = library_kl("c.bnn.safetensors", prior=("gaussian", {"sigma": 0.5}))
-    assert data["kl"] == pytest.approx(expected, rel=1e-5)
+    assert data["value"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_monte_carlo_is_within_a_few_standard_errors(models):
     convert(models, "--posterior", "gaussian")
-    exact = kl_json("c.bnn.safetensors")["kl"]
+    exact = kl_json("c.bnn.safetensors")["value"]
     samples = 32
     data = kl_json("c.bnn.safetensors", "--mc-samples", str(samples))
-    assert (data["method"], data["samples"]) == ("monte_carlo", samples)
+    assert (data["kl"]["method"], data["kl"]["samples"]) == ("monte_carlo", samples)
     variance = 0.0
     with Checkpoint("c.bnn.safetensors") as ckpt:
         for name in ckpt.parameters:
@@ -132,8 +136,8 @@ def test_monte_carlo_is_within_a_few_standard_errors(models):
             ratio = q.log_prob(w) - torch.distributions.Normal(0.0, 1.0).log_prob(w)
             variance += float(ratio.var(dim=0).sum())
     error = math.sqrt(variance / samples)
-    assert data["kl"] != exact
-    assert abs(data["kl"] - exact) < 5 * error
+    assert data["value"] != exact
+    assert abs(data["value"] - exact) < 5 * error
 
 
 def test_the_scale_mixture_report_is_reproduced(models):
@@ -141,20 +145,26 @@ def test_the_scale_mixture_report_is_reproduced(models):
     assert (made["kl"]["method"], made["kl"]["samples"]) == ("monte_carlo", 16)
     from_checkpoint = kl_json("c.bnn.safetensors")
     from_report = kl_json("c.kl.safetensors")
+    for data in (from_checkpoint, from_report):
+        del data["path"], data["from_report"]
     assert from_checkpoint == from_report
-    assert from_checkpoint["kl"] == pytest.approx(made["kl"]["sum"], rel=1e-12)
+    assert from_checkpoint["value"] == pytest.approx(made["kl"]["sum"], rel=1e-12)
     assert [p["kl"] for p in from_checkpoint["parameters"]] == [p["kl"] for p in made["parameters"]]
     other = kl_json("c.bnn.safetensors", "--seed", "1")
-    assert other["kl"] != made["kl"]["sum"]
-    assert other["kl"] == pytest.approx(made["kl"]["sum"], rel=0.05)
+    assert other["value"] != made["kl"]["sum"]
+    assert other["value"] == pytest.approx(made["kl"]["sum"], rel=0.05)
 
 
 def test_out_writes_a_report_shown_identically(models, tmp_path):
     convert(models, "--prior", "laplace")
     computed = kl_json("c.bnn.safetensors", "--prior-arg", "scale=2", "--out", "r.kl.safetensors")
     assert computed["prior"] == {"name": "laplace", "kwargs": {"scale": 2}}
-    assert kl_json("r.kl.safetensors") == computed
-    assert kl_json("r.kl.safetensors", "--reduction", "mean")["kl"] == computed["kl_mean"]
+    shown = kl_json("r.kl.safetensors")
+    assert (shown["from_report"], computed["from_report"]) == (True, False)
+    assert computed["output"] == shown["path"] == "r.kl.safetensors"
+    same_keys = set(SCHEMAS["kl"]) - {"path", "from_report", "output"}
+    assert {k: shown[k] for k in same_keys} == {k: computed[k] for k in same_keys}
+    assert kl_json("r.kl.safetensors", "--reduction", "mean")["value"] == computed["kl"]["mean"]
     before = Path("r.kl.safetensors").read_bytes()
     refused = invoke("kl", "c.bnn.safetensors", "--out", "r.kl.safetensors")
     assert refused.exit_code == 2 and "--force" in flat(refused.stderr)
@@ -163,9 +173,11 @@ def test_out_writes_a_report_shown_identically(models, tmp_path):
     assert kl_json("r.kl.safetensors")["prior"]["kwargs"] == {}
     same = invoke("kl", "c.bnn.safetensors", "--out", "c.bnn.safetensors", "-f")
     assert same.exit_code == 2 and "would overwrite the input" in flat(same.stderr)
-    # Options that only apply to checkpoints are ignored for a report, with a warning.
-    warned = invoke("kl", "r.kl.safetensors", "--prior", "laplace")
-    assert warned.exit_code == 0 and "ignored" in flat(warned.stderr)
+    # Options that only apply to checkpoints are refused for a report (usage error).
+    for flags in (["--prior", "laplace"], ["--mc-samples", "4"], ["--seed", "0"]):
+        refused = invoke("kl", "r.kl.safetensors", *flags)
+        assert refused.exit_code == 2 and refused.stdout == ""
+        assert f"is a KL report: {flags[0]} apply to a checkpoint only" in flat(refused.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "c.bnn.safetensors",
         "c.kl.safetensors",
@@ -177,7 +189,7 @@ def test_a_sharded_checkpoint(models):
     made = convert(models, "--shard-size", "500B")
     index = made["outputs"][-2]
     assert index.endswith(".index.json")
-    assert kl_json(index)["kl"] == kl_json("c.kl.safetensors")["kl"]
+    assert kl_json(index)["value"] == kl_json("c.kl.safetensors")["value"]
 
 
 def test_the_output_modes(models):

@@ -17,7 +17,7 @@ def test_list_json_has_every_posterior_and_prior():
     result = invoke("list", "--json")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert set(data) == {"posteriors", "priors"}
+    assert set(data) == {"schema", "posteriors", "priors"}
     for kind, table, factory in (
         ("posteriors", POSTERIORS, PosteriorFactory),
         ("priors", PRIORS, PriorFactory),

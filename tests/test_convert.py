@@ -365,7 +365,7 @@ def test_tied_weights_of_a_state_dict_are_reparametrized_once(tmp_path):
             assert bnn(torch.tensor([1, 2])).shape == (2, 6)
             kl = float(bnn.kl_divergence())
     expected = read_report(report)
-    assert int(expected.numels.sum()) == 6 * 4 + 4 * 4 + 4
+    assert sum(expected.numels) == 6 * 4 + 4 * 4 + 4
     assert kl == pytest.approx(expected.total, rel=1e-5)
 
 
@@ -445,6 +445,9 @@ def test_default_output_paths():
         Path("x/c.bnn"),
         Path("x/r.kl"),
     )
+    # A program's ending stays in the name: x.jit and x.pt2 do not collide.
+    jit, pt2 = (output_paths(Path(f"x.{e}"), None, None)[0] for e in ("jit", "pt2"))
+    assert (jit, pt2) == (Path("x.jit.bnn.safetensors"), Path("x.bnn.safetensors"))
 
 
 def test_the_summary_adds_up(models, tmp_path):

@@ -166,3 +166,17 @@ def test_a_zip_with_data_appended_is_not_taken_for_a_model(tmp_path: Path):
     )
     with pytest.raises(FormatError, match="truncated or corrupt zip"):
         detect_format(tmp_path / "prefixed.pt")
+
+
+def test_describe_a_folder_as_the_checkpoint_it_holds(tmp_path: Path):
+    """As `detect_format` does (the fuzz test found `describe` saying None for a folder)."""
+    save_file({"w": torch.ones(1)}, str(tmp_path / "s1.safetensors"))
+    index = {"metadata": {}, "weight_map": {"w": "s1.safetensors"}}
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
+    assert detect_format(tmp_path) is ModelFormat.SHARDED
+    assert describe(tmp_path) is not None
+    assert describe(tmp_path / "missing") is None
+    (tmp_path / "m.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"w": "../s1.safetensors"}})
+    )
+    assert describe(tmp_path / "m.safetensors.index.json") is None  # refused, not raised

@@ -224,8 +224,8 @@ def test_fifos_and_folders_are_refused_as_every_input(fitted, tmp_path):
         ([*fit[:3], fifo, *fit[4:]], 1),
         ([*fit[:5], fifo, *fit[6:]], 1),
         ([*fit, "--val", fifo], 1),
-        ([*predict[:5], fifo, "-o", "out/p"], 1),
-        ([*predict, "--targets", fifo, "-o", "out/p"], 1),
+        ([*predict[:5], fifo, "-o", "out/p.safetensors"], 1),
+        ([*predict, "--targets", fifo, "-o", "out/p.safetensors"], 1),
     ]
     for args, code in cases:
         refused(args, code, "FIFO", [])
@@ -302,8 +302,8 @@ def test_inconsistent_checkpoints_are_refused(tmp_path, case):
         for key, value in metadata.items()
     }
     bad = edited(good, tmp_path / "bad.safetensors", tensors, **fixed)
-    for command in ("kl", "inspect"):
-        refused([command, bad], 1, match, [tmp_path])
+    for command in (["kl"], ["inspect", "--stats"]):  # inspect reads tensors with --stats
+        refused([*command, bad], 1, match, [tmp_path])
 
 
 def test_kl_of_a_model_file_says_to_convert_it_first(tmp_path):
@@ -320,7 +320,16 @@ def test_a_fitted_noise_that_is_no_scale_is_refused(fitted, tmp_path, log_noise,
     bad = edited(
         fitted.reg_fitted, tmp_path / "bad.safetensors", {"bnnify.fit.log_noise": log_noise}
     )
-    predict = ["predict", bad, "-m", fitted.reg_model, "-i", fitted.reg_train, "-o", "out/p"]
+    predict = [
+        "predict",
+        bad,
+        "-m",
+        fitted.reg_model,
+        "-i",
+        fitted.reg_train,
+        "-o",
+        "out/p.safetensors",
+    ]
     refused(predict, 1, match, [tmp_path])
     fit = ["fit", bad, "-m", fitted.reg_model, "-d", fitted.reg_train, "--resume", "-o", "out/f"]
     refused(fit, 1, match, [tmp_path])
@@ -379,7 +388,15 @@ def test_bad_data_files_are_clean_errors(fitted, tmp_path):
     np.save(tmp_path / "x.npy", np.ones((4, 1), dtype=np.float32))
     save_file({"x": torch.ones(4, 1), "y": torch.tensor(1.0)}, str(tmp_path / "scalar.safetensors"))
     (tmp_path / "wide.csv").write_text("x,y\n" + "1" * 200_000 + ",2\n")
-    predict = ["predict", fitted.reg_fitted, "-m", fitted.reg_model, "-o", "out/p", "-i"]
+    predict = [
+        "predict",
+        fitted.reg_fitted,
+        "-m",
+        fitted.reg_model,
+        "-o",
+        "out/p.safetensors",
+        "-i",
+    ]
     fit = ["fit", fitted.reg_ckpt, "-m", fitted.reg_model, "--task", "regression", "-o", "out/f"]
     cases = [
         ([*predict, npy("negative.npy", "(-2, -3)")], "is not a tuple of sizes"),

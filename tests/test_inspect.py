@@ -13,7 +13,8 @@ from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.model_files import load_model
 from bnnify.formats.spec import resolve_spec
 from bnnify.usecases.convert import convert
-from bnnify.usecases.inspect import InspectResult, parameter_stats
+from bnnify.usecases.inspect import InspectResult
+from bnnify.usecases.parameter_stats import parameter_stats
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,7 @@ def test_convert_warns_about_a_buffer_of_a_state_dict_and_says_how_to_drop_it(tm
     assert [s["name"] for s in data["buffer_like"]] == ["lookup_table"]
     assert data["buffer_like"][0]["share"] > 0.99
     assert data["suggested_exclude"] == ["lookup_table"]
-    assert data["kl"]["top"][0]["name"] == "lookup_table"
+    assert data["largest"][0]["name"] == "lookup_table"
     warning = flat(result.stderr)
     assert "Warning:" in warning and "--exclude 'lookup_table'" in warning
     again = invoke(
@@ -98,7 +98,7 @@ def test_a_known_architecture_says_what_is_a_buffer_so_nothing_is_guessed(tmp_pa
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [p["name"] for p in data["parameters"]] == ["fc.weight", "fc.bias"]
-    assert "lookup_table" in data["deterministic_names"]
+    assert "lookup_table" in data["deterministic"]
     assert data["buffer_like"] == [] and result.stderr == ""
 
 

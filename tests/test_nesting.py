@@ -141,7 +141,7 @@ def test_convert_finds_a_nested_state_dict_and_records_its_key(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["source"]["key"] == "model.state_dict"
-    assert (data["reparametrized"], data["deterministic"]) == (6, 3)  # BatchNorm statistics
+    assert (data["reparametrized"], len(data["deterministic"])) == (6, 3)  # BatchNorm statistics
     human = invoke("convert", tmp_path / "c.pt", "-o", tmp_path / "d.bnn.safetensors")
     assert "the state dict under 'model.state_dict'" in human.stderr
 

@@ -58,8 +58,8 @@ def test_checkpoint_figures_draw_the_kl_report_and_the_posterior(files, tmp_path
     report = bnnify.kl(files.reg_fitted).report
     drawn = layers["drawn"]
     assert drawn["kl"]["names"] == report.names
-    assert drawn["kl"]["values"] == pytest.approx(report.per_parameter.tolist(), rel=1e-9)
-    stats = {row.name: row for row in bnnify.inspect(files.reg_fitted).parameters}
+    assert drawn["kl"]["values"] == pytest.approx(report.per_parameter, rel=1e-9)
+    stats = {row.name: row for row in bnnify.inspect(files.reg_fitted, stats=True).parameters}
     assert drawn["snr"]["values"] == pytest.approx(
         [stats[name].snr_mean for name in drawn["snr"]["names"]], rel=1e-9
     )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from bnnify.errors import FormatError
+from bnnify.errors import FormatError, InputError
 from bnnify.formats.report import REPORT_FORMAT, KLReport, is_report, read_report, write_report
 from bnnify.formats.safetensors_io import load_file, read_header, save_file
 
@@ -15,8 +17,8 @@ from bnnify.formats.safetensors_io import load_file, read_header, save_file
 def sample_report(samples=None) -> KLReport:
     return KLReport(
         names=["fc.weight", "fc.bias"],
-        per_parameter=torch.tensor([12.5, 0.25], dtype=torch.float64),
-        numels=torch.tensor([6, 2]),
+        per_parameter=[12.5, 0.25],
+        numels=[6, 2],
         method="analytic" if samples is None else "monte_carlo",
         samples=samples,
         posterior={"name": "pretrained_gaussian", "kwargs": {"delta": 0.1}},
@@ -32,8 +34,25 @@ def test_a_report_round_trips(tmp_path, samples):
     assert is_report(tmp_path / "r.kl.safetensors")
     back = read_report(tmp_path / "r.kl.safetensors")
     assert back.to_json() == report.to_json()
-    assert back.per_parameter.dtype == torch.float64
-    assert back.numels.dtype == torch.int64
+    assert all(type(v) is float for v in back.per_parameter)
+    assert all(type(n) is int for n in back.numels)
+
+
+def test_a_report_is_read_without_torch(tmp_path):
+    """A subprocess reads a report: torch is never imported (reading costs no torch start)."""
+    write_report(sample_report(), tmp_path / "r.kl.safetensors")
+    code = (
+        "import sys; from bnnify.formats.report import read_report; "
+        f"r = read_report({str(tmp_path / 'r.kl.safetensors')!r}); "
+        "assert r.total == 12.75, r.total; assert 'torch' not in sys.modules, 'torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_total_that_overflows_is_an_error_not_infinity():
+    huge = KLReport(["a", "b"], [1.5e308, 1.5e308], [1, 1], "analytic", None, {}, {})
+    with pytest.raises(InputError, match="total KL divergence is inf"):
+        huge.to_json()
 
 
 def test_the_file_layout_is_the_documented_one(tmp_path):
@@ -56,14 +75,13 @@ def test_totals_and_json():
     assert report.total == 12.75
     assert report.mean == 12.75 / 8
     data = report.to_json()
-    assert data["kl_sum"] == 12.75 and data["elements"] == 8
-    assert data["parameters"] == [
-        {"name": "fc.weight", "kl": 12.5, "elements": 6},
-        {"name": "fc.bias", "kl": 0.25, "elements": 2},
+    assert data["kl"]["sum"] == 12.75 and data["elements"] == 8
+    assert [(p["name"], p["kl"], p["elements"]) for p in data["parameters"]] == [
+        ("fc.weight", 12.5, 6),
+        ("fc.bias", 0.25, 2),
     ]
-    empty = KLReport(
-        [], torch.zeros(0, dtype=torch.float64), torch.zeros(0), "analytic", None, {}, {}
-    )
+    assert [p["name"] for p in report.to_json(top=1)["parameters"]] == ["fc.weight"]
+    empty = KLReport([], [], [], "analytic", None, {}, {})
     assert (empty.total, empty.mean) == (0.0, 0.0)
 
 

@@ -68,7 +68,7 @@ def test_use_case_lines_pass_the_switch_that_silences_other_libraries(capsys, mo
     assert LOGGER.isEnabledFor(logging.INFO) == (LOGGER.getEffectiveLevel() <= logging.INFO)
 
 
-@pytest.mark.parametrize("name", ["convert", "fit", "kl", "predict"])
+@pytest.mark.parametrize("name", ["convert", "fit", "checkpoint_kl", "predict"])
 def test_every_use_case_logs_on_the_channel_the_cli_draws(name):
     module = importlib.import_module(f"bnnify.usecases.{name}")
     assert module.logger.name == LOGGER_NAME

@@ -575,7 +575,7 @@ def test_cuda_tensors_are_written_and_loaded(tmp_path: Path):
 
 def test_a_file_is_validated_once_however_many_tensors_it_holds(tmp_path: Path, monkeypatch):
     """Reading is linear: one official header parse per file, then reads by offset."""
-    import bnnify.formats.safetensors_reader as reader
+    import bnnify.formats.safetensors_header as reader
 
     tensors = {f"t{i}": torch.full((3,), float(i)) for i in range(200)}
     save_file(tensors, tmp_path / "many.safetensors")

@@ -23,7 +23,11 @@ def test_columns_alignment_and_folding():
     assert all(c.overflow == "fold" for c in result.columns)
     text = render(result)
     assert text.startswith("Title") and "…" not in text
-    assert "".join(text.split()).count("self_attention") == 1  # folded, not cut
+    assert "".join(text.split()).count("self_attention") == 1  # wider than 60: folded, not cut
+    fits = "encoder.layers.10.self_attention.query.weight"  # 45 characters
+    rows = [(Text(fits), "1.5", "a long description that would take the room")]
+    text = render(table("Title", ("name", "KL", "note"), rows, right={"KL"}))
+    assert sum(fits in line for line in text.splitlines()) == 1  # whole, on one line
 
 
 def test_cells_are_not_markup_when_given_as_text():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -17,8 +16,8 @@ from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.model_files import load_model
 from bnnify.formats.report import read_report
 from bnnify.formats.spec import resolve_spec
+from bnnify.usecases.checkpoint_kl import checkpoint_kl
 from bnnify.usecases.convert import convert
-from bnnify.usecases.kl import checkpoint_kl
 
 PRIORS = ["gaussian", "laplace", "scale_mixture", "empirical_gaussian"]
 
@@ -44,9 +43,9 @@ def test_the_kl_of_a_checkpoint_reproduces_its_report(models, tmp_path, posterio
     with Checkpoint(checkpoint) as ckpt:
         again = checkpoint_kl(ckpt, progress=lambda n, total: progress.append((n, total)))
     assert again.to_json() == report.to_json()
-    assert torch.equal(again.per_parameter, report.per_parameter)
-    total = int(report.numels.sum())
-    assert progress == [(n, total) for n in report.numels.tolist()]
+    assert again.per_parameter == report.per_parameter
+    total = sum(report.numels)
+    assert progress == [(n, total) for n in report.numels]
     assert (report.method == "monte_carlo") == (prior == "scale_mixture")
 
 
@@ -106,20 +105,22 @@ def test_kl_of_a_checkpoint_and_of_its_report(models, tmp_path):
     checkpoint, report = make(models, tmp_path)
     result = bnnify.kl(checkpoint, reduction="MEAN", output=tmp_path / "again.kl.safetensors")
     assert result.reduction is Reduction.MEAN and not result.from_report
-    assert result.value == result.report.mean and result.to_json()["kl"] == result.value
+    assert result.value == result.report.mean and result.to_json()["value"] == result.value
     assert result.to_json()["reduction"] == "mean"
-    assert torch.equal(result.report.per_parameter, report.per_parameter)
+    assert result.report.per_parameter == report.per_parameter
     saved = bnnify.kl(result.output)
     assert saved.from_report and saved.value == report.total
     assert saved.report.to_json() == report.to_json()
 
 
-def test_a_report_ignores_the_computing_options_with_a_warning(models, tmp_path, caplog):
+def test_a_report_refuses_the_computing_options(models, tmp_path):
     make(models, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="bnnify.usecases"):
-        result = bnnify.kl(tmp_path / "c.kl.safetensors", prior="laplace", mc_samples=4)
+    with pytest.raises(InvalidArgumentError, match="--prior, --mc-samples apply to a checkpoint"):
+        bnnify.kl(tmp_path / "c.kl.safetensors", prior="laplace", mc_samples=4)
+    with pytest.raises(InvalidArgumentError, match="--seed"):
+        bnnify.kl(tmp_path / "c.kl.safetensors", seed=0)
+    result = bnnify.kl(tmp_path / "c.kl.safetensors")
     assert result.from_report and result.report.prior["name"] == "gaussian"
-    assert "are ignored" in caplog.text
 
 
 def test_prior_arguments_merge_over_the_recorded_prior(models, tmp_path):
@@ -138,3 +139,21 @@ def test_an_invalid_reduction_is_a_usage_error(models, tmp_path):
     checkpoint, _ = make(models, tmp_path)
     with pytest.raises(InvalidArgumentError, match="invalid reduction 'median'"):
         bnnify.kl(checkpoint, reduction="median")
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "scale_mixture"])
+def test_progress_moves_within_a_large_tensor(tmp_path, prior):
+    """Elements are reported chunk by chunk, not once per tensor, closed form or MC."""
+    torch.save(torch.nn.Linear(200, 200).state_dict(), tmp_path / "big.pt")
+    steps = []
+    converted = bnnify.convert(
+        tmp_path / "big.pt",
+        output=tmp_path / "big.bnn.safetensors",
+        prior=prior,
+        progress=lambda n, total: steps.append((n, total)),
+    )
+    assert len(steps) > 2 and sum(n for n, _ in steps) == steps[0][1] == 40200
+    steps.clear()
+    bnnify.kl(converted.outputs[0], progress=lambda n, total: steps.append((n, total)))
+    assert len(steps) > 2 and sum(n for n, _ in steps) == steps[0][1] == 40200
+    assert max(n for n, _ in steps) < 40000

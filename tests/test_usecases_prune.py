@@ -31,7 +31,7 @@ def test_keep_prunes_the_lowest_ratios_to_a_valid_checkpoint(files, tmp_path, ke
     assert result.removed == result.elements - math.floor(keep * result.elements + 0.5)
     ckpt = Checkpoint(out)  # opening checks every tensor against the metadata
     assert int((_mus(out) == 0).sum()) >= result.removed
-    stats = bnnify.inspect(out).parameters
+    stats = bnnify.inspect(out, stats=True).parameters
     assert min(s.sigma_min for s in stats) == pytest.approx(result.pruned_sigma["float32"])
     kl_before, kl_after = bnnify.kl(files.reg_fitted).value, bnnify.kl(out).value
     assert math.isfinite(kl_after) and kl_after > kl_before  # point masses cost nats

@@ -16,7 +16,7 @@ the torch build and the CPU's instruction set only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,7 +33,6 @@ __all__ = [
     "distribution_report_kl",
     "fixed_sum",
     "gaussian_report_kl",
-    "kl_total",
     "parameter_kl",
 ]
 
@@ -75,7 +74,11 @@ def _uses_fused(prior: Prior, num_samples: int | None) -> bool:
 
 @torch.no_grad()
 def gaussian_report_kl(
-    mu: Tensor, rho: Tensor, prior: Prior, num_samples: int | None = None
+    mu: Tensor,
+    rho: Tensor,
+    prior: Prior,
+    num_samples: int | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> Tensor:
     """KL(N(mu, softplus(rho)^2) || prior) of one parameter, for a report.
 
@@ -85,6 +88,7 @@ def gaussian_report_kl(
         prior: The parameter's prior.
         num_samples: None for the closed form, else Monte Carlo samples per element
             (their noise comes from a seed drawn from torch's global generator).
+        progress: Called with the elements of each chunk once it is done.
 
     Returns:
         A 0-dim float64 tensor on `mu`'s device.
@@ -110,6 +114,8 @@ def gaussian_report_kl(
         else:
             generator = torch.Generator(device=m.device).manual_seed(seed + start)
             sums.append(_monte_carlo_sum(m, sigma, prior, index, num_samples, generator))
+        if progress is not None:
+            progress(end - start)
     return torch.tensor(math.fsum(sums), dtype=torch.float64, device=mu.device)
 
 
@@ -165,11 +171,18 @@ def _against(posterior: Distribution, prior: Prior, num_samples: int | None, nam
     return distribution_report_kl(posterior, p, num_samples)
 
 
-def parameter_kl(posterior: Any, prior: Prior, num_samples: int | None) -> Tensor:
+def parameter_kl(
+    posterior: Any,
+    prior: Prior,
+    num_samples: int | None,
+    progress: Callable[[int], Any] | None = None,
+) -> Tensor:
     """KL(posterior || prior) of one parameter for a report (0-dim float64, no gradient).
 
     The one function behind every reported KL (`bnnify convert`, `bnnify kl`,
-    `BayesianModule.kl_by_parameter`), so that they agree exactly.
+    `BayesianModule.kl_by_parameter`), so that they agree exactly. `progress` is called
+    with a count of elements as they are done (chunk by chunk where the KL is chunked),
+    so that a bar moves within a large tensor or a long Monte Carlo estimate.
 
     Raises:
         ValueError: (`InvalidArgumentError`) If no closed form is known for the pair
@@ -178,18 +191,9 @@ def parameter_kl(posterior: Any, prior: Prior, num_samples: int | None) -> Tenso
     from bnnify.bnn.posteriors import is_flat
 
     if is_flat(type(posterior)):
-        return gaussian_report_kl(posterior.mu, posterior.rho, prior, num_samples)
+        return gaussian_report_kl(posterior.mu, posterior.rho, prior, num_samples, progress)
     with torch.no_grad():
-        return _against(posterior.distribution, prior, num_samples, type(posterior).__name__)
-
-
-def kl_total(values: Iterable[float] | Tensor) -> float:
-    """The total of per-parameter KL values, exactly rounded: any two callers agree.
-
-    Example:
-        >>> kl_total([0.1, 0.2, 0.3]) == 0.6
-        True
-    """
-    if isinstance(values, Tensor):
-        values = values.detach().double().reshape(-1).tolist()
-    return math.fsum(values)
+        value = _against(posterior.distribution, prior, num_samples, type(posterior).__name__)
+    if progress is not None:
+        progress(posterior.distribution.batch_shape.numel())
+    return value

@@ -24,7 +24,7 @@ DataOpt = Annotated[
 TaskOpt = Annotated[Task | None, Opt(help="Default: the fitted task.")]
 OutOpt = Annotated[
     Path | None,
-    Opt("--out", "-o", help="Calibrated checkpoint (default: <checkpoint>.cal.safetensors)."),
+    Opt("--out", "-o", help="Calibrated checkpoint (default: its stem + .cal.safetensors)."),
 ]
 SamplesOpt = Annotated[int, Opt(min=1, help="Weight samples (use predict's).")]
 SeedOpt = Annotated[int, Opt(min=0, max=2**31 - 1, help="Seed of the weight samples.")]

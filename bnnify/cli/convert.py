@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from bnnify.cli import options as opt
-from bnnify.cli.output import Output, command, human_bytes
+from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
-from bnnify.cli.tables import conversion_table
+from bnnify.cli.tables import conversion_lines, conversion_pair, conversion_table
 
 __all__ = ["convert"]
 
@@ -35,17 +35,20 @@ def convert(
     arch: opt.ArchOpt = None,
     arch_kwargs: opt.ArchKwargsOpt = None,
     trust_pickle: opt.TrustPickleOpt = False,
+    dry_run: opt.DryRunOpt = False,
     force: opt.ForceOpt = False,
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
     verbose: opt.VerboseOpt = False,
+    top: opt.TopOpt = 0,
+    filter: opt.FilterOpt = None,
 ) -> None:
     """Convert a trained model into a Bayesian one (a variational checkpoint + KL report).
 
     The default posterior keeps the trained weights as posterior means
     (pretrained_gaussian with sigma = 0.1 |w|); the default prior is N(0, 1).
     """
-    out = Output(json_mode=json, quiet=quiet, verbose=verbose)
+    out = Output(command="convert", json_mode=json, quiet=quiet, verbose=verbose)
     import bnnify
 
     with reporting(out, "Converting") as progress:
@@ -73,24 +76,15 @@ def convert(
             only=only,
             skip=skip,
             seed=seed,
+            dry_run=dry_run,
         )
-    _render(out, result)
+    _render(out, result, top, filter)
 
 
-def _render(out: Output, result: Any) -> None:
+def _render(out: Output, result: Any, top: int, pattern: str | None) -> None:
     out.json(result.to_json())
-    if out.verbose:
-        out.table(conversion_table(result))
-    method = "analytic" if result.samples is None else f"Monte Carlo, {result.samples} samples"
-    out.line(
-        f"Converted {result.source['name']} ({result.source['format']}): "
-        f"{len(result.parameters)} parameters reparametrized "
-        f"({result.elements:,} elements), {len(result.deterministic)} kept deterministic"
-    )
-    out.line(
-        f"KL divergence: {result.kl_sum:.6g} (mean {result.kl_mean:.6g} per element, {method})"
-    )
-    top = [f"{s.name} {100 * s.share:.3g}% ({100 * s.elements_share:.3g}%)" for s in result.top]
-    out.line(f"Largest KL (share of the KL, of the elements): {', '.join(top)}")
-    for path in result.outputs:
-        out.line(f"  wrote {path} ({human_bytes(path.stat().st_size) if path.exists() else '?'})")
+    if out.verbose or result.dry_run:
+        out.line(conversion_pair(result))
+        out.table(conversion_table(result, top=top, pattern=pattern))
+    for line in conversion_lines(result):
+        out.line(line)

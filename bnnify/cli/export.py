@@ -30,9 +30,12 @@ def export(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Write a plain model that needs nothing from bnnify: the posterior means, one seeded
-    sample, or an ensemble of K samples returning their mean and standard deviation."""
-    sink = Output(json_mode=json, quiet=quiet)
+    """Write a plain PyTorch model that needs nothing from bnnify.
+
+    The posterior means, one seeded sample, or an ensemble of K samples returning
+    their mean and standard deviation.
+    """
+    sink = Output(command="export", json_mode=json, quiet=quiet)
     import bnnify
 
     options = dict(format=format, weights=weights, seed=seed, inputs=input, x_key=x_key)

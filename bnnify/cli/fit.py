@@ -47,7 +47,7 @@ def fit(
     force: opt.ForceOpt = False,
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
-    verbose: opt.VerboseOpt = False,
+    verbose: opt.FitVerboseOpt = False,
 ) -> None:
     """Fit the posterior to data by maximising the ELBO (expected NLL + KL / N).
 
@@ -58,8 +58,8 @@ def fit(
     Runs under `torchrun --nproc_per_node=N -m bnnify fit ...` with
     DistributedDataParallel (gloo on CPU, nccl on GPU); rank 0 writes the output.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    sink = Output(json_mode=json and rank == 0, quiet=quiet or rank != 0, verbose=verbose)
+    rank = int(os.environ.get("RANK", "0"))  # only rank 0 speaks, its JSON too
+    sink = Output(command="fit", json_mode=json and not rank, quiet=quiet or rank, verbose=verbose)
     import bnnify
     from bnnify.usecases.fit import EPOCH_SCHEMA, POINT_SCHEMA
     from bnnify.usecases.search import grid

@@ -6,25 +6,32 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.text import Text
 
 from bnnify.cli import options as opt
 from bnnify.cli.output import Output, command
 from bnnify.cli.reporting import reporting
-from bnnify.cli.tables import table
+from bnnify.cli.tables import kl_line, kl_table, select_rows
 from bnnify.enums import Reduction
 
 __all__ = ["kl"]
 
-COLUMNS = ("parameter", "elements", "KL (sum)", "KL (mean)", "share")
 PathArg = Annotated[
-    Path, typer.Argument(help="Variational checkpoint (or its sharded index), or a KL report.")
+    Path,
+    typer.Argument(
+        help="Variational checkpoint (its sharded index, or their folder), or a KL report."
+    ),
 ]
 ReductionOpt = Annotated[
     Reduction, typer.Option(help="Report the sum over elements or the mean per element.")
 ]
 TopOpt = Annotated[
-    int, typer.Option(min=0, help="Rows of the per-parameter table, largest KL first (0: all).")
+    int | None,
+    typer.Option(
+        min=0,
+        metavar="N",
+        help="Only the N parameters of largest KL, largest first (0: all) [table default: "
+        "10; --json default: all, in storage order].",
+    ),
 ]
 OutOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Write the KL report to this file.")
@@ -46,7 +53,8 @@ def kl(
     prior_arg: opt.PriorArgOpt = None,
     reduction: ReductionOpt = Reduction.SUM,
     mc_samples: opt.McSamplesOpt = None,
-    top: TopOpt = 10,
+    top: TopOpt = None,
+    filter: opt.FilterOpt = None,
     out_path: OutOpt = None,
     device: opt.DeviceOpt = None,
     seed: SeedOpt = None,
@@ -55,11 +63,13 @@ def kl(
     quiet: opt.QuietOpt = False,
 ) -> None:
     """Compute KL(posterior || prior) of a checkpoint, with its stored prior or another one."""
-    out = Output(json_mode=json, quiet=quiet)
-    import bnnify
+    out = Output(command="kl", json_mode=json, quiet=quiet)
+    # The use case, not `bnnify.kl`: the package's API imports torch, and a report is
+    # read without it.
+    from bnnify.usecases.kl import kl as compute_kl
 
     with reporting(out, "Computing KL") as progress:
-        result = bnnify.kl(
+        result = compute_kl(
             path,
             prior=prior,
             prior_args=prior_arg or (),
@@ -71,24 +81,15 @@ def kl(
             force=force,
             progress=progress,
         )
-    _render(out, result, top)
+    _render(out, result, top, filter)
 
 
-def _render(out: Output, result: Any, top: int) -> None:
-    out.json(result.to_json())
-    report = result.report
-    order = sorted(range(len(report.names)), key=lambda i: -float(report.per_parameter[i]))
-    shown = order if top == 0 else order[:top]
-    total = report.total or 1.0
-    rows = []
-    for i in shown:
-        k, n = float(report.per_parameter[i]), int(report.numels[i])
-        share = f"{100 * k / total:.1f}%"
-        rows.append((Text(report.names[i]), f"{n:,}", f"{k:.6g}", f"{k / max(n, 1):.4g}", share))
-    title = f"KL by parameter (largest {len(shown)} of {len(order)})"
-    out.table(table(title, COLUMNS, rows, right=COLUMNS[1:]))
-    method = "analytic" if report.samples is None else f"Monte Carlo, {report.samples} samples"
-    out.line(
-        f"KL ({result.reduction}): {result.value:.8g}  [{report.prior['name']} prior, {method}, "
-        f"{int(report.numels.sum()):,} elements]"
-    )
+def _render(out: Output, result: Any, top: int | None, pattern: str | None) -> None:
+    ranked = top is not None or pattern is not None
+    data = result.to_json(0 if ranked else None)
+    if ranked:
+        rows = data["parameters"]
+        data["parameters"], _ = select_rows(rows, top=top or 0, pattern=pattern, ranked=True)
+    out.json(data)
+    out.table(kl_table(result.report, top=10 if top is None else top, pattern=pattern))
+    out.line(kl_line(result))

@@ -6,7 +6,7 @@ from rich.text import Text
 
 from bnnify.cli.options import JsonOpt
 from bnnify.cli.output import Output, command
-from bnnify.cli.tables import table
+from bnnify.cli.tables import plain, table
 
 __all__ = ["list_registered"]
 
@@ -16,7 +16,7 @@ COLUMNS = ("name", "aliases", "arguments (defaults)", "description")
 @command
 def list_registered(json: JsonOpt = False) -> None:
     """List the posteriors and priors you can name in a spec or with --posterior/--prior."""
-    out = Output(json_mode=json)
+    out = Output(command="list", json_mode=json)
     # Read from the library's source, not imported: `bnnify list` does not load torch.
     from bnnify.catalog import POSTERIORS, PRIORS
 
@@ -37,8 +37,10 @@ def list_registered(json: JsonOpt = False) -> None:
     for kind, rows in data.items():
         cells = []
         for row in rows:
-            arguments = ", ".join(f"{k}={v!r}" for k, v in row["arguments"].items())
-            aliases = ", ".join(row["aliases"])
+            arguments = ", ".join(
+                k if v is None else f"{k}={plain(v)}" for k, v in row["arguments"].items()
+            )
+            aliases = plain(row["aliases"])
             cells.append(
                 [Text(text) for text in (row["name"], aliases, arguments, row["description"])]
             )

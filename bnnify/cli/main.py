@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
@@ -11,6 +12,7 @@ import bnnify
 from bnnify.cli import (
     calibrate,
     convert,
+    env_cmd,
     export,
     fit,
     inspect_cmd,
@@ -20,15 +22,18 @@ from bnnify.cli import (
     predict,
     prune,
 )
+from bnnify.cli.help_text import readable
+from bnnify.cli.output import closed_stdout
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "main"]
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 runtime failure (unreadable or inconsistent input, failed "
     "run, disk full); 2 usage or spec error (bad option, spec or name, output exists "
     "without --force, output folder missing or not writable); 3 input refused as unsafe "
     "(pickled code without --trust-pickle, code not confirmed with --arch); 130 "
-    "interrupted (Ctrl-C, SIGTERM, SIGHUP)."
+    "interrupted (Ctrl-C, SIGTERM, SIGHUP: always 130, not 128 + the signal's number). "
+    "A closed stdout pipe (`| head`) ends quietly with 0."
 )
 
 app = typer.Typer(
@@ -36,7 +41,7 @@ app = typer.Typer(
     help="Turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop).",
     epilog=EXIT_CODES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -58,16 +63,21 @@ def root(
     """Turn saved PyTorch models into Bayesian neural networks (Bayes by Backprop)."""
 
 
-app.command("convert", epilog=EXIT_CODES)(convert.convert)
-app.command("kl", epilog=EXIT_CODES)(kl.kl)
-app.command("inspect", epilog=EXIT_CODES)(inspect_cmd.inspect)
-app.command("list", epilog=EXIT_CODES)(list_cmd.list_registered)
-app.command("fit", epilog=EXIT_CODES)(fit.fit)
-app.command("predict", epilog=EXIT_CODES)(predict.predict)
-app.command("calibrate", epilog=EXIT_CODES)(calibrate.calibrate)
-app.command("plot", epilog=EXIT_CODES)(plot.plot)
-app.command("export", epilog=EXIT_CODES)(export.export)
-app.command("prune", epilog=EXIT_CODES)(prune.prune)
+COMMANDS = {
+    "convert": convert.convert,
+    "kl": kl.kl,
+    "inspect": inspect_cmd.inspect,
+    "list": list_cmd.list_registered,
+    "fit": fit.fit,
+    "predict": predict.predict,
+    "calibrate": calibrate.calibrate,
+    "plot": plot.plot,
+    "export": export.export,
+    "prune": prune.prune,
+    "env": env_cmd.env,
+}
+for _name, _function in COMMANDS.items():
+    app.command(_name, epilog=EXIT_CODES)(readable(_function))
 
 
 def main() -> None:
@@ -79,4 +89,13 @@ def main() -> None:
     from bnnify.formats.interrupts import install_signal_handlers
 
     install_signal_handlers()
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # outside a command (help, version piped into `head`)
+        closed_stdout()
+        sys.exit(0)
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            closed_stdout()

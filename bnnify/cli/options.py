@@ -7,7 +7,26 @@ from typing import Annotated
 
 import typer
 
-from bnnify.enums import ExportFormat, NoiseMode, PruneScope, Task
+from bnnify.cli.export_options import (
+    AleatoricOpt,
+    AnyCheckpointArg,
+    DefaultTaskOpt,
+    ExportFlagOpt,
+    ExportFormatOpt,
+    ExportInputOpt,
+    ExportOutOpt,
+    ExportSeedOpt,
+    KeepOpt,
+    OptionalModelOpt,
+    PruneDataOpt,
+    PruneOutOpt,
+    SamplesOpt,
+    ScopeOpt,
+    SnrThresholdOpt,
+    TargetsOpt,
+    WeightsOpt,
+)
+from bnnify.enums import NoiseMode, Task
 
 __all__ = [
     "AleatoricOpt",
@@ -23,6 +42,7 @@ __all__ = [
     "DataOpt",
     "DefaultTaskOpt",
     "DeviceOpt",
+    "DryRunOpt",
     "DtypeOpt",
     "EpochsOpt",
     "ExcludeOpt",
@@ -31,9 +51,11 @@ __all__ = [
     "ExportInputOpt",
     "ExportOutOpt",
     "ExportSeedOpt",
+    "FilterOpt",
     "FitOutOpt",
     "FitSamplesOpt",
     "FitTaskOpt",
+    "FitVerboseOpt",
     "ForceOpt",
     "IncludeOpt",
     "InputKeyOpt",
@@ -46,12 +68,14 @@ __all__ = [
     "ModelArg",
     "ModelArgOpt",
     "ModelOpt",
+    "NoCalibrationOpt",
     "NoiseOpt",
     "OnlyOpt",
     "OptionalModelOpt",
     "PatienceOpt",
     "PosteriorArgOpt",
     "PosteriorOpt",
+    "PredictOutOpt",
     "PriorArgOpt",
     "PriorOpt",
     "PruneDataOpt",
@@ -69,6 +93,7 @@ __all__ = [
     "SpecOpt",
     "TargetOpt",
     "TargetsOpt",
+    "TopOpt",
     "TrustPickleOpt",
     "ValOpt",
     "ValSamplesOpt",
@@ -81,8 +106,22 @@ __all__ = [
 ]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show per-parameter detail.")]
+_QUIET = "No logs, warnings or summary: only errors (and --json's JSON)."
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help=_QUIET)]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Show the per-parameter table (see --top and --filter)."),
+]
+FilterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--filter",
+        help="Only the parameters whose name matches this glob (e.g. 'layers.1*.weight').",
+    ),
+]
+TopOpt = Annotated[
+    int, typer.Option("--top", min=0, help="Rows of the per-parameter table (0: all).")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.")]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="Device to compute on: cpu, cuda, cuda:1, ...")
@@ -116,7 +155,7 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         help="For a state-dict model: confirm the architecture the spec or checkpoint "
-        "names (package.module:callable); building it runs that code.",
+        "names (package.module : callable); building it runs that code.",
     ),
 ]
 ArchKwargsOpt = Annotated[
@@ -186,6 +225,8 @@ CheckpointOutOpt = Annotated[
 ReportOpt = Annotated[
     Path | None, typer.Option(help="KL report path [default: <stem>.kl.safetensors].")
 ]
+_DRY_RUN = "Print the parameter plan and the KL divergence; write nothing."
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help=_DRY_RUN)]
 ShardSizeOpt = Annotated[
     str | None,
     typer.Option(
@@ -233,9 +274,11 @@ SearchOpt = Annotated[
         "the best on validation data; the grid's results go into the checkpoint.",
     ),
 ]
-EpochsOpt = Annotated[int, typer.Option(min=1)]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="Passes over the training data.")]
 LrOpt = Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")]
-BatchSizeOpt = Annotated[int, typer.Option(min=1)]
+BatchSizeOpt = Annotated[
+    int, typer.Option(min=1, help="Examples per batch (per optimisation step; bounds memory).")
+]
 FitSamplesOpt = Annotated[
     int, typer.Option(min=1, help="Weight samples per step for the expected NLL.")
 ]
@@ -246,7 +289,13 @@ WarmupOpt = Annotated[
     int, typer.Option(min=0, help="Linear KL warm-up from 0 over this many epochs.")
 ]
 ClipOpt = Annotated[float, typer.Option(min=0.0, help="Gradient norm clipping (0: off).")]
-SeedOpt = Annotated[int, typer.Option(min=0, max=2**31 - 1)]
+SeedOpt = Annotated[
+    int, typer.Option(min=0, max=2**31 - 1, help="Seed of the weight noise and the batches.")
+]
+FitVerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Log every epoch (default: about ten epoch lines)."),
+]
 NoiseOpt = Annotated[
     NoiseMode,
     typer.Option(
@@ -290,10 +339,23 @@ TargetOpt = Annotated[
 ]
 FitOutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Fitted checkpoint [default: <checkpoint>.fit.safetensors]."),
+    typer.Option(
+        "--out",
+        "-o",
+        help="Fitted checkpoint [default: the checkpoint's stem + .fit.safetensors].",
+    ),
 ]
 ResumeOpt = Annotated[
-    bool, typer.Option(help="Continue a previous fit (its noise scale, history, task).")
+    bool,
+    typer.Option("--resume", help="Continue a previous fit (its noise scale, history, task)."),
+]
+
+_PREDICT_OUT = (
+    "Write the predictions: FILE.safetensors (every tensor, with metadata), FILE.csv (a row "
+    "per example), or - for CSV on stdout (the summary then goes to stderr)."
+)
+PredictOutOpt = Annotated[
+    str | None, typer.Option("--out", "-o", metavar="FILE", help=_PREDICT_OUT)
 ]
 
 # ---------------------------------------------------------------- predict
@@ -306,99 +368,12 @@ OodOpt = Annotated[
         "of entropy, mutual information and max softmax at telling them apart.",
     ),
 ]
-CalibrationOpt = Annotated[
-    bool,
-    typer.Option(
-        "--calibration/--no-calibration", help="Apply the checkpoint's calibration, if any."
-    ),
+NoCalibrationOpt = Annotated[
+    bool, typer.Option("--no-calibration", help="Do not apply the checkpoint's calibration.")
 ]
 KeepInputsOpt = Annotated[
-    bool, typer.Option(help="Also store the inputs in --out (for `bnnify plot`'s 1-D bands).")
-]
-
-# ------------------------------------------------------------- export, prune
-
-AnyCheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]
-
-OptionalModelOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="The model file the checkpoint was converted from (needed with --data or --export).",
-    ),
-]
-ExportFormatOpt = Annotated[
-    ExportFormat | None,
-    typer.Option(
-        "--format",
-        help="Written format (default: the model's own; for an ensemble, torchscript or export).",
-    ),
-]
-WeightsOpt = Annotated[
-    str,
-    typer.Option(
-        help="mean (posterior means), sample (one sample, --seed) or ensemble:K (K samples "
-        "in one module returning their mean and standard deviation)."
-    ),
-]
-ExportSeedOpt = Annotated[int, typer.Option(min=0, max=2**31 - 1, help="Seed of the samples.")]
-ExportInputOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--input",
-        "-i",
-        help="Example inputs (safetensors x, .npy, .npz, CSV): to trace torch.export programs "
-        "and to check the written model against bnnify's predictions.",
-    ),
-]
-AleatoricOpt = Annotated[
     bool,
-    typer.Option(help="Add the fitted noise to an ensemble's std (regression; else epistemic)."),
-]
-ExportOutOpt = Annotated[
-    Path | None,
     typer.Option(
-        "--output",
-        "-o",
-        help="Output file (default: beside the checkpoint, <stem>.<weights>.<format ending>).",
-    ),
-]
-KeepOpt = Annotated[
-    float | None,
-    typer.Option(min=0.0, max=1.0, help="Fraction of weights to keep (highest |mu|/sigma)."),
-]
-SnrThresholdOpt = Annotated[
-    float | None, typer.Option(min=0.0, help="Prune every weight with |mu|/sigma below this.")
-]
-ScopeOpt = Annotated[
-    PruneScope, typer.Option(help="Rank --keep over all weights (global) or per layer.")
-]
-PruneOutOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--output",
-        "-o",
-        help="Output file (default: <stem>.pruned.safetensors beside the checkpoint).",
-    ),
-]
-PruneDataOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--data", "-d", help="Data with targets: metrics before and after (and export inputs)."
-    ),
-]
-TargetsOpt = Annotated[
-    Path | None, typer.Option("--targets", "--labels", help="Targets or labels given apart.")
-]
-SamplesOpt = Annotated[int, typer.Option(min=1, help="Weight samples for the metrics.")]
-ExportFlagOpt = Annotated[
-    bool, typer.Option("--export", help="Write a plain model (see `bnnify export`) instead.")
-]
-DefaultTaskOpt = Annotated[
-    Task | None,
-    typer.Option(
-        help="regression or classification (default: the checkpoint's fitted task, else "
-        "regression); an ensemble of a classifier averages probabilities."
+        "--keep-inputs", help="Also store the inputs in --out (for `bnnify plot`'s 1-D bands)."
     ),
 ]

@@ -7,9 +7,11 @@ recolour, hide or rewrite what the user reads, or plant a hyperlink).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -26,11 +28,25 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from bnnify.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, BnnifyError, clip
-from bnnify.formats.strict_json import finite_json
+from bnnify.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    BnnifyError,
+    InputError,
+    InvalidArgumentError,
+    clip,
+)
 from bnnify.usecases import LOGGER_NAME
 
-__all__ = ["Output", "command", "human_bytes", "sanitize"]
+__all__ = [
+    "Output",
+    "closed_stdout",
+    "command",
+    "human_bytes",
+    "json_text",
+    "sanitize",
+    "schema_name",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,12 +55,21 @@ class Output:
     """Where a command writes: data on stdout (a table, or JSON), the rest on stderr.
 
     Args:
+        command: The command's name: its JSON carries `"schema": "bnnify.<command>/1"`.
         json_mode: Print one JSON object on stdout instead of tables.
-        quiet: Print nothing but errors.
+        quiet: Print nothing but errors and the requested JSON (logs are silenced, not data).
         verbose: Show detail (per-parameter rows, info logs).
     """
 
-    def __init__(self, *, json_mode: bool = False, quiet: bool = False, verbose: bool = False):
+    def __init__(
+        self,
+        *,
+        command: str | None = None,
+        json_mode: bool = False,
+        quiet: bool = False,
+        verbose: bool = False,
+    ):
+        self.command = command
         self.json_mode = json_mode
         self.quiet = quiet
         self.verbose = verbose
@@ -54,6 +79,19 @@ class Output:
             # Piped tables would otherwise be folded to 80 columns.
             self.out = _SafeConsole(highlight=False, no_color=no_color, width=160)
         self.err = _stderr()
+
+    def stdout_is_data(self, *, json_flag: str | None = None) -> None:
+        """Stdout carries a data stream (`-o -`): results and tables move to stderr.
+
+        Raises:
+            InvalidArgumentError: `json_flag` (--json) asks for JSON on stdout too.
+        """
+        if json_flag:
+            raise InvalidArgumentError(
+                f"-o - writes the data to stdout, where {json_flag} would write too",
+                hint="Write the data to a file with -o FILE, or drop --json.",
+            )
+        self.out = self.err
 
     def log(self, message: str) -> None:
         """An informational line on stderr (hidden by --quiet and --json)."""
@@ -79,21 +117,32 @@ class Output:
         if not self.quiet and not self.json_mode:
             self.out.print(escape(message))
 
-    def json(self, data: Any) -> None:
-        """The JSON result on stdout (JSON mode only)."""
-        if self.json_mode and not self.quiet:
-            sys.stdout.write(json.dumps(data, indent=2, default=_jsonable) + "\n")
-            sys.stdout.flush()
+    def json(self, data: Any, *, schema: str | None = None) -> None:
+        """The JSON result on stdout (JSON mode only, --quiet included: it is the data).
 
-    def json_line(self, data: Any) -> None:
-        """One JSON object on one line of stdout (JSON Lines), in JSON mode, even quiet.
-
-        NaN and infinities become null: JSON has neither.
+        Args:
+            data: A JSON object; its `schema` key is set first (from `schema`, else the
+                command's name) unless it has one.
+            schema: The schema's name when it is not the command's, e.g. "fit.epoch".
         """
         if self.json_mode:
-            line = json.dumps(finite_json(data), allow_nan=False, default=_jsonable)
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            self._write(json_text(self._stamped(data, schema), indent=2))
+
+    def json_line(self, data: Any, *, schema: str | None = None) -> None:
+        """One JSON object on one line of stdout (JSON Lines: a record of a stream)."""
+        if self.json_mode:
+            self._write(json_text(self._stamped(data, schema)))
+
+    def _stamped(self, data: Any, schema: str | None) -> Any:
+        name = schema or self.command
+        if not isinstance(data, dict) or name is None or "schema" in data:
+            return data
+        return {"schema": schema_name(name), **data}
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
     @contextmanager
     def progress(self, total: int, description: str) -> Iterator[Callable[[int], None]]:
@@ -144,6 +193,14 @@ class _SafeConsole(Console):
     def render_str(self, text: str, **kwargs: Any) -> Text:
         return super().render_str(sanitize(text), **kwargs)
 
+    def on_broken_pipe(self) -> None:
+        """A closed pipe: on stderr, stop drawing and go on; on stdout, end as `command`
+        does (exit 0). Rich's own handler exits 1."""
+        if self.stderr:
+            self.quiet = True
+            return
+        raise BrokenPipeError(errno.EPIPE, "stdout was closed")
+
 
 def _sanitize_table(table: Table) -> None:
     """Cleans, in place, the parts of `table` held as `Text` (they skip `render_str`)."""
@@ -163,10 +220,48 @@ def _stderr() -> Console:
     return console
 
 
-def _jsonable(value: Any) -> Any:
+def schema_name(command: str) -> str:
+    """The versioned name of a command's JSON schema, its first key: `bnnify.<command>/1`."""
+    return f"bnnify.{command}/{SCHEMA_VERSION}"
+
+
+SCHEMA_VERSION = 1
+
+
+def json_text(data: Any, *, indent: int | None = None) -> str:
+    """`data` as strict JSON: paths as strings, tensors as lists, never NaN or Infinity.
+
+    A non-finite number becomes null, except a KL divergence (under a key `kl` or
+    `kl_*`): a KL that is not finite is an error, never data.
+
+    Raises:
+        InputError: A KL divergence in `data` is NaN or infinite.
+    """
+    return json.dumps(_plain(data, ()), indent=indent, allow_nan=False)
+
+
+def _plain(value: Any, keys: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v, (*keys, str(k))) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, keys) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _non_finite(value, keys)
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return _plain(value.tolist(), keys)
     return str(value)
+
+
+def _non_finite(value: float, keys: tuple[str, ...]) -> None:
+    if any(k == "kl" or k.startswith("kl_") for k in keys):
+        raise InputError(
+            f"the KL divergence ({'.'.join(keys)}) is {value}: the posterior and prior do "
+            "not give a finite KL, so there is no result to report",
+            hint="Check the prior's arguments and the checkpoint's spreads (bnnify inspect).",
+        )
+    return None
 
 
 def command(function: F) -> F:
@@ -195,6 +290,11 @@ def command(function: F) -> F:
             remove_tracked()
             err.print("[bold red]Interrupted[/bold red]; no partial or temporary file is left.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader of stdout is gone (`| head -1`): what it wanted it has; the files
+            # were written before the results were printed. Quiet success, as Unix tools end.
+            closed_stdout()
+            raise typer.Exit(0) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:  # a bug, not a user mistake: say so briefly
@@ -208,6 +308,18 @@ def command(function: F) -> F:
             raise typer.Exit(EXIT_RUNTIME) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def closed_stdout() -> None:
+    """Points stdout at /dev/null after its pipe closed, so that no later write or the
+    interpreter's last flush fails (Python would print `BrokenPipeError` and exit 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (a test's capture): nothing to do
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _print_lines(err: Console, text: str) -> None:

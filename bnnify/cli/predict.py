@@ -18,10 +18,7 @@ __all__ = ["predict"]
 Opt = typer.Option
 CheckpointArg = Annotated[Path, typer.Argument(help="Variational checkpoint (fitted or not).")]
 InputOpt = Annotated[Path, Opt("--input", "-i", help="Inputs: safetensors (x), .npy, .npz or CSV.")]
-OutOpt = Annotated[Path | None, Opt("--out", "-o", help="Write the predictions (safetensors).")]
-TargetsOpt = Annotated[
-    Path | None, Opt("--targets", "--labels", help="Targets or labels: report metrics.")
-]
+TargetsOpt = Annotated[Path | None, Opt("--targets", "--labels", help="Targets: metrics.")]
 TaskOpt = Annotated[Task | None, Opt(help="Default: the fitted task, else regression.")]
 SeedOpt = Annotated[int, Opt(min=0, max=2**31 - 1, help="Seed of the weight samples.")]
 
@@ -32,15 +29,17 @@ def predict(
     model: opt.ModelOpt,
     input: InputOpt,
     samples: Annotated[int, Opt(min=1, help="Weight samples.")] = 32,
-    out: OutOpt = None,
-    keep_samples: Annotated[bool, Opt(help="Also store every sampled output in --out.")] = False,
+    out: opt.PredictOutOpt = None,
+    keep_samples: Annotated[
+        bool, Opt("--keep-samples", help="Also store every sampled output in --out.")
+    ] = False,
     mean_weights: Annotated[
-        bool, Opt(help="Deterministic prediction with the posterior means.")
+        bool, Opt("--mean-weights", help="Deterministic prediction with the posterior means.")
     ] = False,
     keep_inputs: opt.KeepInputsOpt = False,
     targets: TargetsOpt = None,
     ood: opt.OodOpt = None,
-    calibration: opt.CalibrationOpt = True,
+    no_calibration: opt.NoCalibrationOpt = False,
     task: TaskOpt = None,
     batch_size: Annotated[int, Opt(min=1, help="Inputs per batch (bounds memory).")] = 256,
     input_key: opt.InputKeyOpt = None,
@@ -56,16 +55,17 @@ def predict(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Predict with S weight samples: mean and spread, or class probabilities with entropy
-    and mutual information; metrics with targets; the checkpoint's calibration applied."""
-    sink = Output(json_mode=json, quiet=quiet)
+    """Predict with S weight samples, with the uncertainty of each prediction."""
+    sink = Output(command="predict", json_mode=json, quiet=quiet)
+    if out == "-":
+        sink.stdout_is_data(json_flag="--json" if json else None)
     import bnnify
 
     options = dict(samples=samples, targets=targets, task=task, output=out, seed=seed)
     options |= dict(keep_samples=keep_samples, mean_weights=mean_weights, batch_size=batch_size)
     options |= dict(x_key=input_key or "x", y_key=y_key, device=device, arch=arch, force=force)
     options |= dict(arch_kwargs=arch_kwargs, model_args=model_arg, class_dim=class_dim)
-    options |= dict(keep_inputs=keep_inputs, ood=ood, calibration=calibration)
+    options |= dict(keep_inputs=keep_inputs, ood=ood, calibration=not no_calibration)
     with reporting(sink, "Predicting"):
         result = bnnify.predict(checkpoint, model, input, trust_pickle=trust_pickle, **options)
     _render(sink, result)

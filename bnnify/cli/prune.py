@@ -39,9 +39,12 @@ def prune(
     json: opt.JsonOpt = False,
     quiet: opt.QuietOpt = False,
 ) -> None:
-    """Set to zero the weights of lowest |mu|/sigma (--keep FRACTION or --snr-threshold T):
-    writes a pruned checkpoint, or with --export a plain model; metrics with --data."""
-    sink = Output(json_mode=json, quiet=quiet)
+    """Set to zero the weights of lowest signal-to-noise ratio |mu|/sigma.
+
+    By --keep FRACTION or --snr-threshold T: writes a pruned checkpoint, or with
+    --export a plain model; metrics before and after with --data.
+    """
+    sink = Output(command="prune", json_mode=json, quiet=quiet)
     import bnnify
 
     options = dict(keep=keep, snr_threshold=snr_threshold, scope=scope, output=output)

@@ -217,7 +217,7 @@ def check_outputs(
     inode, so symbolic and hard links to an input count as the input.
 
     Raises:
-        UsageError: For the reasons above (exit code 2).
+        UsageError: For the reasons above (exit code 2), or a file is named "-" (stdout).
         OutputExistsError: Outputs exist and `force` is false; all of them are listed.
         OutputError: The folder cannot take a new file (no space left).
     """
@@ -253,10 +253,10 @@ def _check_destination(path: Path) -> None:
             f"{limit} this file system allows",
             hint="Choose a shorter output file name.",
         )
-    if path.is_dir():
+    if path.is_dir() or path.name == "-":
+        what = "a directory" if path.is_dir() else "stdout ('-' is a stream for predict -o only)"
         raise UsageError(
-            f"cannot write {str(path)!r}: it is a directory",
-            hint="Give a file name for the output.",
+            f"cannot write {str(path)!r}: it is {what}", hint="Give a file name for the output."
         )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from bnnify.enums import Task
 from bnnify.errors import FormatError, shorten
 from bnnify.formats.checkpoint import Checkpoint
-from bnnify.formats.checkpoint_checks import metadata_json
+from bnnify.formats.checkpoint_header import metadata_json
 
 __all__ = ["CALIBRATION_KEY", "MODELS", "PARAMETERS", "Calibration", "read_calibration"]
 

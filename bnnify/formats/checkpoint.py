@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import bnnify
 from bnnify.bnn.keys import posterior_key, prior_key
 from bnnify.bnn.posteriors import VariationalPosterior, restore_posterior
 from bnnify.errors import BnnifyError, FormatError, shorten
@@ -31,10 +30,16 @@ from bnnify.formats.checkpoint_checks import (
     check_parameter,
     check_spread,
     check_tensor,
-    metadata_json,
     parse_dtype,
     record_fields,
     require_finite,
+)
+from bnnify.formats.checkpoint_header import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_format,
+    checkpoint_in,
+    metadata_json,
     string_metadata,
 )
 from bnnify.formats.detect import describe
@@ -52,10 +57,6 @@ __all__ = [
     "TensorRecord",
     "dtype_name",
 ]
-
-FORMAT = "bnnify.variational"
-FORMAT_VERSION = "1"
-_SUPPORTED = {"1"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -107,7 +108,8 @@ class Checkpoint:
     tensors are checked to be finite as they are read.
 
     Args:
-        path: A checkpoint file, or the `.safetensors.index.json` of a sharded one.
+        path: A checkpoint file, the `.safetensors.index.json` of a sharded one, or the
+            folder holding either (see `checkpoint_in`).
 
     Raises:
         InputError: If the file is missing, unreadable or not a regular file.
@@ -117,7 +119,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = checkpoint_in(path)
         regular_file(self.path, "checkpoint")
         self._readers: dict[Path, SafetensorsFile] = {}
         self.files: dict[str, Path] = {}
@@ -181,22 +183,7 @@ class Checkpoint:
         return index.metadata
 
     def _check_format(self, metadata: dict[str, Any]) -> None:
-        found = metadata.get("bnnify.format")
-        if found != FORMAT:
-            what = f"{self._kind} without bnnify metadata" if found is None else None
-            raise FormatError(
-                f"'{self.path}' is not a bnnify checkpoint "
-                f"({what or f'its format is {shorten(found)}, expected {FORMAT!r}'}): "
-                "run `bnnify convert` first",
-                hint="Create one with `bnnify convert MODEL`.",
-            )
-        version = metadata.get("bnnify.format_version")
-        if version not in _SUPPORTED:
-            raise FormatError(
-                f"{self.path}: checkpoint format version {shorten(version)} is not supported by "
-                f"bnnify {bnnify.__version__} (supported: {', '.join(sorted(_SUPPORTED))})",
-                hint="Upgrade bnnify, or convert the model again with this version.",
-            )
+        check_format(metadata, self.path, self._kind)
 
     def _check_tensors(self) -> None:
         infos = {key: self.tensor_info(key) for key in self.files}

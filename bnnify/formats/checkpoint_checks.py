@@ -18,7 +18,6 @@ from torch import Tensor
 from bnnify.errors import BnnifyError, FormatError, shorten
 from bnnify.formats.model_checks import all_finite
 from bnnify.formats.safetensors_layout import TensorInfo
-from bnnify.formats.strict_json import load_json
 
 __all__ = [
     "LOG_NOISE_KEY",
@@ -26,11 +25,9 @@ __all__ = [
     "check_parameter",
     "check_spread",
     "check_tensor",
-    "metadata_json",
     "parse_dtype",
     "record_fields",
     "require_finite",
-    "string_metadata",
 ]
 
 LOG_NOISE_KEY = "bnnify.fit.log_noise"
@@ -41,31 +38,6 @@ _FIELDS = {
     "parameter": ({"shape", "dtype", "tensors"}, {"prior_tensors", "aliases"}),
     "tensor": ({"kind", "shape", "dtype"}, set()),
 }
-
-
-def string_metadata(metadata: Any, source: str) -> dict[str, str]:
-    """The metadata of a checkpoint, checked to map strings to strings."""
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise FormatError(f"{source}: the metadata must map strings to strings")
-    return metadata
-
-
-def metadata_json(metadata: Mapping[str, str], key: str, source: str, kind: type) -> Any:
-    """The JSON value of metadata `key`, which must be a `kind` (dict or list)."""
-    if key not in metadata:
-        raise FormatError(f"{source}: malformed bnnify metadata (no {key!r})")
-    try:
-        value = load_json(metadata[key], source, f"metadata {key!r}")
-    except FormatError as error:
-        problem = error.message.removeprefix(f"{source}: ")
-        raise FormatError(f"{source}: malformed bnnify metadata ({problem})") from None
-    if not isinstance(value, kind):
-        raise FormatError(
-            f"{source}: malformed bnnify metadata ({key!r} is not a JSON {kind.__name__})"
-        )
-    return value
 
 
 def record_fields(name: Any, record: Any, kind: str, source: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bnnify.errors import FormatError, InputError
+from bnnify.errors import BnnifyError, FormatError
 from bnnify.formats.input_file import open_regular, regular_file
 from bnnify.formats.safetensors_reader import looks_like_safetensors
 from bnnify.formats.sharded import BIN_INDEX_SUFFIX, INDEX_SUFFIX, ShardedIndex, read_index
@@ -110,10 +110,11 @@ def sha256_file(path: str | Path) -> str:
 
 
 def describe(path: str | Path) -> str | None:
-    """What a file is, from its content ("a torch.save file"), or None if unrecognized."""
+    """What a file (or the checkpoint a folder holds, as `detect_format` finds it) is, from
+    its content ("a torch.save file"), or None if unrecognized."""
     try:
-        fmt = _sniff(regular_file(path))
-    except InputError:  # FormatError included
+        fmt = _sniff(resolve_model_path(path))
+    except BnnifyError:  # unreadable, malformed, or an index pointing outside its folder
         return None
     return _DESCRIPTIONS[fmt]
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from torch import Tensor
 
 from bnnify.enums import Task
-from bnnify.errors import FormatError, clip, shorten
+from bnnify.errors import FormatError, InvalidArgumentError, clip, shorten
 from bnnify.formats.safetensors_io import save_file
 from bnnify.formats.safetensors_reader import SafetensorsFile
 from bnnify.formats.strict_json import load_json
@@ -18,10 +19,17 @@ from bnnify.formats.strict_json import load_json
 __all__ = [
     "PREDICTIONS_FORMAT",
     "PREDICTIONS_VERSION",
+    "STDOUT",
     "Predictions",
+    "check_destination",
     "read_predictions",
+    "write_csv",
     "write_predictions",
 ]
+
+# The output name of standard output: predictions are a stream, written there as CSV.
+STDOUT = "-"
+_ENDINGS = (".safetensors", ".csv")
 
 PREDICTIONS_FORMAT = "bnnify.predictions"
 PREDICTIONS_VERSION = "1"
@@ -57,8 +65,54 @@ class Predictions:
     calibration: dict[str, Any] | None = None
 
 
-def write_predictions(predictions: Predictions, path: str | Path) -> None:
-    """Writes `predictions` to `path` (use an `AtomicOutputs` temp path for safety)."""
+def check_destination(path: str | Path, *, keep_samples: bool = False) -> str:
+    """The format predictions are written in at `path`: "safetensors" or "csv" (also "-").
+
+    Raises:
+        InvalidArgumentError: The ending is not .safetensors or .csv (nothing is written
+            in another format than the name says), or `keep_samples` asks for the
+            samples in CSV (a table has no room for them).
+    """
+    name = str(path)
+    ending = ".csv" if name == STDOUT else Path(name).suffix.lower()
+    if ending not in _ENDINGS:
+        raise InvalidArgumentError(
+            f"cannot write predictions to '{clip(name)}': the ending {ending or '(none)'!r} "
+            f"is not a supported format (supported: {', '.join(_ENDINGS)}, or - for CSV on "
+            "stdout)",
+            hint="Name the file preds.safetensors (every tensor, with metadata) or preds.csv.",
+        )
+    if ending == ".csv" and keep_samples:
+        raise InvalidArgumentError(
+            "--keep-samples stores a tensor per sample, which a CSV table cannot hold",
+            hint="Write the predictions to a .safetensors file to keep the samples.",
+        )
+    return ending.removeprefix(".")
+
+
+def write_csv(predictions: Predictions, stream: TextIO) -> None:
+    """One row per example: a column per tensor (`name_i` per element when it has several)."""
+    columns, blocks = [], []
+    for name, tensor in predictions.tensors.items():
+        block = tensor.detach().cpu().reshape(tensor.shape[0], -1) if tensor.dim() else None
+        if block is None:
+            continue
+        width = block.shape[1]
+        columns += [name] if width == 1 else [f"{name}_{i}" for i in range(width)]
+        blocks.append(block.tolist())
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(columns)
+    for row in zip(*blocks, strict=True):
+        writer.writerow([repr(v) if isinstance(v, float) else v for part in row for v in part])
+
+
+def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "safetensors") -> None:
+    """Writes `predictions` to `path` (use an `AtomicOutputs` temp path for safety) in `fmt`,
+    the format of the name the user gave (see `check_destination`)."""
+    if fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8") as stream:
+            write_csv(predictions, stream)
+        return
     metadata = {
         "bnnify.format": PREDICTIONS_FORMAT,
         "bnnify.format_version": PREDICTIONS_VERSION,

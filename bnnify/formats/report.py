@@ -1,20 +1,22 @@
-"""The KL report file: total and per-parameter KL divergence, as safetensors."""
+"""The KL report file: total and per-parameter KL divergence, as safetensors.
+
+Read without torch (`bnnify kl REPORT` prints one in a fraction of a second); torch is
+imported only to write one.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bnnify.bnn.kl_report import kl_total
 from bnnify.enums import KLMethod
 from bnnify.errors import FormatError, InputError, shorten
-from bnnify.formats.safetensors_io import SafetensorsFile, read_header, save_file
+from bnnify.formats.safetensors_header import Header, read_vector
 from bnnify.formats.strict_json import load_json
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "KLReport",
     "checked_kl",
     "is_report",
+    "kl_total",
     "read_report",
     "write_report",
 ]
@@ -38,8 +41,8 @@ class KLReport:
 
     Attributes:
         names: Parameter names, in the order of the vectors below.
-        per_parameter: Summed KL of each parameter (float64).
-        numels: Number of elements of each parameter (int64).
+        per_parameter: Summed KL of each parameter.
+        numels: Number of elements of each parameter.
         method: How the KL was computed: analytic or Monte Carlo.
         samples: Monte Carlo samples per element (None when analytic).
         posterior: Posterior spec `{"name": ..., "kwargs": {...}}`.
@@ -48,8 +51,8 @@ class KLReport:
     """
 
     names: list[str]
-    per_parameter: torch.Tensor
-    numels: torch.Tensor
+    per_parameter: list[float]
+    numels: list[int]
     method: KLMethod
     samples: int | None
     posterior: dict[str, Any]
@@ -61,34 +64,83 @@ class KLReport:
         return kl_total(self.per_parameter)
 
     @property
+    def elements(self) -> int:
+        return sum(self.numels)
+
+    @property
     def mean(self) -> float:
-        count = int(self.numels.sum())
+        count = self.elements
         return self.total / count if count else 0.0
 
-    def to_json(self) -> dict[str, Any]:
+    def kl_json(self) -> dict[str, Any]:
+        """The KL block every command's JSON shares: sum, mean, method, samples."""
+        method = KLMethod(self.method).value
+        return {"sum": self.total, "mean": self.mean, "method": method, "samples": self.samples}
+
+    def ranked(self) -> list[int]:
+        """Parameter indices, largest KL first (ties in storage order)."""
+        return sorted(range(len(self.names)), key=lambda i: -self.per_parameter[i])
+
+    def to_json(self, top: int | None = None) -> dict[str, Any]:
+        """The report as JSON; with `top`, the `top` parameters of largest KL (0: all)."""
+        order = self.ranked() if top is not None else range(len(self.names))
+        shown = list(order)[:top] if top else list(order)
+        total = self.total or 1.0
         return {
-            "kl_sum": self.total,
-            "kl_mean": self.mean,
-            "elements": int(self.numels.sum()),
-            "method": KLMethod(self.method).value,
-            "samples": self.samples,
+            "kl": self.kl_json(),
+            "elements": self.elements,
             "posterior": self.posterior,
             "prior": self.prior,
             "checkpoint": self.checkpoint,
+            "parameter_count": len(self.names),
             "parameters": [
-                {"name": n, "kl": float(k), "elements": int(c)}
-                for n, k, c in zip(self.names, self.per_parameter, self.numels, strict=True)
+                {
+                    "name": self.names[i],
+                    "elements": self.numels[i],
+                    "kl": self.per_parameter[i],
+                    "kl_mean": self.per_parameter[i] / max(self.numels[i], 1),
+                    "share": self.per_parameter[i] / total,
+                }
+                for i in shown
             ],
         }
 
 
+def kl_total(values: Iterable[float]) -> float:
+    """The total of per-parameter KL values, exactly rounded: any two callers agree.
+
+    Example:
+        >>> kl_total([0.1, 0.2, 0.3]) == 0.6
+        True
+
+    Raises:
+        InputError: The total is not finite (it overflows float64, or a value is NaN
+            or infinite): there is no KL to report.
+    """
+    try:
+        total = math.fsum(values)
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):
+        raise InputError(
+            f"the total KL divergence is {total} (it overflows float64, or a parameter's KL "
+            "is not finite): there is no KL to report",
+            hint="Check the prior's arguments and the posterior spreads (bnnify inspect).",
+        )
+    return total
+
+
 def write_report(report: KLReport, path: str | Path) -> None:
     """Writes `report` to `path` (use an `AtomicOutputs` temp path for safety)."""
+    import torch  # writing only: a report is read without torch
+
+    from bnnify.formats.safetensors_io import save_file
+
     tensors = {
         "kl.sum": torch.tensor(report.total, dtype=torch.float64),
         "kl.mean": torch.tensor(report.mean, dtype=torch.float64),
-        "kl.per_parameter": report.per_parameter.to(torch.float64).contiguous(),
-        "numel.per_parameter": report.numels.to(torch.int64).contiguous(),
+        "kl.per_parameter": torch.tensor(report.per_parameter, dtype=torch.float64),
+        "numel.per_parameter": torch.tensor(report.numels, dtype=torch.int64),
     }
     metadata = {
         "bnnify.format": REPORT_FORMAT,
@@ -106,7 +158,7 @@ def write_report(report: KLReport, path: str | Path) -> None:
 def is_report(path: str | Path) -> bool:
     """Whether `path` is a bnnify KL report (by its header)."""
     try:
-        metadata, _ = read_header(path)
+        metadata = Header(path, official=False).metadata
     except InputError:  # FormatError is an InputError
         return False
     return metadata.get("bnnify.format") == REPORT_FORMAT
@@ -149,7 +201,7 @@ def read_report(path: str | Path) -> KLReport:
     Raises:
         FormatError: If the file is not a KL report of a supported version, or is malformed.
     """
-    reader = SafetensorsFile(path, "KL report")
+    reader = Header(path, "KL report", official=False)
     metadata = reader.metadata
     if metadata.get("bnnify.format") != REPORT_FORMAT:
         raise FormatError(f"{path}: not a bnnify KL report")
@@ -165,8 +217,8 @@ def read_report(path: str | Path) -> KLReport:
         fields = {key: _json(metadata, key, source) for key in _JSON_FIELDS}
         report = KLReport(
             names=fields["names"],
-            per_parameter=_vector(reader, "kl.per_parameter", torch.float64),
-            numels=_vector(reader, "numel.per_parameter", torch.int64),
+            per_parameter=_vector(reader, "kl.per_parameter", "F64"),
+            numels=_vector(reader, "numel.per_parameter", "I64"),
             method=metadata["bnnify.method"],
             samples=fields["samples"],
             posterior=fields["posterior"],
@@ -194,11 +246,11 @@ def _json(metadata: dict[str, str], key: str, source: str) -> Any:
         raise _malformed(source, error.message.removeprefix(f"{source}: ")) from None
 
 
-def _vector(reader: SafetensorsFile, key: str, dtype: torch.dtype) -> torch.Tensor:
-    info = reader.infos.get(key)
-    if info is None or info.dtype != dtype or len(info.shape) != 1:
-        raise _malformed(reader.path, f"{key!r} is not a {dtype} vector")
-    return reader.tensor(key)
+def _vector(reader: Header, key: str, code: str) -> list:
+    entry = reader.entries.get(key)
+    if entry is None or entry.code != code or len(entry.shape) != 1:
+        raise _malformed(reader.path, f"{key!r} is not a {code} vector")
+    return read_vector(reader, key)
 
 
 def _check(report: KLReport, path: str | Path) -> None:
@@ -216,9 +268,9 @@ def _check(report: KLReport, path: str | Path) -> None:
         raise _malformed(path, f"{shorten(samples)} samples for method {report.method!r}")
     if not all(isinstance(p, dict) for p in (report.posterior, report.prior, report.checkpoint)):
         raise _malformed(path, "posterior, prior and checkpoint must be JSON objects")
-    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+    if not all(math.isfinite(v) and v >= 0 for v in values):
         raise _malformed(path, "a KL value is negative, NaN or infinite")
-    if bool((numels < 0).any()):
+    if any(n < 0 for n in numels):
         raise _malformed(path, "an element count is negative")
 
 

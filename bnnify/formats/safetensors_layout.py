@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 import torch
 
 from bnnify.errors import InvalidArgumentError
+from bnnify.formats.safetensors_header import MAX_HEADER_BYTES, METADATA_KEY
 
 __all__ = [
     "CODES",
@@ -26,9 +27,6 @@ __all__ = [
     "write_tensor_bytes",
 ]
 
-# The limit of the official reader: a larger header is refused there, so here too.
-MAX_HEADER_BYTES = 100_000_000
-METADATA_KEY = "__metadata__"
 _CHUNK_BYTES = 1 << 24
 
 # The safetensors dtype enum in its declaration order: the official writer stores tensors

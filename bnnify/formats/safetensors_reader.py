@@ -15,12 +15,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from bnnify.errors import FormatError, InputError, clip, closest, shorten
+from bnnify.errors import FormatError, InputError, closest, shorten
 from bnnify.formats.input_file import open_regular
-from bnnify.formats.safetensors_layout import DTYPES, MAX_HEADER_BYTES, METADATA_KEY, TensorInfo
-from bnnify.formats.strict_json import load_json
+from bnnify.formats.safetensors_header import (
+    REWRITE_HINT,
+    Header,
+    looks_like_safetensors,
+    malformed,
+)
+from bnnify.formats.safetensors_layout import DTYPES, TensorInfo
 
 __all__ = [
     "SafetensorsFile",
@@ -29,23 +33,6 @@ __all__ = [
     "looks_like_safetensors",
     "read_header",
 ]
-
-_OFFICIAL_PREFIX = "Error while deserializing header: "
-_REWRITE = (
-    "Check that the file was copied completely, or save it again with safetensors.torch.save_file."
-)
-
-
-def looks_like_safetensors(head: bytes, size: int) -> bool:
-    """Whether a file of `size` bytes starting with `head` (9 bytes or more) is safetensors.
-
-    The one sniffer of the format: a little-endian header length the official reader
-    accepts (at most `MAX_HEADER_BYTES`, within the file) followed by `{`.
-    """
-    if len(head) < 9:
-        return False
-    length = int.from_bytes(head[:8], "little")
-    return 2 <= length <= min(MAX_HEADER_BYTES, size - 8) and head[8:9] == b"{"
 
 
 def is_safetensors(path: str | Path) -> bool:
@@ -79,48 +66,21 @@ class SafetensorsFile:
     def __init__(self, path: str | Path, what: str = "safetensors file"):
         self.path = Path(path)
         self._what = what
-        with open_regular(self.path, what) as file:
-            size = os.fstat(file.fileno()).st_size
-            prefix = file.read(8)
-            if len(prefix) < 8:
-                raise self._malformed(f"it has {size} bytes, too few for a header")
-            length = int.from_bytes(prefix, "little")
-            if length > min(MAX_HEADER_BYTES, size - 8):
-                limit = "the file size" if length <= MAX_HEADER_BYTES else "the reader's limit"
-                raise self._malformed(f"its header length {length} exceeds {limit}")
-            raw = file.read(length)
-        if not looks_like_safetensors(prefix + raw[:1], size):
-            raise self._malformed("its header does not start with '{'")
-        self._data_start = 8 + length
-        try:
-            with safe_open(str(self.path), framework="pt") as handle:
-                self.metadata: dict[str, str] = handle.metadata() or {}
-        except SafetensorError as error:
-            raise self._malformed(str(error).removeprefix(_OFFICIAL_PREFIX)) from None
-        except OSError as error:
-            raise InputError(
-                f"cannot read {what} '{self.path}': {error.strerror or error}"
-            ) from None
-        # Valid JSON now (the official reader said so): this parse refuses repeated keys
-        # and yields the offsets.
-        try:
-            header = load_json(raw, f"'{self.path}'", "its header")
-        except FormatError as error:
-            raise FormatError(error.message, hint=_REWRITE) from None
-        header.pop(METADATA_KEY, None)
+        header = Header(self.path, what)
+        self.metadata: dict[str, str] = header.metadata
+        self._data_start = header.data_start
         self._spans: dict[str, tuple[int, int]] = {}
         infos = []
-        for name, entry in header.items():
-            dtype = DTYPES.get(entry["dtype"])
+        for name, entry in header.entries.items():
+            dtype = DTYPES.get(entry.code)
             if dtype is None:
-                raise self._malformed(
-                    f"tensor {shorten(name)} has dtype {shorten(entry['dtype'])}, which bnnify "
-                    f"cannot read (supported: {', '.join(DTYPES)})"
+                raise malformed(
+                    self.path,
+                    f"tensor {shorten(name)} has dtype {shorten(entry.code)}, which bnnify "
+                    f"cannot read (supported: {', '.join(DTYPES)})",
                 )
-            begin, end = entry["data_offsets"]
-            self._spans[name] = (begin, end)
-            infos.append(TensorInfo(name, dtype, tuple(entry["shape"])))
-        infos.sort(key=lambda info: (*self._spans[info.name], info.name))
+            self._spans[name] = (entry.begin, entry.end)
+            infos.append(TensorInfo(name, dtype, entry.shape))
         self.infos: dict[str, TensorInfo] = {info.name: info for info in infos}
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -149,12 +109,6 @@ class SafetensorsFile:
                 out = flipped.contiguous().view(info.dtype).reshape(info.shape)
         return out.to(device)
 
-    def _malformed(self, problem: str) -> FormatError:
-        return FormatError(
-            f"'{self.path}' is not a valid safetensors file: {clip(problem, 300)}",
-            hint=_REWRITE,
-        )
-
 
 def _read_exactly(file: object, address: int, count: int, path: Path) -> None:
     view = memoryview((ctypes.c_ubyte * count).from_address(address)).cast("B")
@@ -164,7 +118,7 @@ def _read_exactly(file: object, address: int, count: int, path: Path) -> None:
         if not read:
             raise FormatError(
                 f"'{path}' ended {count - done} bytes early: it changed while being read",
-                hint=_REWRITE,
+                hint=REWRITE_HINT,
             )
         done += read
 

@@ -15,7 +15,7 @@ import torch
 from bnnify.bnn.posteriors import init_function
 from bnnify.bnn.registry import Factory
 from bnnify.enums import ModuleKind
-from bnnify.errors import BnnifyError, SpecError, closest
+from bnnify.errors import BnnifyError, SpecError, clip, closest
 
 __all__ = [
     "DTYPES",
@@ -219,7 +219,8 @@ def _build_failed(
     hints = [error.hint] if own and error.hint else []
     if accepted is not None:
         hints.append(_accepts(kind, name, accepted))
-    problem = f"invalid arguments {show(kwargs)} for {kind} {name!r}: {message}"
+    given = ", ".join(f"{k}={show(v)}" for k, v in kwargs.items())
+    problem = f"invalid arguments ({clip(given)}) for {kind} {name!r}: {message}"
     fail(source, path, problem, hint=" ".join(hints) or None)
 
 

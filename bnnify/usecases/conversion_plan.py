@@ -260,7 +260,7 @@ class _TensorwiseSource:
             posterior = get_posterior(self.spec.posterior, weight)
             prior = get_prior(self.spec.prior, weight)
         with seeded(self.spec.seed, f"kl:{name}", self.device):
-            kl = float(parameter_kl(posterior, prior, self.samples))
+            kl = float(parameter_kl(posterior, prior, self.samples, self.advance))
         kl = checked_kl(
             kl,
             name=name,
@@ -276,7 +276,6 @@ class _TensorwiseSource:
         self.summaries[name] = ParameterSummary(
             name, list(weight.shape), dtype_name(weight.dtype), sigma, kl
         )
-        self.advance(weight.numel())
         return out
 
 

@@ -9,17 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from bnnify.bnn.kl_report import kl_total
 from bnnify.enums import KLMethod
 from bnnify.errors import ArgumentTypeError, InvalidArgumentError, UsageError
 from bnnify.formats.atomic import AtomicOutputs, check_outputs
 from bnnify.formats.checkpoint_writer import checkpoint_metadata, sharded_paths, write_tensors
 from bnnify.formats.detect import resolve_model_path
 from bnnify.formats.model_files import LoadedModel, ModelFormat
-from bnnify.formats.report import KLReport, write_report
+from bnnify.formats.report import KLReport, kl_total, write_report
 from bnnify.formats.sharded import read_index
 from bnnify.formats.spec import ConversionSpec, resolve_spec
 from bnnify.usecases import LOGGER_NAME
@@ -72,6 +70,7 @@ class ConversionResult:
     outputs: list[Path] = field(default_factory=list)
     buffer_like: list[KLShare] = field(default_factory=list)
     suggested_exclude: list[str] = field(default_factory=list)
+    dry_run: bool = False
 
     @property
     def top(self) -> list[KLShare]:
@@ -99,19 +98,19 @@ class ConversionResult:
             "source": self.source,
             "spec": self.spec.to_json(),
             "reparametrized": len(self.parameters),
-            "deterministic": len(self.deterministic),
-            "deterministic_names": self.deterministic,
+            "deterministic": list(self.deterministic),
             "variational_elements": self.elements,
             "kl": {
                 "sum": self.kl_sum,
                 "mean": self.kl_mean,
                 "method": self.method.value,
                 "samples": self.samples,
-                "top": [share.to_json() for share in self.top],
             },
+            "largest": [share.to_json() for share in self.top],
             "buffer_like": [share.to_json() for share in self.buffer_like],
             "suggested_exclude": list(self.suggested_exclude),
             "outputs": [str(p) for p in self.outputs],
+            "dry_run": self.dry_run,
             "parameters": [
                 {
                     "name": p.name,
@@ -140,6 +139,7 @@ def convert(
     progress: Progress | None = None,
     arch: str | None = None,
     arch_kwargs: str | Mapping[str, Any] | None = None,
+    dry_run: bool = False,
     **overrides: Any,
 ) -> ConversionResult:
     """Converts a trained model into a variational checkpoint and a KL report, atomically.
@@ -165,6 +165,8 @@ def convert(
         progress: Called with (elements done, total elements) as tensors are written.
         arch: Confirms the spec's `arch` (building it runs its code); see `confirm_arch`.
         arch_kwargs: Confirms the spec's `arch_kwargs` (a JSON object or a mapping).
+        dry_run: Plan the conversion and compute the KL, but write nothing (the result's
+            `outputs` is empty).
         **overrides: Spec keys overriding `spec`, as `resolve_spec` takes them:
             `posterior`, `prior` (a name or `(name, kwargs)`), `posterior_args`,
             `prior_args` (dicts merged over the spec's), `device`, `dtype`, `include`,
@@ -225,6 +227,7 @@ def convert(
             progress,
             read=read,
             confirmation=(arch, arch_kwargs),
+            dry_run=dry_run,
         )
 
 
@@ -240,11 +243,14 @@ def _convert(
     *,
     read: list[Path],
     confirmation: tuple[str | None, str | Mapping[str, Any] | None],
+    dry_run: bool,
 ) -> ConversionResult:
     stem = checkpoint.name.removesuffix(".safetensors").removesuffix(".safetensors.index.json")
     # Fail before any work on outputs that exist (without force) or cannot be written.
     index = checkpoint.parent / f"{stem}.safetensors.index.json"
-    AtomicOutputs([checkpoint if shard_bytes is None else index, report], force=force, inputs=read)
+    if not dry_run:
+        early = [checkpoint if shard_bytes is None else index, report]
+        AtomicOutputs(early, force=force, inputs=read)
     source = {"name": model.path.name, "format": model.format.value, "sha256": model.sha256}
     # Where the weights were inside the file: `fit` and `predict` read them there again.
     source |= {k: v for k, v in (("key", model.key), ("prefix", model.prefix)) if v is not None}
@@ -256,17 +262,21 @@ def _convert(
     targets = [checkpoint]
     if shard_bytes is not None:
         targets = sharded_paths(checkpoint, stem, plan.infos, shard_bytes)
-    with AtomicOutputs([*targets, report], force=force, inputs=read) as outputs:
-        write_tensors(
-            checkpoint,
-            plan.infos,
-            plan.produce,
-            metadata,
-            outputs.temp,
-            shard_bytes=shard_bytes,
-            stem=stem,
-        )
-        write_report(_report(plan, spec, targets[-1].name, model.sha256), outputs.temp(report))
+    if dry_run:
+        for info in plan.infos:  # every tensor made, as the writer would, then dropped
+            plan.produce(info.name)
+    else:
+        with AtomicOutputs([*targets, report], force=force, inputs=read) as outputs:
+            write_tensors(
+                checkpoint,
+                plan.infos,
+                plan.produce,
+                metadata,
+                outputs.temp,
+                shard_bytes=shard_bytes,
+                stem=stem,
+            )
+            write_report(_report(plan, spec, targets[-1].name, model.sha256), outputs.temp(report))
     parameters = plan.summary()
     # Only a file that does not say what is a buffer can have a buffer made Bayesian.
     unknown = spec.arch is None and model.module_types() is None
@@ -280,9 +290,10 @@ def _convert(
         deterministic=[r.name for r in plan.deterministic],
         method=plan.method,
         samples=plan.samples,
-        outputs=[*targets, report],
+        outputs=[] if dry_run else [*targets, report],
         buffer_like=suspects,
         suggested_exclude=flags,
+        dry_run=dry_run,
     )
 
 
@@ -298,8 +309,8 @@ def _report(plan: ConversionPlan, spec: ConversionSpec, name: str, sha256: str) 
     parameters = plan.summary()
     return KLReport(
         names=[p.name for p in parameters],
-        per_parameter=torch.tensor([p.kl for p in parameters], dtype=torch.float64),
-        numels=torch.tensor([p.numel for p in parameters], dtype=torch.int64),
+        per_parameter=[p.kl for p in parameters],
+        numels=[p.numel for p in parameters],
         method=plan.method,
         samples=plan.samples,
         posterior={"name": spec.posterior[0], "kwargs": dict(spec.posterior[1])},
@@ -336,15 +347,23 @@ def output_paths(
     return checkpoint, Path(report)
 
 
+# Endings dropped from the outputs' names (weight files, torch.export's .pt2); any other
+# ending (x.jit, x.ts) stays, so that x.jit and x.pt2 get two default outputs.
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".pt2", ".safetensors", ".bin", ".ckpt")
+
+
 def _stem(model_path: Path) -> str:
-    """`model` for model.pt, model.state_dict for model.state_dict.pt, the folder's name."""
+    """`model` for model.pt and model.pt2, model.state_dict for model.state_dict.pt,
+    `x.jit` for x.jit, the folder's name."""
     name = model_path.name
     if model_path.is_dir():
         return name
     for suffix in (".safetensors.index.json", ".bin.index.json", ".index.json"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
-    return Path(name).stem or name
+    if Path(name).suffix.lower() in _WEIGHT_SUFFIXES:
+        return Path(name).stem or name
+    return name
 
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9}

@@ -1,34 +1,38 @@
-"""`inspect`: what a variational checkpoint holds, and the spread of each posterior."""
+"""`inspect`: what a variational checkpoint holds, and the spread of each posterior.
+
+The metadata is read without torch (`CheckpointHeader`); the posterior statistics,
+which need the tensors, only when asked for (`stats=True`).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from bnnify.formats.checkpoint_header import CheckpointHeader
 
-from bnnify.bnn.prune import signal_to_noise
-from bnnify.formats.checkpoint import Checkpoint
-from bnnify.usecases.sources import CheckpointLike, as_checkpoint
+if TYPE_CHECKING:
+    from bnnify.usecases.sources import CheckpointLike
 
-__all__ = ["InspectResult", "ParameterStats", "inspect", "parameter_stats"]
+__all__ = ["InspectResult", "ParameterStats", "inspect"]
 
 
 @dataclass
 class ParameterStats:
-    """The posterior spread of one parameter: sigma and the signal-to-noise |mu| / sigma."""
+    """A parameter's shape and, when computed, its posterior spread: sigma and the
+    signal-to-noise ratio |mu| / sigma (None when not computed)."""
 
     name: str
     shape: list[int]
     elements: int
     dtype: str
-    sigma_mean: float
-    sigma_min: float
-    sigma_max: float
-    snr_mean: float
-    snr_median: float
+    sigma_mean: float | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    snr_mean: float | None = None
+    snr_median: float | None = None
 
 
 @dataclass
@@ -45,11 +49,13 @@ class InspectResult:
     variational_elements: int
     deterministic: dict[str, dict[str, Any]]
     parameters: list[ParameterStats]
+    sharded: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The result as `bnnify inspect --json` prints it."""
         return {
             "path": str(self.path),
+            "kind": "sharded" if self.sharded else "file",
             "files": [str(f) for f in self.files],
             "bytes": self.bytes,
             "format": self.metadata["bnnify.format"],
@@ -61,56 +67,48 @@ class InspectResult:
             "fit": self.fit,
             "variational_elements": self.variational_elements,
             "deterministic": self.deterministic,
+            "parameter_count": len(self.parameters),
             "parameters": [asdict(p) for p in self.parameters],
         }
 
 
-def inspect(path: CheckpointLike) -> InspectResult:
-    """The metadata, files and per-parameter posterior statistics of a checkpoint.
+def inspect(path: CheckpointLike, *, stats: bool = False) -> InspectResult:
+    """The metadata, files and (with `stats`) per-parameter posterior statistics.
 
     Args:
-        path: A checkpoint file, the index of a sharded one, or a `Checkpoint`.
+        path: A checkpoint file, the index of a sharded one, the folder holding either,
+            or a `Checkpoint`.
+        stats: Read the tensors for sigma and |mu|/sigma per parameter (imports torch);
+            without, only the metadata is read.
 
     Raises:
         InputError: If the file is missing or unreadable.
         FormatError: If it is not a bnnify checkpoint of a supported version.
     """
-    ckpt = as_checkpoint(path)
-    files = sorted(set(ckpt.files.values()) | {ckpt.path})
-    return InspectResult(
-        path=Path(path) if isinstance(path, (str, Path)) else ckpt.path,
-        files=files,
-        bytes=sum(f.stat().st_size for f in files),
-        metadata=dict(ckpt.metadata),
-        source=ckpt.source,
-        spec=ckpt.spec.to_json(),
-        fit=ckpt.fit,
-        variational_elements=ckpt.num_elements(),
-        deterministic={n: r.to_json() for n, r in ckpt.deterministic.items()},
-        parameters=parameter_stats(ckpt),
-    )
+    given = path if isinstance(path, (str, Path)) else path.path
+    header = CheckpointHeader(given)
+    parameters = [
+        ParameterStats(name, r["shape"], math.prod(r["shape"]), r["dtype"])
+        for name, r in header.parameters.items()
+    ]
+    if stats:
+        # The torch side, only for the statistics.
+        from bnnify.usecases.parameter_stats import parameter_stats
+        from bnnify.usecases.sources import as_checkpoint
 
-
-@torch.no_grad()
-def parameter_stats(ckpt: Checkpoint, device: str = "cpu") -> list[ParameterStats]:
-    """Per parameter: shape, sigma statistics and signal-to-noise ratio |mu| / sigma."""
-    rows = []
-    for name, record in ckpt.parameters.items():
-        dist = ckpt.posterior(name, device).distribution
-        sigma = dist.stddev.double().reshape(-1)
-        snr = signal_to_noise(dist)
-        empty = sigma.numel() == 0
-        rows.append(
-            ParameterStats(
-                name=name,
-                shape=record.shape,
-                elements=math.prod(record.shape),
-                dtype=record.dtype,
-                sigma_mean=0.0 if empty else float(sigma.mean()),
-                sigma_min=0.0 if empty else float(sigma.min()),
-                sigma_max=0.0 if empty else float(sigma.max()),
-                snr_mean=0.0 if empty else float(snr.mean()),
-                snr_median=0.0 if empty else float(snr.median()),
-            )
+        parameters = parameter_stats(
+            as_checkpoint(path if not isinstance(path, (str, Path)) else header.path)
         )
-    return rows
+    return InspectResult(
+        path=Path(given),
+        files=header.files,
+        bytes=sum(f.stat().st_size for f in header.files),
+        metadata=header.metadata,
+        source=header.source,
+        spec=header.spec,
+        fit=header.fit,
+        variational_elements=sum(p.elements for p in parameters),
+        deterministic=header.deterministic,
+        parameters=parameters,
+        sharded=header.sharded,
+    )

@@ -18,8 +18,8 @@ from bnnify.formats.atomic import check_outputs
 from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.predictions import read_predictions
 from bnnify.usecases import LOGGER_NAME
-from bnnify.usecases.inspect import parameter_stats
-from bnnify.usecases.kl import checkpoint_kl
+from bnnify.usecases.checkpoint_kl import checkpoint_kl
+from bnnify.usecases.parameter_stats import parameter_stats
 from bnnify.usecases.sources import CheckpointLike, as_checkpoint, file_paths, path_of
 
 __all__ = ["CHECKPOINT_FIGURES", "PREDICTION_FIGURES", "PlotResult", "plot"]
@@ -158,7 +158,7 @@ def _checkpoint_figures(source: CheckpointLike, seed: int | None, force: bool) -
 
     def layers(path: Path) -> dict[str, Any]:
         report = checkpoint_kl(ckpt, seed=seed)
-        kl = dict(zip(report.names, report.per_parameter.tolist(), strict=True))
+        kl = dict(zip(report.names, report.per_parameter, strict=True))
         snr = {row.name: row.snr_mean for row in parameter_stats(ckpt) if row.elements}
         return plots.layer_chart(kl, snr, path, force=force)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,13 @@ from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.calibration import Calibration, read_calibration
 from bnnify.formats.data import Dataset
 from bnnify.formats.model_inputs import Inputs
-from bnnify.formats.predictions import Predictions, write_predictions
+from bnnify.formats.predictions import (
+    STDOUT,
+    Predictions,
+    check_destination,
+    write_csv,
+    write_predictions,
+)
 from bnnify.formats.spec import resolve_device
 from bnnify.usecases import LOGGER_NAME
 from bnnify.usecases.calibrate import applied_calibration, calibration_summary, check_calibration
@@ -70,7 +77,7 @@ class PredictionResult:
     summary: dict[str, Any]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     ood: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    output: Path | None = None
+    output: Path | str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The result as `bnnify predict --json` prints it."""
@@ -127,7 +134,9 @@ def predict(
         targets: Targets or labels (a file or a tensor): report metrics.
         task: "regression" or "classification" (default: the fitted task, else
             regression).
-        output: Write the predictions to this safetensors file (with the targets).
+        output: Write the predictions (with the targets) to this file: .safetensors
+            (every tensor, with metadata) or .csv (a row per example); "-" writes CSV to
+            stdout.
         keep_samples: Also keep every sampled output (tensor `samples`).
         keep_inputs: Also write the inputs to `output` (tensors `input.<name>`).
         mean_weights: Predict once with the posterior means instead.
@@ -156,13 +165,17 @@ def predict(
         UnsafeInputError: If the checkpoint names an architecture that `arch` and
             `arch_kwargs` do not confirm.
         OutputExistsError: If `output` exists and `force` is false.
+        InvalidArgumentError: If `output`'s ending is not .safetensors or .csv.
     """
     for name, value in (("samples", samples), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
     device = resolve_device(device)
     paths = file_paths(checkpoint, model, inputs, targets, ood)
-    outputs = AtomicOutputs([output], force=force, inputs=paths) if output else None
+    fmt = check_destination(output, keep_samples=keep_samples) if output else None
+    to_stdout = output is not None and str(output) == STDOUT
+    stored = output and not to_stdout
+    outputs = AtomicOutputs([output], force=force, inputs=paths) if stored else None
     ckpt = as_checkpoint(checkpoint)
     fitted = ckpt.fit or {}
     chosen = Task.parse(task if task is not None else fitted.get("task", "regression"))
@@ -208,7 +221,7 @@ def predict(
         )
     result.summary["model_args"] = constants
     result.summary["calibration"] = calibration_summary(calibrated, ckpt, mean_weights)
-    if outputs is not None:
+    if output:
         tensors = dict(result.tensors)
         if data.y is not None:
             tensors["targets"] = data.y
@@ -224,8 +237,13 @@ def predict(
             call=runner.call.describe(data.x.names),
             calibration=applied_calibration(calibrated, mean_weights),
         )
+        if outputs is None:
+            write_csv(predictions, sys.stdout)
+            sys.stdout.flush()
+            result.output = STDOUT
+            return result
         with outputs:
-            write_predictions(predictions, outputs.temp(output))
+            write_predictions(predictions, outputs.temp(output), fmt)
         result.output = Path(output)
     return result
 

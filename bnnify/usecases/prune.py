@@ -25,7 +25,8 @@ from bnnify.enums import PruneScope, Task
 from bnnify.errors import UsageError
 from bnnify.formats.atomic import AtomicOutputs
 from bnnify.formats.checkpoint import Checkpoint
-from bnnify.formats.checkpoint_checks import metadata_json, parse_dtype
+from bnnify.formats.checkpoint_checks import parse_dtype
+from bnnify.formats.checkpoint_header import metadata_json
 from bnnify.formats.checkpoint_writer import write_tensors
 from bnnify.formats.safetensors_io import TensorInfo
 from bnnify.usecases.export import ExportResult, write_export

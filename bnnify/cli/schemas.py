@@ -1,0 +1,117 @@
+"""The top-level keys of each command's `--json` object (documented in docs/json.md).
+
+Every object starts with `"schema": "bnnify.<command>/1"`. A key is added or removed
+only with a new schema version; the tests check each command's output and the
+documentation against this table.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KL_BLOCK", "SCHEMAS"]
+
+# The one shape of a KL divergence, wherever it appears (`.kl` of convert and kl).
+KL_BLOCK = ("sum", "mean", "method", "samples")
+
+SCHEMAS: dict[str, tuple[str, ...]] = {
+    "convert": (
+        "schema",
+        "source",
+        "spec",
+        "reparametrized",
+        "deterministic",
+        "variational_elements",
+        "kl",
+        "largest",
+        "buffer_like",
+        "suggested_exclude",
+        "outputs",
+        "parameters",
+        "dry_run",
+    ),
+    "kl": (
+        "schema",
+        "path",
+        "from_report",
+        "reduction",
+        "value",
+        "kl",
+        "elements",
+        "posterior",
+        "prior",
+        "checkpoint",
+        "parameter_count",
+        "parameters",
+        "output",
+    ),
+    "inspect": (
+        "schema",
+        "path",
+        "kind",
+        "files",
+        "bytes",
+        "format",
+        "format_version",
+        "bnnify_version",
+        "torch_version",
+        "source",
+        "spec",
+        "fit",
+        "variational_elements",
+        "deterministic",
+        "parameter_count",
+        "parameters",
+    ),
+    "list": ("schema", "posteriors", "priors"),
+    "fit": (
+        "schema",
+        "output",
+        "task",
+        "settings",
+        "n_train",
+        "n_val",
+        "data",
+        "model",
+        "inputs",
+        "model_args",
+        "call",
+        "val_estimator",
+        "history",
+        "final",
+    ),
+    "predict": ("schema", "summary", "metrics", "ood", "output"),
+    "export": (
+        "schema",
+        "output",
+        "format",
+        "weights",
+        "samples",
+        "seed",
+        "checkpoint",
+        "source",
+        "outputs",
+        "spread",
+        "reduce",
+        "batching",
+        "dynamic_batch",
+        "check",
+        "bytes",
+    ),
+    "prune": (
+        "schema",
+        "output",
+        "kind",
+        "method",
+        "keep",
+        "snr_threshold",
+        "scope",
+        "elements",
+        "removed",
+        "snr_cut",
+        "pruned_sigma",
+        "fraction_removed",
+        "parameters",
+        "metrics",
+        "export",
+    ),
+    "env": ("schema", "bnnify", "python", "platform", "torch", "device", "threads", "packages"),
+}
