@@ -93,14 +93,34 @@ def test_every_command_follows_its_documented_schema(files, tmp_path):
     schema_of("predict", *reg, "-i", files.reg_train, "-o", "p.csv")
     schema_of("export", *reg, "-i", files.reg_train, "--format", "safetensors", "-o", "e.st")
     schema_of("prune", files.reg_fitted, "--keep", "0.5", "-o", "pruned.safetensors")
-    fit = ("c.bnn.safetensors", "-m", files.reg_model, "-d", files.reg_train, "--epochs", "1")
-    fit += ("--task", "regression")
-    schema_of("fit", *fit, "-o", "f.safetensors")
+    data = ("-d", files.reg_train, "--task", "regression", "--epochs", "1")
+    lines = records_of("fit", "c.bnn.safetensors", "-m", files.reg_model, *data, "--search")
+    assert lines[0]["schema"] == "bnnify.fit.epoch/1" and lines[0]["point"] == 0
+    assert {r["schema"] for r in lines[:-1]} == {"bnnify.fit.epoch/1", "bnnify.fit.search_point/1"}
+    assert lines[-1]["schema"] == "bnnify.fit/1" and lines[-1]["search"] is not None
+    calibrate = schema_of("calibrate", *reg, "--data", files.reg_train, "-o", "cal.safetensors")
+    assert calibrate["output"] == "cal.safetensors"
+    pytest.importorskip("matplotlib")
+    Path("figures").mkdir()
+    plot = schema_of("plot", "c.bnn.safetensors", "-o", "figures")
+    assert plot["figures"] and all(isinstance(f["path"], str) for f in plot["figures"].values())
+
+
+def records_of(command: str, *args) -> list[dict]:
+    """`bnnify COMMAND ARGS --json` as JSON Lines: each line strict JSON of a known schema."""
+    result = cli(command, *args, "--json")
+    assert result.exit_code == 0, result.output
+    records = [strict_json(line) for line in result.stdout.splitlines()]
+    for record in records:
+        name = record["schema"].removeprefix("bnnify.").removesuffix("/1")
+        keys = set(record) - ({"point"} if name == "fit.epoch" else set())  # with --search
+        assert next(iter(record)) == "schema" and keys == set(SCHEMAS[name]), name
+    return records
 
 
 def documented() -> dict[str, list[str]]:
     """docs/json.md: per `## bnnify.<command>/1` section, the keys of its table."""
-    sections = re.split(r"^## `bnnify\.(\w+)/1`", DOCS.read_text(), flags=re.MULTILINE)
+    sections = re.split(r"^## `bnnify\.([\w.]+)/1`", DOCS.read_text(), flags=re.MULTILINE)
     return {
         name: re.findall(r"^\| `(\w+)` \|", body, flags=re.MULTILINE)
         for name, body in zip(sections[1::2], sections[2::2], strict=True)
