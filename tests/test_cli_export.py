@@ -10,25 +10,11 @@ import torch
 from cli_helpers import flat
 from fit_files import cli, shared_fit_files, single_thread
 
+from bnnify.cli.schemas import SCHEMAS
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
-EXPORT_KEYS = {
-    "schema",
-    "output",
-    "format",
-    "weights",
-    "samples",
-    "seed",
-    "checkpoint",
-    "source",
-    "outputs",
-    "spread",
-    "reduce",
-    "batching",
-    "dynamic_batch",
-    "check",
-    "bytes",
-}
+EXPORT_KEYS = set(SCHEMAS["export"])
 
 
 @pytest.fixture(scope="module")

@@ -8,27 +8,12 @@ import pytest
 from cli_helpers import flat
 from fit_files import cli, shared_fit_files, single_thread
 
+from bnnify.cli.schemas import SCHEMAS
 from bnnify.formats.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
-PRUNE_KEYS = {
-    "schema",
-    "output",
-    "kind",
-    "method",
-    "keep",
-    "snr_threshold",
-    "scope",
-    "elements",
-    "removed",
-    "snr_cut",
-    "pruned_sigma",
-    "fraction_removed",
-    "parameters",
-    "metrics",
-    "export",
-}
+PRUNE_KEYS = set(SCHEMAS["prune"])
 
 
 @pytest.fixture(scope="module")
