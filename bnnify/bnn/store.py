@@ -126,13 +126,6 @@ class GaussianStore(nn.Module):
         """Flat element range `[start, end)` of slot `index`."""
         return self.offsets[index], self.offsets[index + 1]
 
-    @torch.no_grad()
-    def fill_(self, index: int, mu: Tensor, rho: Tensor) -> None:
-        """Copies the initial `mu` and `rho` of slot `index` in place."""
-        start, end = self.span(index)
-        self.mu[start:end].copy_(mu.reshape(-1))
-        self.rho[start:end].copy_(rho.reshape(-1))
-
     def view(self, flat: Tensor, index: int) -> Tensor:
         """Slot `index` of a flat tensor laid out like this store, in its shape."""
         start, end = self.span(index)
