@@ -61,7 +61,7 @@ gpu-site: install
 # UCI regression with the fit defaults, 20 splits per data set (`BENCH_ARGS=--splits 3` for
 # a quick run): benchmarks/results/uci.json and the table of benchmarks/RESULTS.md.
 bench-uci: install
-	$(PY) benchmarks/uci.py $(BENCH_ARGS)
+	$(PY) benchmarks/uci.py --calibrate $(BENCH_ARGS)
 
 # scikit-learn is a benchmark-only dependency (its bundled digits), installed here only.
 bench-digits: install

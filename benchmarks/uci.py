@@ -146,8 +146,11 @@ def in_units(scores: dict[str, float], scale: float) -> dict[str, float]:
     }
 
 
-def bnnify_run(net: nn.Module, data: dict, folder: Path, seed: int, **settings) -> dict:
-    """convert -> fit -> (predict on the test part, when there is one)."""
+def bnnify_run(
+    net: nn.Module, data: dict, folder: Path, seed: int, calibrate: bool = False, **settings
+) -> dict:
+    """convert -> fit -> (predict on the test part, when there is one; with `calibrate`,
+    also calibrate on the validation part and predict again)."""
     ckpt = folder / "model.bnn.safetensors"
     if not ckpt.exists():
         bnnify.convert(net, output=ckpt, report=folder / "model.kl.safetensors")
@@ -164,11 +167,26 @@ def bnnify_run(net: nn.Module, data: dict, folder: Path, seed: int, **settings) 
         predicted = bnnify.predict(fitted, net, x, samples=SAMPLES, keep_samples=True, seed=seed)
         noise = predicted.summary["aleatoric_std"]
         run["scores"] = regression_scores(predicted.tensors["samples"], noise, y)
+        if calibrate:
+            calibrated = fitted.with_suffix(".cal.safetensors")
+            result = bnnify.calibrate(fitted, net, data["val"], output=calibrated, seed=seed)
+            run["calibration"] = result.to_json()["bayesian"]
+            predicted = bnnify.predict(
+                calibrated, net, x, samples=SAMPLES, keep_samples=True, seed=seed
+            )
+            samples, noise = predicted.tensors["samples"], predicted.summary["aleatoric_std"]
+            run["scores_calibrated"] = regression_scores(samples, noise, y)
     return run
 
 
 def run_split(
-    name: str, split: int, mode: str, search: bool, candidates: list[str], noise: str = "fresh"
+    name: str,
+    split: int,
+    mode: str,
+    search: bool,
+    candidates: list[str],
+    noise: str = "fresh",
+    calibrate: bool = False,
 ) -> dict:
     torch.set_num_threads(1)
     began = time.perf_counter()
@@ -188,8 +206,10 @@ def run_split(
             row["deterministic"] = in_units(
                 deterministic_scores(net, parts["train"], parts["test"]), scale
             )
-            run = bnnify_run(net, parts, folder, split, noise=noise)
+            run = bnnify_run(net, parts, folder, split, calibrate=calibrate, noise=noise)
             row["bnnify"] = in_units(run.pop("scores"), scale)
+            if calibrate:
+                row["bnnify_calibrated"] = in_units(run.pop("scores_calibrated"), scale)
             row["fit"] = run
             if search:
                 run = bnnify_run(net, parts, folder, split, search=True)
@@ -289,6 +309,9 @@ def main() -> None:
     parser.add_argument("--select", action="store_true", help="compare CANDIDATES on validation")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="with --select")
     parser.add_argument("--search", action="store_true", help="also fit with search=True")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="also calibrate on the validation split"
+    )
     parser.add_argument("--noise", default="fresh", help="fit's weight noise: fresh|shifted")
     parser.add_argument(
         "--compile", action="store_true", help="BNNIFY_COMPILE=1: compiled training kernels"
@@ -314,7 +337,8 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
         futures = [
-            pool.submit(run_split, n, k, mode, args.search, candidates, args.noise) for n, k in jobs
+            pool.submit(run_split, n, k, mode, args.search, candidates, args.noise, args.calibrate)
+            for n, k in jobs
         ]
         for future in futures:
             row = future.result()
@@ -339,7 +363,8 @@ def main() -> None:
         chosen = {key: CANDIDATES[key] for key in candidates}
         document |= {"candidates": chosen, "best": best, "rows": rows}
     else:
-        models = ["deterministic", "bnnify"] + (["bnnify_search"] if args.search else [])
+        models = ["deterministic", "bnnify"] + (["bnnify_calibrated"] if args.calibrate else [])
+        models += ["bnnify_search"] if args.search else []
         results = {n: [r for r in rows if r["dataset"] == n] for n in names}
         text = table(results, models)
         document |= {"summary": {n: summary(r, models) for n, r in results.items()}}
@@ -355,7 +380,8 @@ def write_results_md(document: dict) -> None:
     """Puts the table of `document` between the markers of RESULTS.md's UCI section."""
     rows = document["rows"]
     names = list(dict.fromkeys(r["dataset"] for r in rows))
-    models = [m for m in ("deterministic", "bnnify", "bnnify_search") if m in rows[0]]
+    known = ("deterministic", "bnnify", "bnnify_calibrated", "bnnify_search")
+    models = [m for m in known if m in rows[0]]
     results = {n: [r for r in rows if r["dataset"] == n] for n in names}
     minutes = document["seconds"] / 60
     text = (
