@@ -108,8 +108,8 @@ def cli(*args):
     return result
 
 
-def run_bnnify(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """Runs `python -m bnnify ARGS` in a child process."""
+def run_bnnify(*args, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Runs `python -m bnnify ARGS` in a child process (`kwargs` to `subprocess.run`)."""
     return subprocess.run(
         [sys.executable, "-m", "bnnify", *map(str, args)],
         cwd=cwd,
@@ -118,6 +118,7 @@ def run_bnnify(*args, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
         check=False,
+        **kwargs,
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import BNNIFY, flat
-from fit_files import cli, shared_fit_files, single_thread, subprocess_env
+from fit_files import cli, run_bnnify, shared_fit_files, single_thread, subprocess_env
 
 from bnnify.cli.help_text import undocumented
 from bnnify.cli.main import COMMANDS
@@ -44,19 +44,6 @@ def strict_json(text: str) -> dict:
         raise ValueError(f"non-JSON constant {value}")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def run(*args, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bnnify", *map(str, args)],
-        cwd=cwd,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        **kwargs,
-    )
 
 
 def schema_of(command: str, *args) -> dict:
@@ -186,14 +173,14 @@ def test_a_closed_pipe_ends_quietly_with_the_outputs_written(files, tmp_path):
 
 def test_dash_streams_predictions_and_other_outputs_refuse_it(files, tmp_path):
     reg = (files.reg_fitted, "-m", files.reg_model, "-i", files.reg_train)
-    done = run("predict", *reg, "-o", "-", cwd=tmp_path)
+    done = run_bnnify("predict", *reg, "-o", "-", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     header, *rows = done.stdout.splitlines()
     assert header.split(",")[:2] == ["mean", "std"] and len(rows) > 10
     assert "Predicted" in done.stderr  # the summary moved to stderr
-    refused = run("convert", files.reg_model, "-o", "-", cwd=tmp_path)
+    refused = run_bnnify("convert", files.reg_model, "-o", "-", cwd=tmp_path)
     assert refused.returncode == 2 and "it is stdout" in flat(refused.stderr)
-    both = run("predict", *reg, "-o", "-", "--json", cwd=tmp_path)
+    both = run_bnnify("predict", *reg, "-o", "-", "--json", cwd=tmp_path)
     assert both.returncode == 2 and both.stdout == ""
     assert not (tmp_path / "-").exists() and not list(tmp_path.iterdir())
 

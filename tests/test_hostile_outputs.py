@@ -70,19 +70,6 @@ def refused(args: list, inputs: list[Path], folder: Path, code: int, *fragments:
     return result
 
 
-def bnnify(*args, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bnnify", *map(str, args)],
-        cwd=cwd,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        **kwargs,
-    )
-
-
 @pytest.fixture
 def models(tmp_path, monkeypatch):
     """`model/model.safetensors`, a sharded `sharded/`, a spec and links, in the cwd."""
