@@ -31,8 +31,13 @@ from bnnify.formats.export_inputs import check_shapes
 from bnnify.formats.model_files import LoadedModel, ModelFormat
 from bnnify.formats.plain_model import independent
 from bnnify.usecases import LOGGER_NAME
-from bnnify.usecases.model_call import ModelCall, forward_signature
-from bnnify.usecases.runner import ModuleRunner, Runner, ScriptRunner, source_module
+from bnnify.usecases.model_call import call_of
+from bnnify.usecases.runner import (
+    ModuleRunner,
+    Runner,
+    ScriptRunner,
+    source_module,
+)
 
 __all__ = [
     "CHECK_EXAMPLES",
@@ -105,15 +110,14 @@ def open_for_export(
     """Opens `loaded` with `checkpoint`'s posterior, on the CPU (see `source_module`)."""
     module = source_module(loaded, checkpoint, arch=arch, arch_kwargs=arch_kwargs)
     deterministic = checkpoint.deterministic_state()
-    program = loaded.module if loaded.format is ModelFormat.EXPORT else None
-    call = ModelCall(forward_signature(module, program))
+    call = call_of(loaded, module)
     if loaded.format is ModelFormat.TORCHSCRIPT:
         runner = ScriptRunner(module, checkpoint, "cpu", call)
         return OpenedModel(loaded, runner, None, deterministic)
     copied = _copy(module)
-    if program is not None:
+    if loaded.format is ModelFormat.EXPORT:
         # A deep copy of a torch.export module loses its forward pre-hooks.
-        check_shapes(program, copied)
+        check_shapes(loaded.module, copied)
     runner = ModuleRunner(copied, checkpoint, "cpu", call)
     _eval(module)
     return OpenedModel(loaded, runner, module, deterministic)

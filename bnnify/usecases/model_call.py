@@ -19,11 +19,19 @@ from typing import Any
 import torch
 
 from bnnify.errors import InvalidArgumentError, shorten
+from bnnify.formats.model_files import LoadedModel, ModelFormat
 from bnnify.formats.model_inputs import Inputs
 from bnnify.formats.spec import parse_key_values
 from bnnify.usecases import LOGGER_NAME
 
-__all__ = ["ForwardSignature", "ModelCall", "Parameter", "forward_signature", "model_arguments"]
+__all__ = [
+    "ForwardSignature",
+    "ModelCall",
+    "Parameter",
+    "call_of",
+    "forward_signature",
+    "model_arguments",
+]
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -250,3 +258,11 @@ def model_arguments(values: Mapping[str, Any] | Sequence[str] | None) -> dict[st
 
 def _listed(signature: ForwardSignature) -> str:
     return ", ".join(p.name for p in signature.parameters) or "none"
+
+
+def call_of(
+    model: LoadedModel, module: Any, model_args: Mapping[str, Any] | None = None
+) -> ModelCall:
+    """How `module`, the plain module of the file `model`, is called (with `model_args`)."""
+    program = model.module if model.format is ModelFormat.EXPORT else None
+    return ModelCall(forward_signature(module, program), model_args)

@@ -24,7 +24,7 @@ from bnnify.formats.checkpoint import Checkpoint
 from bnnify.formats.export_archive import unlift
 from bnnify.formats.model_files import LoadedModel, ModelFormat
 from bnnify.formats.model_inputs import Inputs, as_inputs
-from bnnify.usecases.model_call import ModelCall, forward_signature
+from bnnify.usecases.model_call import ModelCall, call_of, forward_signature
 from bnnify.usecases.script_weights import ScriptWeights
 from bnnify.usecases.sources import InputsLike
 
@@ -351,8 +351,7 @@ def open_runner(
         InvalidArgumentError: If `forward` has no parameter for a model argument.
     """
     module = source_module(model, checkpoint, arch=arch, arch_kwargs=arch_kwargs)
-    program = model.module if model.format is ModelFormat.EXPORT else None
-    call = ModelCall(forward_signature(module, program), model_args)
+    call = call_of(model, module, model_args)
     if model.format is ModelFormat.TORCHSCRIPT:
         return ScriptRunner(module, checkpoint, device, call, prior)
     return ModuleRunner(module, checkpoint, device, call, prior)
