@@ -16,9 +16,6 @@ from bnnify.bnn import PosteriorFactory, PriorFactory
 
 __all__ = []
 
-# A script run in a process of its own: importing it blocks bnnify (see its docstring).
-collect_ignore = ["plain_check.py"]
-
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 

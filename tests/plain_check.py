@@ -83,7 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Only when run: pytest imports this file to collect doctests, and a blocker
-    # installed then would refuse every bnnify module the later tests import.
-    sys.meta_path.insert(0, _NoBnnify())
     main()
