@@ -11,7 +11,7 @@ import bnnify
 from bnnify.errors import InputError, OutputExistsError, UsageError
 from bnnify.formats.model_files import load_model
 from bnnify.usecases import export as export_module
-from bnnify.usecases.exporters import check_outputs
+from bnnify.usecases.exporters import compare_outputs
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ class _Lambda(nn.Module):
 def test_check_outputs_refuses_a_difference_beyond_the_tolerance():
     x = torch.randn(4, 2)
     expected = torch.ones(4, 3)
-    report = check_outputs(lambda t: torch.ones(4, 3), x, expected)
+    report = compare_outputs(lambda t: torch.ones(4, 3), x, expected)
     assert report["max_abs_diff"] == 0.0 and report["examples"] == 4
     with pytest.raises(InputError, match="does not reproduce"):
-        check_outputs(lambda t: torch.ones(4, 3) + 1e-2, x, expected)
+        compare_outputs(lambda t: torch.ones(4, 3) + 1e-2, x, expected)
     with pytest.raises(InputError, match="does not reproduce"):
-        check_outputs(lambda t: torch.full((4, 3), float("nan")), x, expected)
+        compare_outputs(lambda t: torch.full((4, 3), float("nan")), x, expected)
 
 
 def test_a_file_that_does_not_reproduce_bnnify_is_not_written(files, tmp_path, monkeypatch):

@@ -31,8 +31,8 @@ from bnnify.usecases.exporters import (
     CHECK_EXAMPLES,
     OpenedModel,
     cast_tensor,
-    check_outputs,
     check_tensors,
+    compare_outputs,
     export_program,
     open_for_export,
     plain_state,
@@ -230,7 +230,7 @@ def write_export(
             _write_module(opened, plan, weight_sets, sample, temp, record, result)
             if sample is not None:
                 expected = _expected(reference, plan)
-                result.check = check_outputs(read_plain(temp, plan.format), sample, expected)
+                result.check = compare_outputs(read_plain(temp, plan.format), sample, expected)
         result.bytes = temp.stat().st_size
     return result
 

@@ -44,8 +44,8 @@ __all__ = [
     "Draws",
     "OpenedModel",
     "cast_tensor",
-    "check_outputs",
     "check_tensors",
+    "compare_outputs",
     "export_program",
     "open_for_export",
     "plain_state",
@@ -329,7 +329,7 @@ def check_tensors(found: Any, expected: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def check_outputs(module: Any, x: Tensor, expected: Tensor | tuple) -> dict[str, Any]:
+def compare_outputs(module: Any, x: Tensor, expected: Tensor | tuple) -> dict[str, Any]:
     """Runs the file read back on `x`: it must give bnnify's predictions, to a tolerance."""
     found = module(x)
     pairs = (
